@@ -1,0 +1,1 @@
+"""Compiled Cython kernels (sources in the repository's kernels/ folder)."""

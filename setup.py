@@ -1,0 +1,53 @@
+"""Build the Cython kernels in kernels/ into rtrainer._kernels.* with OpenMP.
+
+Environment knobs (read at build time):
+  RTRAINER_NO_OPENMP=1   build without OpenMP (prange runs serially; tests must still pass)
+  RTRAINER_PORTABLE=1    do not pass -march=native (for wheels that move between machines)
+  RTRAINER_ONLY=a,b      build only these kernel modules (development: parallel in-place builds)
+"""
+import os
+import sys
+
+from setuptools import Extension, setup
+from Cython.Build import cythonize
+
+KERNELS = ["info", "embed", "conv", "scan", "norm", "hpn", "optim"]
+
+use_openmp = os.environ.get("RTRAINER_NO_OPENMP", "") not in ("1", "true", "yes")
+portable = os.environ.get("RTRAINER_PORTABLE", "") in ("1", "true", "yes")
+
+compile_args = ["-O3", "-fno-math-errno", "-Wno-unused-function", "-Wno-unreachable-code"]
+link_args = []
+if not portable and sys.platform.startswith("linux"):
+    compile_args.append("-march=native")
+if use_openmp:
+    compile_args.append("-fopenmp")
+    link_args.append("-fopenmp")
+
+extensions = [
+    Extension(
+        f"rtrainer._kernels.{name}",
+        [f"kernels/{name}.pyx"],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+    )
+    for name in KERNELS
+    if os.path.exists(f"kernels/{name}.pyx")
+    and (not os.environ.get("RTRAINER_ONLY") or name in os.environ["RTRAINER_ONLY"].split(","))
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives={
+            "language_level": 3,
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "initializedcheck": False,
+            "nonecheck": False,
+        },
+        compile_time_env={"RTRAINER_OPENMP": use_openmp},
+        include_path=["kernels"],
+    ),
+)
