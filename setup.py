@@ -30,6 +30,8 @@ extensions = [
         [f"kernels/{name}.pyx"],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
+        # link libm explicitly: without it expf binds to glibc's slower compatibility symbol
+        libraries=["m"] if sys.platform.startswith("linux") else [],
     )
     for name in KERNELS
     if os.path.exists(f"kernels/{name}.pyx")

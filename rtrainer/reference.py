@@ -1,1 +1,4 @@
-# placeholder during build-out; see _ref_layer.py and _ref_misc.py
+# placeholder during build-out
+from ._ref_layer import *  # noqa
+from ._ref_misc import *  # noqa
+from ._ref_model import *  # noqa

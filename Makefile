@@ -1,0 +1,39 @@
+# rtrainer: the two set-up commands are `make run` and `make test`; both create .venv,
+# build the Cython kernels and install what they need on a machine with only Python and a C compiler.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.rtrainer-installed
+SOURCES := pyproject.toml setup.py $(wildcard kernels/*.pyx kernels/*.pxd)
+PYTEST_ARGS ?=
+
+.PHONY: install run test bench parity-deps clean
+
+install: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# editable install: builds kernels/*.pyx into rtrainer/_kernels/*.so (re-run when a kernel changes)
+$(STAMP): $(BIN)/python $(SOURCES)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -c "import rtrainer; print('rtrainer built, OpenMP:', rtrainer.openmp_enabled())"
+	touch $@
+
+# PyTorch 2.13.0 (CPU) is the independent autograd framework of the parity tests and the peer
+# of the benchmarks. Optional: without it those tests are reported as skipped.
+parity-deps: $(STAMP)
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0 \
+		|| echo "warning: torch==2.13.0 could not be installed; parity tests will be skipped"
+
+run: install
+	$(BIN)/rtrainer run examples/quickstart.toml
+
+test: install parity-deps
+	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+
+bench: install parity-deps
+	$(BIN)/python -m pytest -q -p no:cacheprovider bench --benchmark-only $(PYTEST_ARGS)
+
+clean:
+	rm -rf build *.egg-info rtrainer/_kernels/*.so kernels/*.c $(STAMP)

@@ -1,0 +1,348 @@
+"""Hyperspherical Prototype Network head (SPEC §2.2): loss, gradients and prediction.
+
+    ẑ_i   = z_i / max(‖z_i‖, 1e-8)                                z (n,D), n = B*T tokens
+    P̃_k   = P_k / max(‖P_k‖, 1e-8)  if normalize else P_k         P (V,D) prototypes
+    cos_i = ẑ_i · P̃[y_i]                                          y = targets (n) int64 in [0, V)
+    loss  = (1/n) Σ_i (1 - cos_i)²
+
+Backward of scale·loss (scale lets the trainer weight or un-average the head loss):
+    c_i   = -2·scale·(1 - cos_i)/n ;  dẑ_i = c_i·P̃[y_i]
+    dz_i += (dẑ_i - (dẑ_i·ẑ_i) ẑ_i) / max(‖z_i‖, 1e-8)
+    dP_k += (g_k - (g_k·P̃_k) P̃_k) / max(‖P_k‖, 1e-8)  with g_k = Σ_{i: y_i = k} c_i ẑ_i   (normalize)
+    dP_k += g_k                                                                       (raw P)
+Below the 1e-8 floor the max() is a constant, so its gradient has no projection term: dz_i += dẑ_i/1e-8
+(likewise for P_k). At exactly 1e-8 the norm branch is taken, as torch's clamp_min does.
+
+dP is computed without a (V,D) g buffer: the projection is linear in g_k, so each token contributes
+    dP[y_i] += a_i·z_i + b_i·P[y_i],   a_i = c_i/(‖z_i‖'·‖P_k‖'),  b_i = -c_i·cos_i/‖P_k‖'²
+(primes = floored norms; b_i = 0 for raw P or a floored P_k). a_i, b_i (n doubles each) are the only
+scratch; cos_i there is recomputed in double from z and P rather than taken from the float32 `cos`.
+
+Saved state: forward writes cos (n); backward needs z, P, targets and cos.
+Parallel decomposition:
+- forward / dz: prange over tokens (each owns its cos_i, its loss term and its dz row); the loss terms
+  are then summed serially in token order, in double.
+- dP: repeated targets collide, so prange over column blocks of D; inside a block tokens are visited in
+  index order, so every dP element gets its additions in the same order for ANY n_threads.
+- predict: prange over tiles of _TB tokens; each tile sweeps all V prototypes (no (n,V) matrix), in
+  a thread-private transposed copy of the tile (scratch n_threads·D·_TB doubles, indexed by thread id).
+Everything is bitwise identical for any n_threads. Backward accumulates (+=) into dz and dP.
+"""
+from libc.stdint cimport int64_t
+from libc.stdlib cimport malloc, free
+from libc.math cimport sqrt, INFINITY
+from cython.parallel cimport prange
+
+from _omp cimport omp_thread_id
+
+cdef double _NORM_EPS = 1e-8
+cdef Py_ssize_t _COL_ALIGN = 16   # dP column blocks: whole 64-byte lines of float32
+cdef enum:
+    _TB = 8                       # tokens per predict tile (vector lanes of the dot products)
+    _KB = 4                       # prototypes per register block of the predict tile
+
+
+cdef tuple _shape(object a):
+    """Shape tuple of a memoryview (error messages only)."""
+    return tuple(a.shape)
+
+
+cdef _check_threads(int n_threads):
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+
+
+cdef Py_ssize_t _first_bad_target(const int64_t[::1] targets, int64_t V) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(targets.shape[0]):
+        if targets[i] < 0 or targets[i] >= V:
+            return i
+    return -1
+
+
+cdef _check_targets(const int64_t[::1] targets, Py_ssize_t V):
+    cdef Py_ssize_t bad
+    with nogil:
+        bad = _first_bad_target(targets, <int64_t>V)
+    if bad >= 0:
+        raise ValueError(f"target {targets[bad]} at index {bad} is outside [0, {V})")
+
+
+cdef _check_zP(str fn, const float[:, ::1] z, const float[:, ::1] P):
+    if z.shape[1] != P.shape[1]:
+        raise ValueError(f"{fn}: z has shape {_shape(z)} and P has shape "
+                         f"{_shape(P)}; their last dimensions (D) differ")
+    if P.shape[0] == 0:
+        raise ValueError(f"{fn}: P has shape {_shape(P)}; need at least one prototype")
+
+
+cdef inline double _sumsq(const float* a, Py_ssize_t D) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef double s = 0.0
+    for j in range(D):
+        s += <double>a[j] * a[j]
+    return s
+
+
+cdef inline double _dot(const float* a, const float* b, Py_ssize_t D) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef double s = 0.0
+    for j in range(D):
+        s += <double>a[j] * b[j]
+    return s
+
+
+cdef inline double _floor_norm(double nrm) noexcept nogil:
+    return nrm if nrm >= _NORM_EPS else _NORM_EPS
+
+
+# ----------------------------------------------------------------------------------------- forward
+
+cdef inline double _cos_row(const float* z, const float* p, Py_ssize_t D, bint normalize) noexcept nogil:
+    """cos = ẑ·P̃ for one token: z (D), p = P[y] (D)."""
+    cdef double nzc = _floor_norm(sqrt(_sumsq(z, D)))
+    cdef double npc = _floor_norm(sqrt(_sumsq(p, D))) if normalize else 1.0
+    return _dot(z, p, D) / (nzc * npc)
+
+
+cdef double _hpn_forward(float[::1] cos,                 # OUT (n)
+                         const float[:, ::1] z,          # IN  (n,D)
+                         const float[:, ::1] P,          # IN  (V,D)
+                         const int64_t[::1] targets,     # IN  (n), in [0,V) (checked)
+                         bint normalize,
+                         double* term,                   # scratch (n): (1 - cos_i)² in double
+                         int n_threads) noexcept nogil:
+    cdef Py_ssize_t n = z.shape[0], D = z.shape[1], i
+    cdef double c, loss = 0.0
+    # cos_i = ẑ_i · P̃[y_i] ; term_i = (1 - cos_i)²   one token per iteration
+    for i in prange(n, schedule='static', num_threads=n_threads, nogil=True):
+        c = _cos_row(&z[i, 0], &P[targets[i], 0], D, normalize)
+        cos[i] = <float>c
+        term[i] = (1.0 - c) * (1.0 - c)
+    # loss = mean_i term_i   serial, token order
+    for i in range(n):
+        loss += term[i]
+    return loss / n
+
+
+def hpn_forward(float[::1] cos, const float[:, ::1] z, const float[:, ::1] P,
+                const int64_t[::1] targets, bint normalize, int n_threads):
+    """cos (n) OUT; z (n,D), P (V,D), targets (n) int64 IN. Returns the loss mean_i (1-cos_i)²."""
+    _check_threads(n_threads)
+    _check_zP("hpn_forward", z, P)
+    cdef Py_ssize_t n = z.shape[0]
+    if n == 0:
+        raise ValueError(f"hpn_forward: z has shape {_shape(z)}; need at least one token")
+    if targets.shape[0] != n:
+        raise ValueError(f"hpn_forward: targets has shape ({targets.shape[0]},), expected ({n},) "
+                         f"from z {_shape(z)}")
+    if cos.shape[0] != n:
+        raise ValueError(f"hpn_forward: cos has shape ({cos.shape[0]},), expected ({n},) "
+                         f"from z {_shape(z)}")
+    _check_targets(targets, P.shape[0])
+    cdef double* term = <double*>malloc(n * sizeof(double))
+    if term == NULL:
+        raise MemoryError()
+    cdef double loss
+    try:
+        with nogil:
+            loss = _hpn_forward(cos, z, P, targets, normalize, term, n_threads)
+    finally:
+        free(term)
+    return loss
+
+
+# ---------------------------------------------------------------------------------------- backward
+
+cdef inline void _dz_row(float* dz, const float* z, const float* p, Py_ssize_t D, double c,
+                         bint normalize, double* a, double* b) noexcept nogil:
+    """One token: dz (D) OUT +=, z (D) IN, p = P[y] (D) IN, c = -2·scale·(1-cos)/n.
+    Writes the dP coefficients a (scale of z) and b (scale of p) of this token."""
+    cdef Py_ssize_t j
+    cdef double nz = sqrt(_sumsq(z, D))
+    cdef double nzc = _floor_norm(nz)
+    cdef double npn = sqrt(_sumsq(p, D)) if normalize else 1.0
+    cdef double npc = _floor_norm(npn) if normalize else 1.0
+    cdef double ct = _dot(z, p, D) / (nzc * npc)         # ẑ·P̃, recomputed in double
+    # dẑ = c·P̃ ; dz += (dẑ - (dẑ·ẑ) ẑ)/‖z‖'   (no projection when ‖z‖ is floored)
+    cdef double kp = c / (npc * nzc)                       # coefficient of p
+    cdef double kz = (c * ct / (nzc * nzc)) if nz >= _NORM_EPS else 0.0   # coefficient of z
+    for j in range(D):
+        dz[j] += <float>(kp * p[j] - kz * z[j])
+    a[0] = kp
+    b[0] = (-c * ct / (npc * npc)) if (normalize and npn >= _NORM_EPS) else 0.0
+
+
+cdef inline void _dP_cols(float[:, ::1] dP, const float[:, ::1] z, const float[:, ::1] P,
+                          const int64_t[::1] targets, const double* a, const double* b,
+                          Py_ssize_t j0, Py_ssize_t j1) noexcept nogil:
+    """dP[y_i, j0:j1] += a_i·z[i, j0:j1] + b_i·P[y_i, j0:j1] for all tokens, in index order."""
+    cdef Py_ssize_t i, j
+    cdef float* dst
+    cdef const float* zi
+    cdef const float* pk
+    cdef double ai, bi
+    for i in range(z.shape[0]):
+        dst = &dP[targets[i], 0]
+        pk = &P[targets[i], 0]
+        zi = &z[i, 0]
+        ai = a[i]
+        bi = b[i]
+        for j in range(j0, j1):
+            dst[j] += <float>(ai * zi[j] + bi * pk[j])
+
+
+cdef void _hpn_backward(float[:, ::1] dz,               # OUT (n,D), +=
+                        float[:, ::1] dP,               # OUT (V,D), += (only if learnable)
+                        const float[:, ::1] z,          # IN  (n,D)
+                        const float[:, ::1] P,          # IN  (V,D)
+                        const int64_t[::1] targets,     # IN  (n)
+                        const float[::1] cos,           # IN  (n) from forward
+                        bint normalize, bint learnable, double scale,
+                        double* a, double* b,           # scratch (n) each: dP coefficients
+                        int n_threads) noexcept nogil:
+    cdef Py_ssize_t n = z.shape[0], D = z.shape[1], i, blk, j0, j1, width, nblk
+    cdef double c
+    if D == 0:
+        return
+    # c_i = -2·scale·(1-cos_i)/n ; dz_i += (dẑ_i - (dẑ_i·ẑ_i)ẑ_i)/‖z_i‖'   one token per iteration
+    for i in prange(n, schedule='static', num_threads=n_threads, nogil=True):
+        c = -2.0 * scale * (1.0 - cos[i]) / n
+        _dz_row(&dz[i, 0], &z[i, 0], &P[targets[i], 0], D, c, normalize, &a[i], &b[i])
+    if not learnable:
+        return
+    width = (D + n_threads - 1) // n_threads
+    width = ((width + _COL_ALIGN - 1) // _COL_ALIGN) * _COL_ALIGN
+    nblk = (D + width - 1) // width
+    # dP[y_i] += a_i z_i + b_i P[y_i]   block of columns per iteration, tokens in order inside
+    for blk in prange(nblk, schedule='static', num_threads=n_threads, nogil=True):
+        j0 = blk * width
+        j1 = min(j0 + width, D)
+        _dP_cols(dP, z, P, targets, a, b, j0, j1)
+
+
+def hpn_backward(float[:, ::1] dz, float[:, ::1] dP, const float[:, ::1] z, const float[:, ::1] P,
+                 const int64_t[::1] targets, const float[::1] cos, bint normalize, bint learnable,
+                 double scale, int n_threads):
+    """dz (n,D) OUT +=, dP (V,D) OUT += (only if learnable; else untouched, may be (0,D)) for
+    scale·loss; z (n,D), P (V,D), targets (n), cos (n) from hpn_forward, all IN."""
+    _check_threads(n_threads)
+    _check_zP("hpn_backward", z, P)
+    cdef Py_ssize_t n = z.shape[0]
+    if n == 0:
+        raise ValueError(f"hpn_backward: z has shape {_shape(z)}; need at least one token")
+    if _shape(dz) != _shape(z):
+        raise ValueError(f"hpn_backward: dz has shape {_shape(dz)}, "
+                         f"expected z's shape {_shape(z)}")
+    if learnable and _shape(dP) != _shape(P):
+        raise ValueError(f"hpn_backward: dP has shape {_shape(dP)}, "
+                         f"expected P's shape {_shape(P)} (learnable=True)")
+    for name, m in (("targets", targets.shape[0]), ("cos", cos.shape[0])):
+        if m != n:
+            raise ValueError(f"hpn_backward: {name} has shape ({m},), expected ({n},) "
+                             f"from z {_shape(z)}")
+    _check_targets(targets, P.shape[0])
+    cdef double* a = <double*>malloc(2 * n * sizeof(double))
+    if a == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            _hpn_backward(dz, dP, z, P, targets, cos, normalize, learnable, scale,
+                          a, a + n, n_threads)
+    finally:
+        free(a)
+
+
+# ----------------------------------------------------------------------------------------- predict
+
+cdef inline void _predict_tile(int64_t* pred, const float[:, ::1] z, const float[:, ::1] P,
+                               const double* npc, double* zt,
+                               Py_ssize_t i0, Py_ssize_t i1) noexcept nogil:
+    """pred[i] = argmax_k (z_i·P_k)/npc_k for i in [i0, i1) (≤ _TB tokens), first max wins.
+
+    zt (D, _TB) thread-private scratch: the tile transposed to double (zero-padded lanes). The dots
+    of _TB tokens with _KB prototypes at a time are _TB·_KB independent sums, each over j in order,
+    so the lanes vectorise without reordering any sum (a small register-blocked GEMM). ‖z_i‖ is a
+    positive per-token factor, so it does not change the argmax and is left out. A division (not a
+    reciprocal multiply) keeps exact ties exact, e.g. parallel prototypes."""
+    cdef Py_ssize_t V = P.shape[0], D = P.shape[1], k, kb, k0, kk, nk, j, tt, nt = i1 - i0
+    cdef double acc[_KB][_TB]
+    cdef double best[_TB]
+    cdef int64_t arg[_TB]
+    cdef const float* p[_KB]
+    cdef double* zj
+    cdef double pj, s
+    for j in range(D):
+        for tt in range(_TB):
+            zt[j * _TB + tt] = z[i0 + tt, j] if tt < nt else 0.0
+    for tt in range(_TB):
+        best[tt] = -INFINITY
+        arg[tt] = 0
+    for kb in range((V + _KB - 1) // _KB):
+        k0 = kb * _KB
+        nk = min(<Py_ssize_t>_KB, V - k0)
+        for kk in range(_KB):
+            p[kk] = &P[k0 + kk if kk < nk else k0, 0]    # pad with a valid row, result unused
+            for tt in range(_TB):
+                acc[kk][tt] = 0.0
+        # acc[kk][tt] = z_{i0+tt} · P_{k0+kk}   (j in order in every lane)
+        for j in range(D):
+            zj = &zt[j * _TB]
+            for kk in range(_KB):
+                pj = p[kk][j]
+                for tt in range(_TB):
+                    acc[kk][tt] += zj[tt] * pj
+        for kk in range(nk):
+            k = k0 + kk
+            for tt in range(_TB):
+                s = acc[kk][tt] / npc[k]
+                if s > best[tt]:
+                    best[tt] = s
+                    arg[tt] = k
+    for tt in range(nt):
+        pred[i0 + tt] = arg[tt]
+
+
+cdef void _hpn_predict(int64_t[::1] pred,               # OUT (n)
+                       const float[:, ::1] z,           # IN  (n,D)
+                       const float[:, ::1] P,           # IN  (V,D)
+                       bint normalize,
+                       double* npc,                     # scratch (V): max(‖P_k‖, 1e-8) or 1
+                       double* zt,                      # scratch (n_threads, D, _TB)
+                       int n_threads) noexcept nogil:
+    cdef Py_ssize_t n = z.shape[0], V = P.shape[0], D = P.shape[1], k, blk, nblk, i0
+    # npc_k = max(‖P_k‖, 1e-8) if normalize else 1   one prototype per iteration
+    for k in prange(V, schedule='static', num_threads=n_threads, nogil=True):
+        npc[k] = _floor_norm(sqrt(_sumsq(&P[k, 0], D))) if normalize else 1.0
+    # pred_i = argmax_k ẑ_i·P̃_k   one tile of _TB tokens per iteration, all V prototypes inside
+    nblk = (n + _TB - 1) // _TB
+    for blk in prange(nblk, schedule='static', num_threads=n_threads, nogil=True):
+        i0 = blk * _TB
+        _predict_tile(&pred[0], z, P, npc, zt + omp_thread_id() * D * _TB, i0, min(i0 + _TB, n))
+
+
+def hpn_predict(int64_t[::1] pred, const float[:, ::1] z, const float[:, ::1] P, bint normalize,
+                int n_threads):
+    """pred (n) int64 OUT = argmax_k ẑ_i·P̃_k (first max wins); z (n,D), P (V,D) IN."""
+    _check_threads(n_threads)
+    _check_zP("hpn_predict", z, P)
+    if pred.shape[0] != z.shape[0]:
+        raise ValueError(f"hpn_predict: pred has shape ({pred.shape[0]},), expected "
+                         f"({z.shape[0]},) from z {_shape(z)}")
+    if z.shape[0] == 0:
+        return
+    if z.shape[1] == 0:
+        pred[:] = 0
+        return
+    cdef double* npc = <double*>malloc(P.shape[0] * sizeof(double))
+    cdef double* zt = <double*>malloc(n_threads * z.shape[1] * _TB * sizeof(double))
+    if npc == NULL or zt == NULL:
+        free(npc)
+        free(zt)
+        raise MemoryError()
+    try:
+        with nogil:
+            _hpn_predict(pred, z, P, normalize, npc, zt, n_threads)
+    finally:
+        free(npc)
+        free(zt)

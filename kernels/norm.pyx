@@ -1,0 +1,119 @@
+"""Final LayerNorm without affine parameters (SPEC §2.2: z = LayerNorm(r), eps 1e-5).
+
+    forward   mean_i = (1/D) Σ_j x[i,j]
+              var_i  = (1/D) Σ_j (x[i,j] - mean_i)²          (biased, two-pass, in double)
+              rstd_i = 1 / sqrt(var_i + eps)
+              z[i,j] = (x[i,j] - mean_i) · rstd_i
+    backward  dx[i,:] += rstd_i · (dz[i,:] - mean_j(dz[i,:]) - z[i,:] · mean_j(dz[i,:] · z[i,:]))
+
+Shapes: x, z, dz, dx (n,D) with n = B*T rows; rstd (n).
+Saved state: forward stores z and rstd; backward needs nothing else (x is not kept).
+Parallel decomposition: prange over rows; each row of z/rstd/dx is owned by one iteration and its
+row sums run serially in double, so results are bitwise identical for any n_threads.
+Backward accumulates (+=) into dx.
+"""
+from libc.math cimport sqrt
+from cython.parallel cimport prange
+
+
+cdef tuple _shape(object a):
+    """Shape tuple of a memoryview (error messages only)."""
+    return tuple(a.shape)
+
+
+cdef _check_threads(int n_threads):
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+
+
+# ----------------------------------------------------------------------------------------- forward
+
+cdef inline void _ln_row(float* z, float* rstd, const float* x, Py_ssize_t D,
+                         double eps) noexcept nogil:
+    """One row: z (D) OUT, rstd (1) OUT, x (D) IN."""
+    cdef Py_ssize_t j
+    cdef double mean = 0.0, var = 0.0, d, r
+    for j in range(D):
+        mean += x[j]
+    mean /= D
+    for j in range(D):
+        d = x[j] - mean
+        var += d * d
+    var /= D
+    r = 1.0 / sqrt(var + eps)
+    rstd[0] = <float>r
+    for j in range(D):
+        z[j] = <float>((x[j] - mean) * r)
+
+
+cdef void _layernorm_forward(float[:, ::1] z,          # OUT (n,D)
+                             float[::1] rstd,          # OUT (n)
+                             const float[:, ::1] x,    # IN  (n,D)
+                             double eps, int n_threads) noexcept nogil:
+    cdef Py_ssize_t n = x.shape[0], D = x.shape[1], i
+    if n == 0 or D == 0:
+        return
+    # z = (x - mean) * rstd ; rstd = 1/sqrt(var + eps)   one row per iteration
+    for i in prange(n, schedule='static', num_threads=n_threads, nogil=True):
+        _ln_row(&z[i, 0], &rstd[i], &x[i, 0], D, eps)
+
+
+def layernorm_forward(float[:, ::1] z, float[::1] rstd, const float[:, ::1] x, double eps,
+                      int n_threads):
+    """z (n,D) OUT, rstd (n) OUT = LayerNorm of x (n,D) IN without affine."""
+    _check_threads(n_threads)
+    if z.shape[0] != x.shape[0] or z.shape[1] != x.shape[1]:
+        raise ValueError(f"layernorm_forward: z has shape {_shape(z)}, "
+                         f"expected x's shape {_shape(x)}")
+    if rstd.shape[0] != x.shape[0]:
+        raise ValueError(f"layernorm_forward: rstd has shape ({rstd.shape[0]},), "
+                         f"expected ({x.shape[0]},) from x {_shape(x)}")
+    if not eps > 0.0:
+        raise ValueError(f"layernorm_forward: eps must be > 0, got {eps}")
+    with nogil:
+        _layernorm_forward(z, rstd, x, eps, n_threads)
+
+
+# ---------------------------------------------------------------------------------------- backward
+
+cdef inline void _ln_row_backward(float* dx, const float* dz, const float* z, double rstd,
+                                  Py_ssize_t D) noexcept nogil:
+    """One row: dx (D) OUT +=, dz (D) IN, z (D) IN."""
+    cdef Py_ssize_t j
+    cdef double a = 0.0, b = 0.0
+    for j in range(D):
+        a += dz[j]
+        b += <double>dz[j] * z[j]
+    a /= D
+    b /= D
+    for j in range(D):
+        dx[j] += <float>(rstd * (dz[j] - a - z[j] * b))
+
+
+cdef void _layernorm_backward(float[:, ::1] dx,           # OUT (n,D), +=
+                              const float[:, ::1] dz,     # IN  (n,D)
+                              const float[:, ::1] z,      # IN  (n,D) saved by forward
+                              const float[::1] rstd,      # IN  (n)   saved by forward
+                              int n_threads) noexcept nogil:
+    cdef Py_ssize_t n = dz.shape[0], D = dz.shape[1], i
+    if n == 0 or D == 0:
+        return
+    # dx += rstd * (dz - mean(dz) - z * mean(dz * z))   one row per iteration
+    for i in prange(n, schedule='static', num_threads=n_threads, nogil=True):
+        _ln_row_backward(&dx[i, 0], &dz[i, 0], &z[i, 0], rstd[i], D)
+
+
+def layernorm_backward(float[:, ::1] dx, const float[:, ::1] dz, const float[:, ::1] z,
+                       const float[::1] rstd, int n_threads):
+    """dx (n,D) OUT += LayerNorm input gradient from dz (n,D), z (n,D), rstd (n), all IN."""
+    _check_threads(n_threads)
+    shape = _shape(z)
+    for name, arr in (("dx", dx), ("dz", dz)):
+        if _shape(arr) != shape:
+            raise ValueError(f"layernorm_backward: {name} has shape {_shape(arr)}, "
+                             f"expected z's shape {shape}")
+    if rstd.shape[0] != z.shape[0]:
+        raise ValueError(f"layernorm_backward: rstd has shape ({rstd.shape[0]},), "
+                         f"expected ({z.shape[0]},) from z {shape}")
+    with nogil:
+        _layernorm_backward(dx, dz, z, rstd, n_threads)

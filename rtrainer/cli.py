@@ -1,0 +1,97 @@
+"""Command line: `rtrainer run CONFIG [--set section.key=value ...] [--resume PATH|auto] [--headless]`.
+
+Every error is one line on stderr starting `rtrainer: error:` and a non-zero exit code:
+2 configuration or usage, 3 data or checkpoint integrity, 5 I/O error (disk full, permission).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+EPILOG = """\
+exit codes: 0 finished, 2 configuration/usage error, 3 data or checkpoint integrity error,
+5 I/O error (disk full, permission denied), 130 interrupted (Ctrl-C).
+
+examples:
+  rtrainer run examples/quickstart.toml
+  rtrainer run examples/quickstart.toml --set train.steps=50 --set run.out_dir='"runs/try"'
+  rtrainer run examples/quickstart.toml --resume auto      # continue from out_dir's latest checkpoint
+  rtrainer keys                                            # every run-file key with its default
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2
+        self.print_usage(sys.stderr)
+        print(f"rtrainer: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="rtrainer", description="Train Mamba (selective state-space) models with an HPN head "
+                "on the CPU, from a TOML run file.", epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"rtrainer {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    r = sub.add_parser("run", help="train from a TOML run file", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("config", metavar="CONFIG", help="the TOML run file")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a run-file key; VALUE is a TOML literal (repeatable)")
+    r.add_argument("--resume", metavar="PATH|auto", default=None,
+                   help="continue from a checkpoint file or run directory; 'auto' = out_dir's latest if any")
+    r.add_argument("--headless", action="store_true", help="no console progress (metrics.jsonl only)")
+    sub.add_parser("info", help="build and machine information (OpenMP, threads, BLAS)")
+    sub.add_parser("keys", help="list every run-file key with its default and meaning")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        build_parser().print_help()
+        return 2
+    from .errors import RtrainerError
+
+    try:
+        if args.command == "run":
+            from .trainer import Trainer
+
+            Trainer.from_file(args.config, args.overrides, resume=args.resume, console=not args.headless).fit()
+        elif args.command == "info":
+            _info()
+        elif args.command == "keys":
+            from .config import describe_keys
+
+            for section, key, default, doc in describe_keys():
+                print(f"{section}.{key} = {default!r}\n    {doc}")
+    except RtrainerError as e:
+        print(f"rtrainer: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("rtrainer: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _info() -> None:
+    import numpy as np
+    from threadpoolctl import threadpool_info
+
+    from . import openmp_enabled
+    from ._kernels import info
+    from .threads import available_cores, resolve_threads
+
+    print(f"rtrainer {__version__}")
+    print(f"openmp: {'yes' if openmp_enabled() else 'no'} (omp_get_max_threads = {info.openmp_max_threads()})")
+    print(f"cores available: {available_cores()}, threads used by default: {resolve_threads(0)}")
+    print(f"numpy {np.__version__}")
+    for lib in threadpool_info():
+        print(f"threadpool: {lib.get('user_api')} {lib.get('internal_api')} {lib.get('version')} "
+              f"threads={lib.get('num_threads')} ({lib.get('filepath')})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

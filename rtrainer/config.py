@@ -1,0 +1,580 @@
+"""The run configuration: one frozen dataclass per TOML table, load + ``--set`` overrides + dump.
+
+A run file is TOML; its tables mirror the dataclasses below (``[model]`` -> :class:`ModelConfig`)
+and each field carries a one-line doc in ``metadata["doc"]`` (:func:`describe_keys` lists them for
+the README and ``--help``). Key names are public API: keys are only ever added, never renamed.
+
+Precedence: ``--set section.key=value`` > the TOML file > the defaults below.
+
+Every problem is a :class:`~rtrainer.errors.ConfigError` (exit code 2) whose one-line message names
+the key as ``section.key`` and where the value came from (the file, or the ``--set`` item):
+
+* unknown table or key (the message lists the known keys of the table);
+* wrong type (``bool`` is not an integer; an integer is accepted for a float field and converted;
+  lists are checked element by element); non-finite floats (``nan``, ``inf``);
+* out of range / not one of the allowed values (the message gives the allowed range or values);
+* options that are validated but not implemented yet (``model.layer = 'mamba'``, layer expansion,
+  ``head.prototype_separation > 0``);
+* TOML syntax errors (with tomllib's line and column), a missing or unreadable file.
+
+Paths (``run.out_dir``, ``data.train``, ``data.val``) are stored as given; the caller resolves them
+against the current directory.
+
+The dataclasses are frozen: derive a changed copy with :func:`dataclasses.replace`, e.g.
+``replace(cfg, model=replace(cfg.model, vocab_size=V))``, then :func:`validate_config` it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterable, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python < 3.11
+    import tomli as tomllib
+
+from .errors import ConfigError
+
+__all__ = [
+    "RunConfig",
+    "ModelConfig",
+    "HeadConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "DataConfig",
+    "EvalConfig",
+    "CheckpointConfig",
+    "LogConfig",
+    "Config",
+    "SECTIONS",
+    "load_config",
+    "parse_overrides",
+    "config_to_dict",
+    "config_to_toml",
+    "config_from_dict",
+    "validate_config",
+    "describe_keys",
+]
+
+
+def _f(
+    default: Any,
+    doc: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """A dataclass field with its one-line doc and its validation rule (range or choices)."""
+    return field(
+        default=default,
+        metadata={"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The tables. Field order = the order of describe_keys() and of the dumped config.toml.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """[run]: where the run writes and how it is seeded."""
+
+    out_dir: str = _f("runs/default", "run directory (metrics, checkpoints, resolved config)")
+    seed: int = _f(42, "seed of every random stream (init, data order)")
+    threads: int = _f(0, "kernel threads; 0 = all available cores", ge=0)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """[model]: the layer stack."""
+
+    layer: str = _f(
+        "mamba-lite", "layer kind: 'mamba-lite' (reference layer) or 'mamba' (not implemented yet)",
+        choices=("mamba-lite", "mamba"),
+    )
+    d_model: int = _f(512, "model width D", ge=1)
+    d_state: int = _f(16, "SSM state size N", ge=1)
+    d_conv: int = _f(4, "causal depthwise conv width K", ge=1)
+    dt_rank: int = _f(1, "rank R of the delta projection (reference: 1)", ge=1)
+    expand: int = _f(2, "inner expansion E (only used by layer = 'mamba')", ge=1)
+    base_layers: int = _f(2, "layers at the start of the run (fresh or from a checkpoint)", ge=1)
+    target_layers: int = _f(2, "layers after expansion (expansion is not implemented yet)", ge=1)
+    placement: str = _f(
+        "append",
+        "where new layers go when expanding: append | prepend | insert:N | specific:i,j,...",
+    )
+    init: str = _f(
+        "mamba", "'mamba' (S4D-real A, log-uniform dt) or 'reference' (all N(0, 0.02^2))",
+        choices=("mamba", "reference"),
+    )
+    vocab_size: int = _f(0, "vocabulary size V; 0 = max token id in the data + 1", ge=0)
+    scan_chunk: int = _f(64, "scan checkpoint interval in steps (memory/speed knob only)", ge=1)
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """[head]: the output head (HPN built in; other heads come from a Trainer subclass)."""
+
+    kind: str = _f("hpn", "head kind; only 'hpn' is built in (custom heads: subclass Trainer)")
+    normalize_prototypes: bool = _f(True, "use unit-norm prototypes (a true cosine); false = raw P")
+    learnable_prototypes: bool = _f(
+        False, "train the prototypes (false: fixed, spread over the hypersphere)"
+    )
+    prototype_separation: float = _f(
+        0.0, "weight of a penalty on the largest cosine between prototypes (not implemented yet)",
+        ge=0.0,
+    )
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """[optim]: AdamW and gradient clipping."""
+
+    lr: float = _f(1e-4, "peak learning rate", gt=0.0)
+    betas: tuple[float, float] = _f(
+        (0.9, 0.999), "AdamW (beta1, beta2), each in [0, 1)", ge=0.0, lt=1.0
+    )
+    eps: float = _f(1e-8, "AdamW epsilon", gt=0.0)
+    weight_decay: float = _f(0.01, "decoupled weight decay", ge=0.0)
+    grad_clip: float = _f(0.0, "global gradient-norm clip; 0 = off", ge=0.0)
+    weight_decay_scope: str = _f(
+        "matrices", "tensors that get weight decay: 'matrices' or 'all' (reference)",
+        choices=("matrices", "all"),
+    )
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """[schedule]: linear warmup then cosine decay, from the global step."""
+
+    warmup_steps: int = _f(0, "linear warmup steps", ge=0)
+    min_lr_scale: float = _f(0.1, "final learning rate as a fraction of optim.lr", ge=0.0, le=1.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """[train]: length and shape of the run."""
+
+    steps: int = _f(5000, "TOTAL optimizer steps of the run (a resumed run continues to it)", ge=1)
+    batch_size: int = _f(8, "sequences per batch B", ge=1)
+    seq_len: int = _f(64, "tokens per sequence T", ge=1)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """[data]: token sources."""
+
+    train: str = _f("", "training token file (required)")
+    val: str = _f("", "validation token file; empty = split off the end of data.train")
+    val_ratio: float = _f(
+        0.05, "fraction of data.train held out for validation when data.val is empty",
+        ge=0.0, lt=1.0,
+    )
+    format: str = _f(
+        "auto", "token file format: auto (by extension) | txt | u8 | u16 | u32 | npy",
+        choices=("auto", "txt", "u8", "u16", "u32", "npy"),
+    )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """[eval]: validation on a fixed set of windows."""
+
+    val_every: int = _f(200, "validate every N steps; 0 = never", ge=0)
+    eval_batches: int = _f(8, "validation batches (the same windows at every evaluation)", ge=1)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """[checkpoint]: how often to save and what to keep."""
+
+    save_every: int = _f(200, "checkpoint every N steps; 0 = only at the end", ge=0)
+    keep_last: int = _f(3, "step checkpoints to keep (latest and best are kept as well)", ge=1)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """[log]: metrics.jsonl cadence."""
+
+    log_every: int = _f(20, "write a train line to metrics.jsonl every N steps", ge=1)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run configuration: one attribute per TOML table."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+#: TOML table name -> dataclass, in file order.
+SECTIONS: dict[str, type] = {
+    f.name: f.default_factory for f in fields(Config)  # type: ignore[misc]
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Validation of single values
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _got(value: Any) -> str:
+    return f"got {_type_name(value)} {value!r}"
+
+
+def _fmt_num(x: float) -> str:
+    return repr(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(x)
+
+
+def _range_text(md: Mapping[str, Any]) -> str | None:
+    lo, lo_incl = (md["ge"], True) if md["ge"] is not None else (md["gt"], False)
+    hi, hi_incl = (md["le"], True) if md["le"] is not None else (md["lt"], False)
+    if lo is None and hi is None:
+        return None
+    if hi is None:
+        return f"{'>=' if lo_incl else '>'} {_fmt_num(lo)}"
+    if lo is None:
+        return f"{'<=' if hi_incl else '<'} {_fmt_num(hi)}"
+    return f"in {'[' if lo_incl else '('}{_fmt_num(lo)}, {_fmt_num(hi)}{']' if hi_incl else ')'}"
+
+
+def _in_range(x: float, md: Mapping[str, Any]) -> bool:
+    if md["ge"] is not None and not x >= md["ge"]:
+        return False
+    if md["gt"] is not None and not x > md["gt"]:
+        return False
+    if md["le"] is not None and not x <= md["le"]:
+        return False
+    if md["lt"] is not None and not x < md["lt"]:
+        return False
+    return True
+
+
+def _check_scalar(name: str, default: Any, value: Any, where: str) -> Any:
+    """Type-check (and convert int -> float) one scalar against the type of its default."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be a boolean (true/false), {_got(value)}{where}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, {_got(value)}{where}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, {_got(value)}{where}")
+        if isinstance(value, int):
+            try:
+                value = float(value)
+            except OverflowError:
+                raise ConfigError(f"{name} is too large, got {value!r}{where}") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}{where}")
+        return value
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, {_got(value)}{where}")
+        return value
+    raise AssertionError(f"unsupported default type for {name}")  # pragma: no cover
+
+
+def _check_value(section: str, f: Any, value: Any, where: str) -> Any:
+    """Validate one field's value: type, finiteness, range, choices. Returns the stored value."""
+    name = f"{section}.{f.name}"
+    md = f.metadata
+    if isinstance(f.default, tuple):
+        n = len(f.default)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list of {n} numbers, {_got(value)}{where}")
+        if len(value) != n:
+            raise ConfigError(
+                f"{name} must be a list of {n} numbers, got a list of {len(value)}{where}"
+            )
+        out = []
+        for i, v in enumerate(value):
+            v = _check_scalar(f"{name}[{i}]", f.default[i], v, where)
+            if not _in_range(v, md):
+                raise ConfigError(f"{name}[{i}] must be {_range_text(md)}, got {v!r}{where}")
+            out.append(v)
+        return tuple(out)
+    value = _check_scalar(name, f.default, value, where)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not _in_range(value, md):
+        raise ConfigError(f"{name} must be {_range_text(md)}, got {value!r}{where}")
+    if md["choices"] is not None and value not in md["choices"]:
+        allowed = ", ".join(repr(c) for c in md["choices"])
+        raise ConfigError(f"{name} must be one of {allowed}, got {value!r}{where}")
+    return value
+
+
+_PLACEMENT_RE = re.compile(r"^(append|prepend|insert:\d+|specific:\d+(,\d+)*)$")
+
+
+def _check_placement(value: str, where: str) -> None:
+    if not _PLACEMENT_RE.match(value):
+        raise ConfigError(
+            f"model.placement must be append | prepend | insert:N | specific:i,j,... "
+            f"(N, i, j non-negative integers), got {value!r}{where}"
+        )
+    if value.startswith("specific:"):
+        idx = [int(s) for s in value[len("specific:"):].split(",")]
+        if len(set(idx)) != len(idx):
+            raise ConfigError(f"model.placement has repeated layer indices: {value!r}{where}")
+
+
+def _where(origins: Mapping[tuple[str, str], str], section: str, key: str) -> str:
+    src = origins.get((section, key))
+    return f" (in {src})" if src else ""
+
+
+def _cross_checks(
+    cfg: Config, origins: Mapping[tuple[str, str], str], require_data: bool
+) -> None:
+    """Checks that involve more than one value, and options not implemented yet."""
+    m = cfg.model
+    _check_placement(m.placement, _where(origins, "model", "placement"))
+    if m.layer == "mamba":
+        raise ConfigError(
+            "model.layer = 'mamba' is not implemented yet; use 'mamba-lite'"
+            + _where(origins, "model", "layer")
+        )
+    if m.target_layers != m.base_layers:
+        raise ConfigError(
+            "layer expansion (model.target_layers != model.base_layers) is not implemented yet"
+            f" (base_layers = {m.base_layers}, target_layers = {m.target_layers})"
+        )
+    if cfg.head.kind != "hpn":
+        raise ConfigError(
+            f"head.kind = {cfg.head.kind!r} is not built in (only 'hpn'); custom heads come from "
+            "a Trainer subclass that overrides build_head" + _where(origins, "head", "kind")
+        )
+    if cfg.head.prototype_separation > 0:
+        raise ConfigError(
+            f"head.prototype_separation = {cfg.head.prototype_separation!r} > 0 is not implemented "
+            "yet; use 0.0" + _where(origins, "head", "prototype_separation")
+        )
+    if require_data and not cfg.data.train:
+        raise ConfigError("data.train is required (the training token file)")
+
+
+# --------------------------------------------------------------------------------------------
+# Building a Config from nested dicts
+# --------------------------------------------------------------------------------------------
+
+
+def _known_keys(section: str) -> str:
+    return ", ".join(f.name for f in fields(SECTIONS[section]))
+
+
+def _check_structure(d: Mapping[str, Any], source: str) -> None:
+    """Unknown tables and keys, and tables that are not tables."""
+    for section, table in d.items():
+        if section not in SECTIONS:
+            if isinstance(table, Mapping):
+                raise ConfigError(
+                    f"unknown table [{section}] in {source}; known tables: {', '.join(SECTIONS)}"
+                )
+            raise ConfigError(
+                f"unknown top-level key {section!r} in {source} (every key belongs to a table, "
+                f"e.g. [run] seed = 1); known tables: {', '.join(SECTIONS)}"
+            )
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"[{section}] in {source} must be a table, {_got(table)}")
+        known = {f.name for f in fields(SECTIONS[section])}
+        for key in table:
+            if key not in known:
+                raise ConfigError(
+                    f"unknown key {section}.{key} in {source}; "
+                    f"known keys of [{section}]: {_known_keys(section)}"
+                )
+
+
+def _build(
+    layers: list[tuple[Mapping[str, Any], str]], require_data: bool
+) -> Config:
+    """Merge (dict, source) layers, later ones win; validate every value; run the cross checks."""
+    merged: dict[str, dict[str, Any]] = {}
+    origins: dict[tuple[str, str], str] = {}
+    for d, source in layers:
+        _check_structure(d, source)
+        for section, table in d.items():
+            for key, value in table.items():
+                merged.setdefault(section, {})[key] = value
+                origins[(section, key)] = source
+    sections = {}
+    for section, cls in SECTIONS.items():
+        given = merged.get(section, {})
+        values = {}
+        for f in fields(cls):
+            if f.name in given:
+                values[f.name] = _check_value(
+                    section, f, given[f.name], _where(origins, section, f.name)
+                )
+        sections[section] = cls(**values)
+    cfg = Config(**sections)
+    _cross_checks(cfg, origins, require_data)
+    return cfg
+
+
+def config_from_dict(
+    d: Mapping[str, Any], *, source: str = "<dict>", require_data: bool = True
+) -> Config:
+    """Build and validate a Config from ``{table: {key: value}}`` (e.g. a checkpoint's config).
+
+    Missing keys take their defaults; every rule of :func:`load_config` applies.
+    """
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"configuration in {source} must be a table, {_got(d)}")
+    return _build([(d, source)], require_data)
+
+
+def validate_config(cfg: Config, *, require_data: bool = True) -> Config:
+    """Re-validate a Config (e.g. one changed with dataclasses.replace); returns it unchanged."""
+    return config_from_dict(config_to_dict(cfg), source="<Config>", require_data=require_data)
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides
+# --------------------------------------------------------------------------------------------
+
+
+def _field_of(section: str, key: str) -> Any:
+    for f in fields(SECTIONS[section]):
+        if f.name == key:
+            return f
+    raise KeyError(key)  # pragma: no cover
+
+
+def parse_overrides(overrides: Iterable[str]) -> list[tuple[dict[str, dict[str, Any]], str]]:
+    """Parse ``section.key=value`` items into one ``({section: {key: value}}, source)`` per item.
+
+    The value is a TOML literal (``5``, ``1e-3``, ``true``, ``"text"``, ``[0.9, 0.95]``). For a
+    string key the raw text is used when it is not a TOML string (``data.train=data/x.txt``).
+    The source string (``--set section.key=value``) is what error messages quote.
+    """
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    out = []
+    for item in overrides:
+        src = f"--set {item}"
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"malformed override {item!r}: expected section.key=value")
+        lhs, raw = item.split("=", 1)
+        lhs, raw = lhs.strip(), raw.strip()
+        parts = lhs.split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(
+                f"malformed override {item!r}: the key must be section.key (e.g. model.d_model=256)"
+            )
+        section, key = parts
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"unknown table [{section}] in {src}; known tables: {', '.join(SECTIONS)}"
+            )
+        known = {f.name for f in fields(SECTIONS[section])}
+        if key not in known:
+            raise ConfigError(
+                f"unknown key {section}.{key} in {src}; "
+                f"known keys of [{section}]: {_known_keys(section)}"
+            )
+        is_str = isinstance(_field_of(section, key).default, str)
+        try:
+            value = tomllib.loads("v = " + raw)["v"]
+        except tomllib.TOMLDecodeError:
+            if not is_str:
+                raise ConfigError(
+                    f"malformed override {item!r}: {raw!r} is not a TOML value "
+                    f"(e.g. 5, 1e-3, true, \"text\", [0.9, 0.95])"
+                ) from None
+            value = raw
+        if is_str and not isinstance(value, str):
+            value = raw  # e.g. --set run.out_dir=2024-01-01 (a TOML date) means the text
+        out.append(({section: {key: value}}, src))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and dumping
+# --------------------------------------------------------------------------------------------
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+
+
+def load_config(
+    path: str, overrides: Iterable[str] = (), *, require_data: bool = True
+) -> Config:
+    """Read a TOML run file, apply ``--set section.key=value`` overrides, validate everything.
+
+    ``require_data=False`` skips the "data.train is required" check (for a Trainer subclass that
+    brings its own data).
+    """
+    layers = [(_read_toml(str(path)), str(path))]
+    layers += parse_overrides(overrides or ())
+    return _build(layers, require_data)
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """``{table: {key: value}}`` with plain TOML/JSON types (tuples become lists)."""
+    out: dict[str, dict[str, Any]] = {}
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        out[section] = {
+            f.name: list(v) if isinstance(v := getattr(obj, f.name), tuple) else v
+            for f in fields(obj)
+        }
+    return out
+
+
+def config_to_toml(cfg: Config) -> str:
+    """The resolved configuration as a TOML document that :func:`load_config` reads back equal."""
+    import tomli_w
+
+    return tomli_w.dumps(config_to_dict(cfg))
+
+
+def describe_keys() -> list[tuple[str, str, Any, str]]:
+    """``(section, key, default, doc)`` for every key, in file order (README and --help)."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            default = list(f.default) if isinstance(f.default, tuple) else f.default
+            rows.append((section, f.name, default, f.metadata["doc"]))
+    return rows

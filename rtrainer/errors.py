@@ -1,0 +1,44 @@
+"""Errors rtrainer raises on purpose, each with the process exit code the CLI uses.
+
+A message is one line that names the problem: the key (``model.d_model``), the file, the offset.
+The CLI prints ``error: <message>`` and exits with ``exit_code``; anything else is a bug (exit 1).
+
+    exit 2  ConfigError      bad run file, bad --set, unknown key, wrong type, out of range
+    exit 3  DataError        unreadable / malformed token data, token id out of range
+    exit 3  CheckpointError  missing, truncated or corrupt checkpoint, wrong schema
+    exit 5  RunIOError       the run directory cannot be written (disk full, permissions)
+"""
+
+from __future__ import annotations
+
+__all__ = ["RtrainerError", "ConfigError", "DataError", "CheckpointError", "RunIOError"]
+
+
+class RtrainerError(Exception):
+    """Base class of every error rtrainer raises on purpose."""
+
+    exit_code: int = 1
+
+
+class ConfigError(RtrainerError):
+    """The run configuration (TOML file or --set override) is invalid."""
+
+    exit_code = 2
+
+
+class DataError(RtrainerError):
+    """Token data is missing, unreadable or malformed."""
+
+    exit_code = 3
+
+
+class CheckpointError(RtrainerError):
+    """A checkpoint (or run state) is missing, truncated, corrupt or of the wrong schema."""
+
+    exit_code = 3
+
+
+class RunIOError(RtrainerError):
+    """Writing into the run directory failed (disk full, permissions, ...)."""
+
+    exit_code = 5

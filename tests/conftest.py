@@ -1,0 +1,81 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO / "examples" / "data" / "shakespeare.txt"
+TIMING_KEYS = {"tokens_per_s", "elapsed_s", "rss_mb"}
+
+
+def tiny_config(tmp_path, *, steps=30, threads=1, extra="", train=None, data_format="u8", **sections):
+    """A small run file (2 layers, width 16) on a slice of the bundled corpus."""
+    if train is None:
+        train = tmp_path / "corpus.txt"
+        train.write_bytes(CORPUS.read_bytes()[:60_000])
+    text = f"""
+[run]
+out_dir = "{tmp_path / 'run'}"
+seed = 7
+threads = {threads}
+[model]
+d_model = 16
+d_state = 4
+d_conv = 4
+base_layers = 2
+target_layers = 2
+vocab_size = 128
+scan_chunk = 8
+[optim]
+lr = 1e-2
+grad_clip = 1.0
+[schedule]
+warmup_steps = 3
+[train]
+steps = {steps}
+batch_size = 4
+seq_len = 32
+[data]
+train = "{train}"
+format = "{data_format}"
+val_ratio = 0.1
+[eval]
+val_every = 10
+eval_batches = 2
+[checkpoint]
+save_every = 10
+[log]
+log_every = 1
+{extra}
+"""
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def run_cli(*args, env_extra=None, cwd=None, check=False):
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    p = subprocess.run([sys.executable, "-m", "rtrainer", *map(str, args)], capture_output=True, text=True,
+                       env=env, cwd=cwd or REPO, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+    return p
+
+
+def read_metrics(path):
+    import orjson
+
+    return [orjson.loads(line) for line in Path(path).read_bytes().splitlines()]
+
+
+def strip_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+@pytest.fixture
+def corpus_bytes():
+    return CORPUS.read_bytes()

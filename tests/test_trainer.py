@@ -1,0 +1,188 @@
+"""End to end through the real CLI, in subprocesses, on real files: training, metrics, resume
+after real signals, and the errors a user meets."""
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import REPO, read_metrics, run_cli, strip_timing, tiny_config
+
+TRAIN_KEYS = {"step", "loss", "lr", "grad_norm", "clipped", "skipped", "tokens_per_s", "elapsed_s", "rss_mb"}
+VAL_KEYS = {"step", "val_loss", "val_acc", "best_val_loss"}
+
+
+def test_cli_trains_writes_outputs_and_loss_falls(tmp_path):
+    cfg = tiny_config(tmp_path, steps=60)
+    p = run_cli("run", cfg, check=True)
+    out = tmp_path / "run"
+    for name in ("config.toml", "metrics.jsonl", "run_state.json", "summary.json", "checkpoints/latest.safetensors"):
+        assert (out / name).exists(), name
+    recs = read_metrics(out / "metrics.jsonl")
+    train = [r for r in recs if r["kind"] == "train"]
+    val = [r for r in recs if r["kind"] == "val"]
+    assert [r["step"] for r in train] == list(range(1, 61))
+    assert [r["step"] for r in val] == [10, 20, 30, 40, 50, 60]
+    for r in train:
+        assert TRAIN_KEYS <= set(r), set(r)
+    for r in val:
+        assert VAL_KEYS <= set(r), set(r)
+    first = np.mean([r["loss"] for r in train[:5]])
+    last = np.mean([r["loss"] for r in train[-5:]])
+    assert last < 0.9 * first, (first, last)
+    assert val[-1]["val_loss"] < val[0]["val_loss"]
+    assert val[-1]["best_val_loss"] == min(r["val_loss"] for r in val)
+    assert "step     60/60" in p.stdout
+
+
+def _straight_and_interrupted(tmp_path, fault, expect_code, threads=1):
+    a = tmp_path / "a"
+    b = tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    cfg_a = tiny_config(a, steps=25, threads=threads)
+    cfg_b = tiny_config(b, steps=25, threads=threads)
+    run_cli("run", cfg_a, check=True)
+    p = run_cli("run", cfg_b, env_extra={"RTRAINER_FAULT": fault})
+    assert p.returncode == expect_code, (p.returncode, p.stderr)
+    partial = read_metrics(b / "run" / "metrics.jsonl")
+    assert partial[-1]["step"] < 25
+    p = run_cli("run", cfg_b, "--resume", "auto", check=True)
+    assert "resuming at step" in p.stderr
+    ra = strip_timing(read_metrics(a / "run" / "metrics.jsonl"))
+    rb = strip_timing(read_metrics(b / "run" / "metrics.jsonl"))
+    assert ra == rb  # every loss, lr, grad_norm, val_loss: bitwise, and no step appears twice
+    ta = load_file(str(a / "run" / "checkpoints" / "latest.safetensors"))
+    tb = load_file(str(b / "run" / "checkpoints" / "latest.safetensors"))
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert np.array_equal(ta[k], tb[k]), k
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
+    # killed right after the checkpoint of step 10, with lines of step 10 already in metrics
+    _straight_and_interrupted(tmp_path, "after_step=10:KILL", -signal.SIGKILL)
+
+
+def test_resume_after_sigkill_between_checkpoints(tmp_path):
+    # killed at step 13: steps 11-13 are in metrics.jsonl but not in the checkpoint; resume cuts them
+    _straight_and_interrupted(tmp_path, "after_step=13:KILL", -signal.SIGKILL, threads=2)
+
+
+def test_sigterm_checkpoints_and_exits_143(tmp_path):
+    _straight_and_interrupted(tmp_path, "after_step=7:TERM", 143)
+
+
+def test_unknown_key_exit_2_nothing_written(tmp_path):
+    cfg = tiny_config(tmp_path, extra="[train2]\nfoo = 1\n")
+    p = run_cli("run", cfg)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1].startswith("rtrainer: error:")
+    assert "train2" in p.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_key_in_known_section(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace("d_state = 4", "d_stat = 4"))
+    p = run_cli("run", cfg)
+    assert p.returncode == 2 and "model.d_stat" in p.stderr, p.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_wrong_type_exit_2(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace("d_model = 16", 'd_model = "16"'))
+    p = run_cli("run", cfg)
+    assert p.returncode == 2 and "model.d_model" in p.stderr, p.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_config_file_exit_2(tmp_path):
+    p = run_cli("run", tmp_path / "nope.toml")
+    assert p.returncode == 2 and "nope.toml" in p.stderr
+
+
+def test_set_override_and_bad_override(tmp_path):
+    cfg = tiny_config(tmp_path, steps=30)
+    run_cli("run", cfg, "--set", "train.steps=4", "--set", "log.log_every=2", check=True)
+    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == [2, 4]
+    resolved = (tmp_path / "run" / "config.toml").read_text()
+    assert "steps = 4" in resolved and "vocab_size = 128" in resolved
+    p = run_cli("run", cfg, "--set", "train.nope=1")
+    assert p.returncode == 2 and "train.nope" in p.stderr
+
+
+def test_out_of_range_token_names_file_and_offset(tmp_path):
+    data = tmp_path / "tok.txt"
+    toks = np.arange(400) % 50
+    toks[123] = 999
+    data.write_text(" ".join(map(str, toks)))
+    cfg = tiny_config(tmp_path, train=data, data_format="txt")
+    cfg.write_text(cfg.read_text().replace("vocab_size = 128", "vocab_size = 60"))
+    p = run_cli("run", cfg)
+    assert p.returncode == 3, p.stderr
+    assert "tok.txt" in p.stderr and "123" in p.stderr and "999" in p.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_uint16_bin_data_trains(tmp_path):
+    data = tmp_path / "tok.bin"
+    (np.arange(5000) % 37).astype("<u2").tofile(data)   # a learnable periodic sequence
+    cfg = tiny_config(tmp_path, train=data, data_format="auto", steps=40)
+    cfg.write_text(cfg.read_text().replace("vocab_size = 128", "vocab_size = 0"))
+    run_cli("run", cfg, check=True)
+    recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    val = [r for r in recs if r["kind"] == "val"]
+    assert val[-1]["val_acc"] > val[0]["val_acc"]
+    assert "vocab_size = 37" in (tmp_path / "run" / "config.toml").read_text()
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    cfg = tiny_config(tmp_path, steps=10)
+    run_cli("run", cfg, check=True)
+    p = run_cli("run", cfg, "--resume", "auto", "--set", "model.d_model=32", "--set", "train.steps=20")
+    assert p.returncode == 2 and "model.d_model" in p.stderr, p.stderr
+
+
+def test_corrupt_checkpoint_is_a_named_error(tmp_path):
+    cfg = tiny_config(tmp_path, steps=10)
+    run_cli("run", cfg, check=True)
+    ck = tmp_path / "run" / "checkpoints" / "latest.safetensors"
+    raw = bytearray(ck.read_bytes())
+    raw[-10] ^= 0xFF
+    ck.write_bytes(bytes(raw))
+    p = run_cli("run", cfg, "--resume", str(ck), "--set", "train.steps=20")
+    assert p.returncode == 3 and "latest.safetensors" in p.stderr, p.stderr
+
+
+def test_softmax_head_example_subclass(tmp_path):
+    import subprocess
+
+    cfg = tiny_config(tmp_path, steps=40)
+    p = subprocess.run([sys.executable, str(REPO / "examples" / "softmax_head.py"), str(cfg)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    train = [r for r in recs if r["kind"] == "train"]
+    val = [r for r in recs if r["kind"] == "val"]
+    # cross-entropy starts near ln(128) ~ 4.85 and must fall clearly below it
+    assert train[0]["loss"] > 4.0 and val[-1]["val_loss"] < 3.6, (train[0]["loss"], val[-1])
+    ck = load_file(str(tmp_path / "run" / "checkpoints" / "latest.safetensors"))
+    assert "param/head.W" in ck and "param/head.prototypes" not in ck
+
+
+def test_help_and_info():
+    p = run_cli("--help", check=True)
+    assert "run" in p.stdout and "exit codes" in p.stdout
+    p = run_cli("run", "--help", check=True)
+    assert "--resume" in p.stdout and "--set" in p.stdout
+    p = run_cli("info", check=True)
+    assert "openmp:" in p.stdout
+    p = run_cli("keys", check=True)
+    assert "model.d_model" in p.stdout and "optim.lr" in p.stdout
+    p = run_cli()
+    assert p.returncode == 2
