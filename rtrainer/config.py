@@ -198,7 +198,6 @@ class CheckpointConfig:
     """[checkpoint]: how often to save and what to keep."""
 
     save_every: int = _f(200, "checkpoint every N steps; 0 = only at the end", ge=0)
-    keep_last: int = _f(3, "step checkpoints to keep (latest and best are kept as well)", ge=1)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,419 @@
-# placeholder during build-out
-from ._ref_layer import *  # noqa
-from ._ref_misc import *  # noqa
-from ._ref_model import *  # noqa
+"""float64 NumPy reference of every kernel and of the whole model: the oracle of the tests.
+
+Glossary (SPEC notation):
+    B  batch size                      T  sequence length (time)
+    D  channels (d_model)              N  state size (d_state)
+    K  causal conv taps (d_conv)       R  dt rank (x_proj emits 2N+R columns: [Bt | Ct | draw])
+    V  vocabulary size                 n  tokens in a batch (B*T)
+
+Each kernel `rtrainer._kernels.<module>.<name>` has a reference `<name>_ref` here with exactly
+the same parameters in the same order (tests/test_reference_api.py checks this). Like the kernels
+they write into (forward) or ADD into (backward) the float64 arrays passed in, and accept and
+ignore `n_threads`. Readability over speed: plain loops over t, vectorised over the other axes.
+Unlike the kernels, the scan reference keeps the full state trajectory (B, T+1, D, N).
+
+`model_loss_and_grads_ref` composes them exactly as rtrainer.model composes the kernels.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+# ============================================================ layer: conv, scan
+
+SOFTPLUS_THRESHOLD = 20.0
+
+
+def sigmoid_ref(x):
+    """1/(1+exp(-x)), elementwise, without overflow warnings."""
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def silu_ref(p):
+    """silu(p) = p * sigmoid(p)."""
+    p = np.asarray(p, dtype=np.float64)
+    return p * sigmoid_ref(p)
+
+
+def softplus_ref(x):
+    """softplus(x) = x if x > 20 else log1p(exp(x))  (SPEC §2.1)."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.where(x > SOFTPLUS_THRESHOLD, x, np.log1p(np.exp(np.minimum(x, SOFTPLUS_THRESHOLD))))
+
+
+def _shifted(x, s):
+    """x[:, t-s, :] with zeros for t < s.  x: (B,T,D)."""
+    out = np.zeros_like(x)
+    if s < x.shape[1]:
+        out[:, s:] = x[:, : x.shape[1] - s]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# conv
+# ------------------------------------------------------------------------------------------------
+
+def conv_forward_ref(pre, u, x, conv_w, conv_b, n_threads):
+    """Causal depthwise conv + SiLU.
+
+    pre    (B,T,D) OUT  pre[b,t,d] = conv_b[d] + sum_k conv_w[d,k] * x[b, t+k-(K-1), d]  (zero pad)
+    u      (B,T,D) OUT  u = silu(pre)
+    x      (B,T,D) IN
+    conv_w (D,K)   IN
+    conv_b (D,)    IN
+    """
+    K = conv_w.shape[1]
+    acc = np.broadcast_to(np.asarray(conv_b, np.float64), x.shape).copy()
+    for k in range(K):
+        acc += conv_w[:, k] * _shifted(np.asarray(x, np.float64), K - 1 - k)
+    pre[...] = acc
+    u[...] = silu_ref(acc)
+
+
+def conv_backward_ref(dx, dconv_w, dconv_b, du, x, pre, conv_w, n_threads):
+    """Backward of conv_forward_ref; ADDS into dx (B,T,D), dconv_w (D,K), dconv_b (D,).
+
+    du (B,T,D) IN dL/du;  x, pre (B,T,D) IN;  conv_w (D,K) IN.
+    dpre = du * s*(1 + pre*(1-s)), s = sigmoid(pre).
+    """
+    K = conv_w.shape[1]
+    T = x.shape[1]
+    p = np.asarray(pre, np.float64)
+    s = sigmoid_ref(p)
+    dpre = du * s * (1.0 + p * (1.0 - s))
+    dconv_b += dpre.sum(axis=(0, 1))
+    for k in range(K):
+        sh = K - 1 - k                       # tap k reads x[t - sh]
+        dconv_w[:, k] += (dpre * _shifted(np.asarray(x, np.float64), sh)).sum(axis=(0, 1))
+        if sh < T:
+            dx[:, : T - sh] += dpre[:, sh:] * conv_w[:, k]
+
+
+# ------------------------------------------------------------------------------------------------
+# scan
+# ------------------------------------------------------------------------------------------------
+
+def _trajectory(u, dt, dt_bias, A_log, xdbl):
+    """Full float64 trajectory. Returns delta (B,T,D), A (D,N), E (B,T,D,N) = exp(delta*A),
+    H (B,T+1,D,N) with H[:, t+1] = h_t and H[:, 0] = h_{-1} = 0."""
+    u = np.asarray(u, np.float64)
+    N = A_log.shape[1]
+    Bt = np.asarray(xdbl[..., :N], np.float64)
+    delta = softplus_ref(np.asarray(dt, np.float64) + dt_bias)
+    A = -np.exp(np.asarray(A_log, np.float64))
+    Bsz, T, D = u.shape
+    E = np.exp(delta[..., None] * A)                               # (B,T,D,N)
+    H = np.zeros((Bsz, T + 1, D, N))
+    for t in range(T):
+        # h_t = exp(delta_t*A) * h_{t-1} + (delta_t*u_t) (x) Bt_t
+        H[:, t + 1] = E[:, t] * H[:, t] + (delta[:, t] * u[:, t])[:, :, None] * Bt[:, t, None, :]
+    return delta, A, E, H
+
+
+def scan_forward_ref(y, hs, u, dt, dt_bias, A_log, xdbl, D_skip, chunk, n_threads):
+    """Selective scan forward.
+
+    y       (B,T,D)                OUT  y_t = h_t . Ct_t + D_skip * u_t
+    hs      (B,ceil(T/chunk),D,N)  OUT  hs[:, c] = h before step t = c*chunk (hs[:, 0] = 0)
+    u       (B,T,D)     IN
+    dt      (B,T,D)     IN  pre-bias; delta = softplus(dt + dt_bias)
+    dt_bias (D,)        IN
+    A_log   (D,N)       IN  A = -exp(A_log)
+    xdbl    (B,T,2N+R)  IN  [Bt | Ct | draw]; draw is not read
+    D_skip  (D,)        IN
+    chunk   int >= 1
+    """
+    N = A_log.shape[1]
+    T = u.shape[1]
+    n_chunks = -(-T // chunk)
+    if hs.shape != (u.shape[0], n_chunks, u.shape[2], N):
+        raise ValueError(f"hs has shape {hs.shape}, expected {(u.shape[0], n_chunks, u.shape[2], N)}")
+    Ct = np.asarray(xdbl[..., N:2 * N], np.float64)
+    _, _, _, H = _trajectory(u, dt, dt_bias, A_log, xdbl)
+    hs[...] = H[:, 0:T:chunk]
+    y[...] = np.einsum("btdn,btn->btd", H[:, 1:], Ct) + D_skip * np.asarray(u, np.float64)
+
+
+def scan_backward_ref(du, ddt, ddt_bias, dA_log, dxdbl, dD_skip, dy, u, dt, dt_bias, A_log,
+                      xdbl, D_skip, hs, chunk, n_threads):
+    """Backward of scan_forward_ref; ADDS into every gradient.
+
+    du       (B,T,D)     dL/du
+    ddt      (B,T,D)     dL/d(pre-bias dt) = ddelta * sigmoid(dt + dt_bias)
+    ddt_bias (D,)        sum over b,t of ddt
+    dA_log   (D,N)       dL/dA * A
+    dxdbl    (B,T,2N+R)  [dBt | dCt | untouched]
+    dD_skip  (D,)
+    dy (B,T,D) IN dL/dy; the other inputs as scan_forward_ref; hs is only shape-checked (the
+    reference recomputes and keeps the whole trajectory).
+    """
+    N = A_log.shape[1]
+    Bsz, T, D = u.shape
+    n_chunks = -(-T // chunk)
+    if hs.shape != (Bsz, n_chunks, D, N):
+        raise ValueError(f"hs has shape {hs.shape}, expected {(Bsz, n_chunks, D, N)}")
+    u = np.asarray(u, np.float64)
+    dy = np.asarray(dy, np.float64)
+    Bt = np.asarray(xdbl[..., :N], np.float64)
+    Ct = np.asarray(xdbl[..., N:2 * N], np.float64)
+    delta, A, E, H = _trajectory(u, dt, dt_bias, A_log, xdbl)
+    x = np.asarray(dt, np.float64) + dt_bias
+    sg = sigmoid_ref(x)
+
+    g = np.zeros((Bsz, D, N))                       # dL/dh_t
+    dA = np.zeros((D, N))
+    for t in range(T - 1, -1, -1):
+        # y_t = h_t . Ct_t + D_skip*u_t
+        g += dy[:, t, :, None] * Ct[:, t, None, :]
+        dxdbl[:, t, N:2 * N] += np.einsum("bd,bdn->bn", dy[:, t], H[:, t + 1])
+        du[:, t] += dy[:, t] * D_skip
+        dD_skip += (dy[:, t] * u[:, t]).sum(axis=0)
+        # h_t = E_t * h_{t-1} + delta_t*u_t*Bt_t
+        dxdbl[:, t, :N] += np.einsum("bdn,bd->bn", g, delta[:, t] * u[:, t])
+        gB = np.einsum("bdn,bn->bd", g, Bt[:, t])
+        du[:, t] += delta[:, t] * gB
+        q = g * E[:, t] * H[:, t]                      # dL/dE * E
+        ddelta = np.einsum("bdn,dn->bd", q, A) + u[:, t] * gB
+        dA += (delta[:, t, :, None] * q).sum(axis=0)
+        ddt[:, t] += ddelta * sg[:, t]
+        ddt_bias += (ddelta * sg[:, t]).sum(axis=0)
+        g = g * E[:, t]
+    dA_log += dA * A
+
+
+# ============================================================ embedding, LayerNorm, HPN head, AdamW
+
+NORM_EPS = 1e-8  # floor of ‖z‖ and ‖P‖ in the HPN head (SPEC §2.2)
+
+
+def _check_ids(ids, V):
+    ids = np.asarray(ids)
+    bad = np.argwhere((ids < 0) | (ids >= V))
+    if len(bad):
+        b, t = (int(x) for x in bad[0])
+        raise ValueError(f"token id {int(ids[b, t])} at position (b={b}, t={t}) is outside [0, {V})")
+
+
+def _check_targets(targets, V):
+    targets = np.asarray(targets)
+    bad = np.flatnonzero((targets < 0) | (targets >= V))
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"target {int(targets[i])} at index {i} is outside [0, {V})")
+
+
+# ------------------------------------------------------------------------------------------ embed
+
+def embed_forward_ref(out, ids, E, n_threads):
+    """out (B,T,D) OUT = E[ids];  ids (B,T) int IN;  E (V,D) IN. ValueError on ids outside [0,V)."""
+    _check_ids(ids, E.shape[0])
+    out[...] = E[ids]
+
+
+def embed_backward_ref(dE, ids, dout, n_threads):
+    """dE (V,D) OUT, +=: dE[ids[b,t]] += dout[b,t];  ids (B,T) IN;  dout (B,T,D) IN."""
+    _check_ids(ids, dE.shape[0])
+    D = dE.shape[1]
+    np.add.at(dE, np.asarray(ids).reshape(-1), dout.reshape(-1, D))
+
+
+# ------------------------------------------------------------------------------------------- norm
+
+def layernorm_forward_ref(z, rstd, x, eps, n_threads):
+    """z (n,D) OUT = (x - mean)·rstd;  rstd (n) OUT = 1/sqrt(var + eps) (biased var);  x (n,D) IN."""
+    x = np.asarray(x, dtype=np.float64)
+    mean = x.mean(axis=1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=1, keepdims=True)
+    r = 1.0 / np.sqrt(var + eps)
+    z[...] = (x - mean) * r
+    rstd[...] = r[:, 0]
+
+
+def layernorm_backward_ref(dx, dz, z, rstd, n_threads):
+    """dx (n,D) OUT, += rstd·(dz - mean(dz) - z·mean(dz·z));  dz, z (n,D) IN;  rstd (n) IN."""
+    a = dz.mean(axis=1, keepdims=True)
+    b = (dz * z).mean(axis=1, keepdims=True)
+    dx += rstd[:, None] * (dz - a - z * b)
+
+
+# -------------------------------------------------------------------------------------------- hpn
+
+def _floored_norm(a):
+    """(norm, max(norm, 1e-8)) of the rows of a (m,D)."""
+    nrm = np.sqrt((a * a).sum(axis=1))
+    return nrm, np.maximum(nrm, NORM_EPS)
+
+
+def _prototypes(P, normalize):
+    """P̃ (V,D), the floored norms (V) (ones if raw) and the raw norms (V)."""
+    nrm, nrmc = _floored_norm(P)
+    if normalize:
+        return P / nrmc[:, None], nrmc, nrm
+    return np.array(P, dtype=np.float64), np.ones(len(P)), nrm
+
+
+def hpn_forward_ref(cos, z, P, targets, normalize, n_threads):
+    """cos (n) OUT = ẑ_i·P̃[targets_i];  z (n,D), P (V,D), targets (n) int IN.
+    Returns loss = mean_i (1 - cos_i)²."""
+    if z.shape[0] == 0:
+        raise ValueError(f"hpn_forward: z has shape {z.shape}; need at least one token")
+    _check_targets(targets, P.shape[0])
+    _, nzc = _floored_norm(z)
+    zhat = z / nzc[:, None]
+    Pt, _, _ = _prototypes(P, normalize)
+    cos[...] = (zhat * Pt[targets]).sum(axis=1)
+    return float(np.mean((1.0 - cos) ** 2))
+
+
+def hpn_backward_ref(dz, dP, z, P, targets, cos, normalize, learnable, scale, n_threads):
+    """Gradients of scale·loss, ADDED into dz (n,D) and, only if learnable, dP (V,D) (else dP is not
+    touched and may be (0,D)).  z (n,D), P (V,D), targets (n), cos (n) from the forward, all IN.
+
+        c_i = -2·scale·(1 - cos_i)/n ;  dẑ_i = c_i·P̃[t_i]
+        dz_i += (dẑ_i - (dẑ_i·ẑ_i) ẑ_i)/max(‖z_i‖, 1e-8)        (dẑ_i/1e-8 if ‖z_i‖ < 1e-8)
+        g_k = Σ_{i: t_i = k} c_i ẑ_i
+        dP_k += (g_k - (g_k·P̃_k) P̃_k)/max(‖P_k‖, 1e-8)         (normalize; g_k/1e-8 if ‖P_k‖ < 1e-8)
+        dP_k += g_k                                              (raw prototypes)
+    """
+    n = z.shape[0]
+    if n == 0:
+        raise ValueError(f"hpn_backward: z has shape {z.shape}; need at least one token")
+    _check_targets(targets, P.shape[0])
+    nz, nzc = _floored_norm(z)
+    zhat = z / nzc[:, None]
+    Pt, _, _ = _prototypes(P, normalize)
+    c = -2.0 * scale * (1.0 - np.asarray(cos, dtype=np.float64)) / n
+    dzhat = c[:, None] * Pt[targets]
+    proj = (dzhat * zhat).sum(axis=1)
+    grad_z = np.where((nz >= NORM_EPS)[:, None], dzhat - proj[:, None] * zhat, dzhat)
+    dz += grad_z / nzc[:, None]
+    if not learnable:
+        return
+    g = np.zeros(P.shape, dtype=np.float64)
+    np.add.at(g, np.asarray(targets), c[:, None] * zhat)
+    if normalize:
+        npn, npc = _floored_norm(P)
+        gp = (g * Pt).sum(axis=1)
+        grad_P = np.where((npn >= NORM_EPS)[:, None], g - gp[:, None] * Pt, g)
+        dP += grad_P / npc[:, None]
+    else:
+        dP += g
+
+
+def hpn_predict_ref(pred, z, P, normalize, n_threads):
+    """pred (n) int OUT = argmax_k ẑ_i·P̃_k (first max wins);  z (n,D), P (V,D) IN."""
+    _, nzc = _floored_norm(z)
+    Pt, _, _ = _prototypes(P, normalize)
+    pred[...] = np.argmax((z / nzc[:, None]) @ Pt.T, axis=1)
+
+
+# ------------------------------------------------------------------------------------------ optim
+
+def _segments(segments, P, disjoint=False):
+    """[(start, end, flag)] from segments (S,3), validated like the kernels do."""
+    segments = np.asarray(segments).reshape(-1, 3)
+    for s, (lo, hi, _) in enumerate(segments):
+        if lo < 0 or hi < lo or hi > P:
+            raise ValueError(f"segment {s} = [{lo}, {hi}) is not a range inside [0, {P})")
+    if disjoint:
+        ranges = sorted((int(lo), int(hi), s) for s, (lo, hi, _) in enumerate(segments) if hi > lo)
+        for (lo0, hi0, s0), (lo1, hi1, s1) in zip(ranges, ranges[1:]):
+            if lo1 < hi0:
+                raise ValueError(f"segments {s0} = [{lo0}, {hi0}) and {s1} = [{lo1}, {hi1}) overlap")
+    return [(int(lo), int(hi), bool(flag)) for lo, hi, flag in segments]
+
+
+def sumsq_ref(g, segments, n_threads):
+    """Σ g_i² over every [start, end) row of segments (S,3) (start, end, flag);  g (P) IN."""
+    g = np.asarray(g, dtype=np.float64)
+    return float(sum(np.sum(g[lo:hi] ** 2) for lo, hi, _ in _segments(segments, len(g))))
+
+
+def adamw_step_ref(p, g, m, v, segments, lr, beta1, beta2, eps, weight_decay, step, grad_scale,
+                   n_threads):
+    """One PyTorch-style AdamW update, in place on p, m, v (P) OUT, from g (P) IN, on the
+    [start, end) rows of segments (S,3) (start, end, decay_flag); step >= 1 counts updates.
+
+        gs = g·grad_scale ; m = β1·m + (1-β1)·gs ; v = β2·v + (1-β2)·gs²
+        bc1 = 1 - β1^step ; bc2 = 1 - β2^step
+        p = p·(1 - lr·wd) if decay_flag ;  p = p - (lr/bc1)·m/(sqrt(v)/sqrt(bc2) + eps)
+    """
+    if step < 1:
+        raise ValueError(f"adamw_step: step must be >= 1 (number of this update), got {step}")
+    bc1 = 1.0 - beta1 ** step
+    bc2 = 1.0 - beta2 ** step
+    for lo, hi, decay in _segments(segments, len(p), disjoint=True):
+        sl = slice(lo, hi)
+        gs = g[sl] * grad_scale
+        m[sl] = beta1 * m[sl] + (1.0 - beta1) * gs
+        v[sl] = beta2 * v[sl] + (1.0 - beta2) * gs * gs
+        if decay:
+            p[sl] = p[sl] * (1.0 - lr * weight_decay)
+        p[sl] = p[sl] - (lr / bc1) * m[sl] / (np.sqrt(v[sl]) / np.sqrt(bc2) + eps)
+
+
+# ============================================================ the whole model
+
+LN_EPS = 1e-5
+
+
+def model_loss_and_grads_ref(params, ids, targets, *, n_layers, d_state, dt_rank,
+                             normalize_prototypes=True, learnable_prototypes=True, chunk=4):
+    """Loss and gradients of the mamba-lite stack + final LayerNorm + HPN head, in float64.
+
+    params: name -> array (see rtrainer.model.layer_param_specs; "embedding", "head.prototypes")
+    ids, targets: (B,T) int64. Returns (loss, {name: grad}); head.prototypes only if learnable.
+    """
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    B, T = ids.shape
+    V, D = p["embedding"].shape
+    N, R = d_state, dt_rank
+    f64 = np.float64
+    nc = -(-T // chunk)
+    r = [np.zeros((B, T, D), f64)]
+    embed_forward_ref(r[0], ids, p["embedding"], 1)
+    cache = []
+    for i in range(n_layers):
+        q = f"layers.{i}."
+        pre, u = np.zeros((B, T, D)), np.zeros((B, T, D))
+        conv_forward_ref(pre, u, r[i], p[q + "conv_w"], p[q + "conv_b"], 1)
+        xdbl = u @ p[q + "x_proj_w"]
+        dt = xdbl[..., 2 * N:] @ p[q + "dt_proj_w"]
+        y, hs = np.zeros((B, T, D)), np.zeros((B, nc, D, N))
+        scan_forward_ref(y, hs, u, dt, p[q + "dt_proj_b"], p[q + "A_log"], xdbl, p[q + "D_skip"], chunk, 1)
+        r.append(r[i] + y @ p[q + "out_proj_w"])
+        cache.append((pre, u, xdbl, dt, y, hs))
+    z, rstd = np.zeros((B * T, D)), np.zeros(B * T)
+    layernorm_forward_ref(z, rstd, r[-1].reshape(B * T, D), LN_EPS, 1)
+    t = targets.reshape(-1).astype(np.int64)
+    cos = np.zeros(B * T)
+    P = p["head.prototypes"]
+    loss = hpn_forward_ref(cos, z, P, t, normalize_prototypes, 1)
+
+    g = {k: np.zeros_like(v) for k, v in p.items()}
+    dz = np.zeros((B * T, D))
+    hpn_backward_ref(dz, g["head.prototypes"], z, P, t, cos, normalize_prototypes, True, 1.0, 1)
+    dr = np.zeros((B * T, D))
+    layernorm_backward_ref(dr, dz, z, rstd, 1)
+    dr = dr.reshape(B, T, D)
+    for i in reversed(range(n_layers)):
+        q = f"layers.{i}."
+        pre, u, xdbl, dt, y, hs = cache[i]
+        g[q + "out_proj_w"] += y.reshape(-1, D).T @ dr.reshape(-1, D)
+        dy = dr @ p[q + "out_proj_w"].T
+        du, ddt, dxdbl = np.zeros((B, T, D)), np.zeros((B, T, D)), np.zeros((B, T, 2 * N + R))
+        scan_backward_ref(du, ddt, g[q + "dt_proj_b"], g[q + "A_log"], dxdbl, g[q + "D_skip"], dy, u, dt,
+                          p[q + "dt_proj_b"], p[q + "A_log"], xdbl, p[q + "D_skip"], hs, chunk, 1)
+        g[q + "dt_proj_w"] += xdbl[..., 2 * N:].reshape(-1, R).T @ ddt.reshape(-1, D)
+        dxdbl[..., 2 * N:] = ddt @ p[q + "dt_proj_w"].T
+        g[q + "x_proj_w"] += u.reshape(-1, D).T @ dxdbl.reshape(-1, 2 * N + R)
+        du += dxdbl @ p[q + "x_proj_w"].T
+        dx = np.zeros((B, T, D))
+        conv_backward_ref(dx, g[q + "conv_w"], g[q + "conv_b"], du, r[i], pre, p[q + "conv_w"], 1)
+        dr = dr + dx
+    embed_backward_ref(g["embedding"], ids, dr, 1)
+    if not learnable_prototypes:
+        del g["head.prototypes"]
+    return float(loss), g

@@ -56,7 +56,7 @@ def test_defaults_load(tmp_path):
     assert (cfg.train.steps, cfg.train.batch_size, cfg.train.seq_len) == (5000, 8, 64)
     assert (cfg.data.val, cfg.data.val_ratio, cfg.data.format) == ("", 0.05, "auto")
     assert (cfg.eval.val_every, cfg.eval.eval_batches) == (200, 8)
-    assert (cfg.checkpoint.save_every, cfg.checkpoint.keep_last) == (200, 3)
+    assert cfg.checkpoint.save_every == 200
     assert cfg.log.log_every == 20
     d = Config()
     expected = dataclasses.replace(d, data=dataclasses.replace(d.data, train="tokens.txt"))
@@ -165,7 +165,7 @@ def test_non_finite_in_list(tmp_path):
         ("[schedule]\nmin_lr_scale = 1.5", "schedule.min_lr_scale must be in [0, 1], got 1.5"),
         ("val_ratio = 1.0", "data.val_ratio must be in [0, 1), got 1.0"),
         ("[eval]\neval_batches = 0", "eval.eval_batches must be >= 1"),
-        ("[checkpoint]\nkeep_last = 0", "checkpoint.keep_last must be >= 1"),
+        ("[checkpoint]\nsave_every = -1", "checkpoint.save_every must be >= 0"),
         ("[log]\nlog_every = 0", "log.log_every must be >= 1"),
         ("[model]\nvocab_size = -2", "model.vocab_size must be >= 0"),
     ],
