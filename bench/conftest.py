@@ -20,6 +20,7 @@ import math
 import os
 import resource
 
+import rtrainer  # noqa: F401  (before numpy: sets OPENBLAS_THREAD_TIMEOUT, see rtrainer/__init__.py)
 import numpy as np
 import pytest
 
@@ -76,16 +77,24 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("n_threads", values, ids=[f"t{v}" for v in values])
 
 
-@pytest.fixture(scope="session")
-def shape(pytestconfig) -> Shape:
-    raw = pytestconfig.getoption("--shape")
+def _parse_shape(raw: str) -> Shape:
     over = {}
     for item in filter(None, (s.strip() for s in raw.split(","))):
         key, _, val = item.partition("=")
         if key not in Shape.__dataclass_fields__ or not val.isdigit() or int(val) < 1:
-            raise pytest.UsageError(f"--shape: bad item {item!r}")
+            raise pytest.UsageError(f"--shape: bad item {item!r} (keys: B T D N K R V chunk L, "
+                                    "values integers >= 1)")
         over[key] = int(val)
     return Shape(**over)
+
+
+def pytest_configure(config):
+    config._rtrainer_bench_shape = _parse_shape(config.getoption("--shape"))  # fail fast
+
+
+@pytest.fixture(scope="session")
+def shape(pytestconfig) -> Shape:
+    return pytestconfig._rtrainer_bench_shape
 
 
 def _inv_softplus(y):
@@ -211,12 +220,7 @@ def bench(benchmark, request, shape) -> Bench:
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _RESULTS:
         return
-    s = None
-    try:
-        raw = config.getoption("--shape")
-        s = Shape(**{k: int(v) for k, v in (i.split("=") for i in raw.split(",") if i)})
-    except Exception:  # the shape fixture already rejected bad values
-        pass
+    s = getattr(config, "_rtrainer_bench_shape", None)
     tr = terminalreporter
     tr.write_sep("-", "rtrainer bench summary" + (f"  {s}" if s else ""))
     tr.write_line(f"{'name':<28} {'thr':>3} {'median ms':>10} {'tokens/s':>12} {'peak MB':>8}  note")
