@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.rtrainer-installed
 SOURCES := pyproject.toml setup.py $(wildcard kernels/*.pyx kernels/*.pxd)
 PYTEST_ARGS ?=
 
-.PHONY: install run test bench parity-deps clean
+.PHONY: install run test test-no-openmp bench parity-deps clean
 
 install: $(STAMP)
 
@@ -31,6 +31,17 @@ run: install
 
 test: install parity-deps
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+
+# The same kernels built without OpenMP (prange runs serially), tested from a copy in build/no-openmp
+# so the OpenMP build in rtrainer/_kernels stays untouched. .ci/run runs it after `make test`.
+NOOMP := build/no-openmp
+test-no-openmp: install
+	rm -rf $(NOOMP) && mkdir -p $(NOOMP)
+	cp -r setup.py pyproject.toml README.md kernels rtrainer tests examples $(NOOMP)/
+	rm -f $(NOOMP)/rtrainer/_kernels/*.so $(NOOMP)/kernels/*.c
+	cd $(NOOMP) && RTRAINER_NO_OPENMP=1 $(abspath $(BIN))/python setup.py -q build_ext --inplace -j 2 > build.log 2>&1 \
+		|| (cat build.log; exit 1)
+	cd $(NOOMP) && RTRAINER_EXPECT_OPENMP=0 $(abspath $(BIN))/python -m pytest -q tests $(PYTEST_ARGS)
 
 bench: install parity-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider bench --benchmark-only $(PYTEST_ARGS)

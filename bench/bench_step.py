@@ -1,12 +1,10 @@
 """One full rtrainer training step (forward, HPN loss, backward, grad norm, AdamW) at the
 reference trainer's baseline shape (B 8, T 64, D 512, N 16, 2 layers, V 8192), 1 and 2 threads.
 
-    make bench            # or: pytest bench/bench_step.py --benchmark-only
+    make bench            # or: pytest bench/bench_step.py --benchmark-only [--shape B=4,T=1024]
 
-Reports tokens/s (B*T / median step time) and the process's peak RSS in extra_info.
+Its row in the summary table gives tokens/s (B*T / median step time) and peak RSS.
 """
-import resource
-
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
@@ -15,9 +13,6 @@ from rtrainer.heads import HPNHead
 from rtrainer.model import MambaLiteStack
 from rtrainer.optim import AdamW
 from rtrainer.params import FlatParams
-
-BASELINE = dict(B=8, T=64, D=512, N=16, K=4, R=1, L=2, V=8192)
-
 
 def make_step(n_threads, B, T, D, N, K, R, L, V, learnable=False):
     model = MambaLiteStack(V, D, N, K, R, L, scan_chunk=64, n_threads=n_threads)
@@ -46,21 +41,11 @@ def make_step(n_threads, B, T, D, N, K, R, L, V, learnable=False):
     return step, model
 
 
-@pytest.mark.parametrize("n_threads", [1, 2])
-def test_train_step_baseline(benchmark, n_threads):
-    shape = BASELINE
+def test_train_step(bench, shape, n_threads):
+    """rtrainer: forward + HPN loss + backward + grad norm + AdamW, the shape of bench/conftest.py."""
     with threadpool_limits(limits=n_threads, user_api="blas"):
-        step, model = make_step(n_threads, **shape)
-        step()  # warm-up: allocates the workspace
-        benchmark.pedantic(step, rounds=15, iterations=1, warmup_rounds=2)
-    median = benchmark.stats.stats.median
-    tokens = shape["B"] * shape["T"]
-    benchmark.extra_info.update({
-        "shape": "B{B} T{T} D{D} N{N} L{L} V{V}".format(**shape),
-        "threads": n_threads,
-        "tokens_per_s": round(tokens / median, 1),
-        "activation_mb": round(model.activation_bytes() / 2**20, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    })
-    print(f"\ntrain step {benchmark.extra_info['shape']} threads={n_threads}: {median * 1e3:.1f} ms, "
-          f"{tokens / median:,.0f} tokens/s, peak RSS {benchmark.extra_info['peak_rss_mb']} MB")
+        step, model = make_step(n_threads, B=shape.B, T=shape.T, D=shape.D, N=shape.N, K=shape.K, R=shape.R,
+                                L=shape.L, V=shape.V)
+        step()  # allocates the workspace
+        bench(step, threads=n_threads, rounds=15,
+              note_fn=lambda m: f"activations {model.activation_bytes() / 2**20:.1f} MB")

@@ -25,3 +25,12 @@ def test_importing_rtrainer_first_caps_openblas_spinning():
     env["OPENBLAS_THREAD_TIMEOUT"] = "10"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "10"
+
+
+def test_build_is_the_one_expected():
+    """`make test-no-openmp` sets RTRAINER_EXPECT_OPENMP=0: make sure its kernels are really the
+    serial build (and the normal suite really the OpenMP one)."""
+    import rtrainer
+
+    expected = os.environ.get("RTRAINER_EXPECT_OPENMP", "1") != "0"
+    assert rtrainer.openmp_enabled() is expected
