@@ -49,10 +49,6 @@ setup(
             "initializedcheck": False,
             "nonecheck": False,
         },
-        compile_time_env={"RTRAINER_OPENMP": use_openmp},
         include_path=["kernels"],
-        # the generated C depends on RTRAINER_OPENMP (kernels/_omp.pxd): keep the two builds'
-        # C files apart, or an up-to-date OpenMP .c would be reused by a no-OpenMP build
-        build_dir=None if use_openmp else "build/cython-no-openmp",
     ),
 )

@@ -1,24 +1,20 @@
-# The only place that touches the OpenMP runtime (STYLE §3). Header-only: inline functions,
-# so modules that cimport it need no runtime provider.
-# Without OpenMP (RTRAINER_NO_OPENMP=1) every call degrades to the single-thread answer.
+# The only place that touches the OpenMP runtime (STYLE §3). Header-only: the C below is inlined
+# into every module that cimports this file. The compiler defines _OPENMP under -fopenmp; without
+# it (RTRAINER_NO_OPENMP=1) every call gives the single-thread answer and prange runs serially.
 
-IF RTRAINER_OPENMP:
-    cimport openmp
-
-cdef inline int omp_thread_id() noexcept nogil:
-    IF RTRAINER_OPENMP:
-        return openmp.omp_get_thread_num()
-    ELSE:
-        return 0
-
-cdef inline int omp_max_threads() noexcept nogil:
-    IF RTRAINER_OPENMP:
-        return openmp.omp_get_max_threads()
-    ELSE:
-        return 1
-
-cdef inline bint omp_enabled() noexcept nogil:
-    IF RTRAINER_OPENMP:
-        return True
-    ELSE:
-        return False
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    static inline int rtrainer_omp_thread_id(void) { return omp_get_thread_num(); }
+    static inline int rtrainer_omp_max_threads(void) { return omp_get_max_threads(); }
+    static inline int rtrainer_omp_enabled(void) { return 1; }
+    #else
+    static inline int rtrainer_omp_thread_id(void) { return 0; }
+    static inline int rtrainer_omp_max_threads(void) { return 1; }
+    static inline int rtrainer_omp_enabled(void) { return 0; }
+    #endif
+    """
+    int omp_thread_id "rtrainer_omp_thread_id" () noexcept nogil
+    int omp_max_threads "rtrainer_omp_max_threads" () noexcept nogil
+    bint omp_enabled "rtrainer_omp_enabled" () noexcept nogil

@@ -36,17 +36,13 @@ from libc.math cimport expf
 from libc.stdlib cimport malloc, free
 
 from _omp cimport omp_thread_id
+from _common cimport check_shape1, check_shape3, check_threads, sigmoidf
 
 
 # Channels per backward work item (upper bound; shrunk when D is small so that every thread has
 # work). Does not change any result, only which thread computes which columns.
 cdef enum:
     CB_MAX = 32
-
-
-cdef inline float _sigmoid(float p) noexcept nogil:
-    # sigmoid(p) = 1/(1+expf(-p)); exact expf (SPEC §2.1: no polynomial approximation)
-    return <float>1 / (<float>1 + expf(-p))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,7 +66,7 @@ cdef inline void _conv_fwd_row(float* pre, float* u, const float* x, const float
             acc = acc + conv_w[d * K + k] * x[row + (k - (K - 1)) * D + d]
         pre[row + d] = acc
         # u = silu(pre) = pre * sigmoid(pre)
-        s = _sigmoid(acc)
+        s = sigmoidf(acc)
         u[row + d] = acc * s
 
 
@@ -93,13 +89,13 @@ def conv_forward(float[:, :, ::1] pre not None,        # OUT (B,T,D)
     pre[b,t,d] = conv_b[d] + sum_k conv_w[d,k] * x[b, t+k-(K-1), d]  (zero left pad).
     """
     cdef Py_ssize_t B = x.shape[0], T = x.shape[1], D = x.shape[2], K = conv_w.shape[1]
-    _check3("conv_forward", "pre", pre, B, T, D)
-    _check3("conv_forward", "u", u, B, T, D)
+    check_shape3("conv_forward", "pre", pre, B, T, D)
+    check_shape3("conv_forward", "u", u, B, T, D)
     if conv_w.shape[0] != D or K < 1:
         raise ValueError(f"conv_forward: conv_w has shape {(conv_w.shape[0], conv_w.shape[1])}, "
                          f"expected (D, K) = ({D}, K>=1) for x of shape {(B, T, D)}")
-    _check1("conv_forward", "conv_b", conv_b, D)
-    _check_threads("conv_forward", n_threads)
+    check_shape1("conv_forward", "conv_b", conv_b, D)
+    check_threads(n_threads)
     if B * T * D == 0:
         return
     with nogil:
@@ -146,7 +142,7 @@ cdef inline void _conv_bwd_block(float* dx, float* dconv_w, float* dconv_b, cons
             # dpre = du * silu'(pre),  silu'(p) = s*(1 + p*(1-s)),  s = sigmoid(p)
             for j in range(nb):
                 p = pre[row + j]
-                s = _sigmoid(p)
+                s = sigmoidf(p)
                 dp[j] = du[row + j] * (s * (<float>1 + p * (<float>1 - s)))
             # dconv_b[d] += sum_{b,t} dpre[b,t,d]
             for j in range(nb):
@@ -194,17 +190,17 @@ def conv_backward(float[:, :, ::1] dx not None,         # OUT += (B,T,D)
                   int n_threads):
     """Backward of conv_forward; ACCUMULATES into dx (B,T,D), dconv_w (D,K), dconv_b (D)."""
     cdef Py_ssize_t B = x.shape[0], T = x.shape[1], D = x.shape[2], K = conv_w.shape[1]
-    _check3("conv_backward", "dx", dx, B, T, D)
-    _check3("conv_backward", "du", du, B, T, D)
-    _check3("conv_backward", "pre", pre, B, T, D)
+    check_shape3("conv_backward", "dx", dx, B, T, D)
+    check_shape3("conv_backward", "du", du, B, T, D)
+    check_shape3("conv_backward", "pre", pre, B, T, D)
     if conv_w.shape[0] != D or K < 1:
         raise ValueError(f"conv_backward: conv_w has shape {(conv_w.shape[0], conv_w.shape[1])}, "
                          f"expected (D, K) = ({D}, K>=1) for x of shape {(B, T, D)}")
     if dconv_w.shape[0] != D or dconv_w.shape[1] != K:
         raise ValueError(f"conv_backward: dconv_w has shape "
                          f"{(dconv_w.shape[0], dconv_w.shape[1])}, expected (D, K) = {(D, K)}")
-    _check1("conv_backward", "dconv_b", dconv_b, D)
-    _check_threads("conv_backward", n_threads)
+    check_shape1("conv_backward", "dconv_b", dconv_b, D)
+    check_threads(n_threads)
     if B * T * D == 0:
         return
     # channel block: CB_MAX, halved while there are fewer than 4 blocks per thread
@@ -231,18 +227,3 @@ def conv_backward(float[:, :, ::1] dx not None,         # OUT += (B,T,D)
 # shape checks (Python level, once per call)
 # ----------------------------------------------------------------------------------------------
 
-cdef _check3(str fn, str name, const float[:, :, ::1] a, Py_ssize_t B, Py_ssize_t T,
-             Py_ssize_t D):
-    if a.shape[0] != B or a.shape[1] != T or a.shape[2] != D:
-        raise ValueError(f"{fn}: {name} has shape {(a.shape[0], a.shape[1], a.shape[2])}, "
-                         f"expected (B, T, D) = {(B, T, D)}")
-
-
-cdef _check1(str fn, str name, const float[::1] a, Py_ssize_t D):
-    if a.shape[0] != D:
-        raise ValueError(f"{fn}: {name} has shape {(a.shape[0],)}, expected (D,) = {(D,)}")
-
-
-cdef _check_threads(str fn, int n_threads):
-    if n_threads < 1:
-        raise ValueError(f"{fn}: n_threads must be >= 1, got {n_threads}")

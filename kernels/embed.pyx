@@ -20,9 +20,9 @@ Backward accumulates (+=) into dE; the caller zeroes the gradient buffer once pe
 from libc.stdint cimport int64_t
 from libc.string cimport memcpy
 from cython.parallel cimport prange
+from _common cimport check_threads, col_block_width
 
 # Column-block granularity of the backward scatter: one 64-byte cache line of float32.
-cdef Py_ssize_t _COL_ALIGN = 16
 
 
 cdef Py_ssize_t _first_bad_id(const int64_t[:, ::1] ids, int64_t V) noexcept nogil:
@@ -53,11 +53,6 @@ cdef tuple _shape(object a):
     return tuple(a.shape)
 
 
-cdef _check_threads(int n_threads):
-    if n_threads < 1:
-        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
-
-
 # ----------------------------------------------------------------------------------------- forward
 
 cdef void _embed_forward(float[:, :, ::1] out,          # OUT (B,T,D)
@@ -78,7 +73,7 @@ cdef void _embed_forward(float[:, :, ::1] out,          # OUT (B,T,D)
 def embed_forward(float[:, :, ::1] out, const int64_t[:, ::1] ids, const float[:, ::1] E,
                   int n_threads):
     """out (B,T,D) OUT = E[ids]; ids (B,T) int64 IN; E (V,D) IN. ValueError on ids outside [0, V)."""
-    _check_threads(n_threads)
+    check_threads(n_threads)
     if out.shape[0] != ids.shape[0] or out.shape[1] != ids.shape[1] or out.shape[2] != E.shape[1]:
         raise ValueError(
             f"embed_forward: out has shape {_shape(out)}, expected "
@@ -115,8 +110,7 @@ cdef void _embed_backward(float[:, ::1] dE,              # OUT (V,D), +=
     if B * T == 0 or D == 0:
         return
     # one column block per thread, rounded up to whole cache lines
-    width = (D + n_threads - 1) // n_threads
-    width = ((width + _COL_ALIGN - 1) // _COL_ALIGN) * _COL_ALIGN
+    width = col_block_width(D, n_threads)
     nblk = (D + width - 1) // width
     # dE[ids[b,t], j] += dout[b,t,j]   block of columns j per iteration, tokens in order inside
     for blk in prange(nblk, schedule='static', num_threads=n_threads, nogil=True):
@@ -128,7 +122,7 @@ cdef void _embed_backward(float[:, ::1] dE,              # OUT (V,D), +=
 def embed_backward(float[:, ::1] dE, const int64_t[:, ::1] ids, const float[:, :, ::1] dout,
                    int n_threads):
     """dE (V,D) OUT += scatter of dout (B,T,D) IN by ids (B,T) int64 IN. ValueError on bad ids."""
-    _check_threads(n_threads)
+    check_threads(n_threads)
     if (dout.shape[0] != ids.shape[0] or dout.shape[1] != ids.shape[1]
             or dout.shape[2] != dE.shape[1]):
         raise ValueError(

@@ -34,9 +34,9 @@ from libc.math cimport sqrt, INFINITY
 from cython.parallel cimport prange
 
 from _omp cimport omp_thread_id
+from _common cimport check_threads, col_block_width
 
 cdef double _NORM_EPS = 1e-8
-cdef Py_ssize_t _COL_ALIGN = 16   # dP column blocks: whole 64-byte lines of float32
 cdef enum:
     _TB = 8                       # tokens per predict tile (vector lanes of the dot products)
     _KB = 4                       # prototypes per register block of the predict tile
@@ -45,11 +45,6 @@ cdef enum:
 cdef tuple _shape(object a):
     """Shape tuple of a memoryview (error messages only)."""
     return tuple(a.shape)
-
-
-cdef _check_threads(int n_threads):
-    if n_threads < 1:
-        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
 
 
 cdef Py_ssize_t _first_bad_target(const int64_t[::1] targets, int64_t V) noexcept nogil:
@@ -128,7 +123,7 @@ cdef double _hpn_forward(float[::1] cos,                 # OUT (n)
 def hpn_forward(float[::1] cos, const float[:, ::1] z, const float[:, ::1] P,
                 const int64_t[::1] targets, bint normalize, int n_threads):
     """cos (n) OUT; z (n,D), P (V,D), targets (n) int64 IN. Returns the loss mean_i (1-cos_i)²."""
-    _check_threads(n_threads)
+    check_threads(n_threads)
     _check_zP("hpn_forward", z, P)
     cdef Py_ssize_t n = z.shape[0]
     if n == 0:
@@ -211,8 +206,7 @@ cdef void _hpn_backward(float[:, ::1] dz,               # OUT (n,D), +=
         _dz_row(&dz[i, 0], &z[i, 0], &P[targets[i], 0], D, c, normalize, &a[i], &b[i])
     if not learnable:
         return
-    width = (D + n_threads - 1) // n_threads
-    width = ((width + _COL_ALIGN - 1) // _COL_ALIGN) * _COL_ALIGN
+    width = col_block_width(D, n_threads)
     nblk = (D + width - 1) // width
     # dP[y_i] += a_i z_i + b_i P[y_i]   block of columns per iteration, tokens in order inside
     for blk in prange(nblk, schedule='static', num_threads=n_threads, nogil=True):
@@ -226,7 +220,7 @@ def hpn_backward(float[:, ::1] dz, float[:, ::1] dP, const float[:, ::1] z, cons
                  double scale, int n_threads):
     """dz (n,D) OUT +=, dP (V,D) OUT += (only if learnable; else untouched, may be (0,D)) for
     scale·loss; z (n,D), P (V,D), targets (n), cos (n) from hpn_forward, all IN."""
-    _check_threads(n_threads)
+    check_threads(n_threads)
     _check_zP("hpn_backward", z, P)
     cdef Py_ssize_t n = z.shape[0]
     if n == 0:
@@ -324,7 +318,7 @@ cdef void _hpn_predict(int64_t[::1] pred,               # OUT (n)
 def hpn_predict(int64_t[::1] pred, const float[:, ::1] z, const float[:, ::1] P, bint normalize,
                 int n_threads):
     """pred (n) int64 OUT = argmax_k ẑ_i·P̃_k (first max wins); z (n,D), P (V,D) IN."""
-    _check_threads(n_threads)
+    check_threads(n_threads)
     _check_zP("hpn_predict", z, P)
     if pred.shape[0] != z.shape[0]:
         raise ValueError(f"hpn_predict: pred has shape ({pred.shape[0]},), expected "

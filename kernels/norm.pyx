@@ -14,16 +14,12 @@ Backward accumulates (+=) into dx.
 """
 from libc.math cimport sqrt
 from cython.parallel cimport prange
+from _common cimport check_threads
 
 
 cdef tuple _shape(object a):
     """Shape tuple of a memoryview (error messages only)."""
     return tuple(a.shape)
-
-
-cdef _check_threads(int n_threads):
-    if n_threads < 1:
-        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
 
 
 # ----------------------------------------------------------------------------------------- forward
@@ -61,7 +57,7 @@ cdef void _layernorm_forward(float[:, ::1] z,          # OUT (n,D)
 def layernorm_forward(float[:, ::1] z, float[::1] rstd, const float[:, ::1] x, double eps,
                       int n_threads):
     """z (n,D) OUT, rstd (n) OUT = LayerNorm of x (n,D) IN without affine."""
-    _check_threads(n_threads)
+    check_threads(n_threads)
     if z.shape[0] != x.shape[0] or z.shape[1] != x.shape[1]:
         raise ValueError(f"layernorm_forward: z has shape {_shape(z)}, "
                          f"expected x's shape {_shape(x)}")
@@ -106,7 +102,7 @@ cdef void _layernorm_backward(float[:, ::1] dx,           # OUT (n,D), +=
 def layernorm_backward(float[:, ::1] dx, const float[:, ::1] dz, const float[:, ::1] z,
                        const float[::1] rstd, int n_threads):
     """dx (n,D) OUT += LayerNorm input gradient from dz (n,D), z (n,D), rstd (n), all IN."""
-    _check_threads(n_threads)
+    check_threads(n_threads)
     shape = _shape(z)
     for name, arr in (("dx", dx), ("dz", dz)):
         if _shape(arr) != shape:

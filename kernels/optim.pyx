@@ -26,6 +26,7 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
 from libc.math cimport sqrt
 from cython.parallel cimport prange
+from _common cimport check_threads
 
 cdef enum:
     _BLOCK = 8192
@@ -34,11 +35,6 @@ cdef enum:
 cdef tuple _shape(object a):
     """Shape tuple of a memoryview (error messages only)."""
     return tuple(a.shape)
-
-
-cdef _check_threads(int n_threads):
-    if n_threads < 1:
-        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
 
 
 cdef Py_ssize_t _check_segments(str fn, const int64_t[:, ::1] segments, Py_ssize_t P,
@@ -131,7 +127,7 @@ cdef double _sumsq(const float[::1] g,                  # IN (P)
 def sumsq(const float[::1] g, const int64_t[:, ::1] segments, int n_threads):
     """Σ g_i² (double) over the [start, end) rows of segments (S,3) int64; g (P) float32 IN.
     Bitwise identical for any n_threads."""
-    _check_threads(n_threads)
+    check_threads(n_threads)
     cdef Py_ssize_t nblk = _check_segments("sumsq", segments, g.shape[0], False)
     if nblk == 0:
         return 0.0
@@ -191,7 +187,7 @@ def adamw_step(float[::1] p, const float[::1] g, float[::1] m, float[::1] v,
                double weight_decay, long long step, double grad_scale, int n_threads):
     """One AdamW update of p, m, v (P) OUT from g (P) IN on the segments (S,3) int64
     (start, end, decay_flag); step >= 1 is the number of this update (bias correction)."""
-    _check_threads(n_threads)
+    check_threads(n_threads)
     if step < 1:
         raise ValueError(f"adamw_step: step must be >= 1 (number of this update), got {step}")
     P = p.shape[0]

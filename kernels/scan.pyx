@@ -55,6 +55,7 @@ from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
 
 from _omp cimport omp_thread_id
+from _common cimport check_shape1, check_shape3, check_threads, sigmoidf
 
 
 cdef enum:
@@ -70,10 +71,6 @@ cdef inline float _softplus(float x) noexcept nogil:
     if x > 20:
         return x
     return log1pf(expf(x))
-
-
-cdef inline float _sigmoid(float x) noexcept nogil:
-    return <float>1 / (<float>1 + expf(-x))
 
 
 cdef inline void _ssm_step(float* h_out, const float* h_prev, float* dA, const float* A,
@@ -161,7 +158,7 @@ def scan_forward(float[:, :, ::1] y not None,             # OUT (B,T,D)
                  int n_threads):
     """Selective scan forward: writes y (B,T,D) and the chunk-boundary states hs (B,nc,D,N)."""
     cdef Dims m = _dims("scan_forward", u, dt, dt_bias, A_log, xdbl, D_skip, chunk, n_threads)
-    _check3("scan_forward", "y", y, m.B, m.T, m.D)
+    check_shape3("scan_forward", "y", y, m.B, m.T, m.D)
     _check_hs("scan_forward", hs, m)
     if m.B * m.T * m.D == 0:
         return
@@ -279,7 +276,7 @@ cdef inline void _scan_bwd_item(float* du, float* ddt, float* ddt_bias, float* d
                     du[row * D + d] += dyv * D_skip[d] + delta * gB
                     ddelta = gAq + uu * gB
                     # ddt = ddelta * softplus'(dt+dt_bias) = ddelta * sigmoid(dt+dt_bias)
-                    dtv = ddelta * _sigmoid(dt[row * D + d] + dt_bias[d])
+                    dtv = ddelta * sigmoidf(dt[row * D + d] + dt_bias[d])
                     ddt[row * D + d] += dtv
                     dbias_acc[j] += dtv
                     dD_acc[j] += <double>(dyv * uu)
@@ -347,11 +344,11 @@ def scan_backward(float[:, :, ::1] du not None,            # OUT += (B,T,D)
     """Selective scan backward; ACCUMULATES into du, ddt, ddt_bias, dA_log, dxdbl[..., :2N],
     dD_skip. hs must come from scan_forward with the same chunk."""
     cdef Dims m = _dims("scan_backward", u, dt, dt_bias, A_log, xdbl, D_skip, chunk, n_threads)
-    _check3("scan_backward", "du", du, m.B, m.T, m.D)
-    _check3("scan_backward", "ddt", ddt, m.B, m.T, m.D)
-    _check3("scan_backward", "dy", dy, m.B, m.T, m.D)
-    _check1("scan_backward", "ddt_bias", ddt_bias, m.D)
-    _check1("scan_backward", "dD_skip", dD_skip, m.D)
+    check_shape3("scan_backward", "du", du, m.B, m.T, m.D)
+    check_shape3("scan_backward", "ddt", ddt, m.B, m.T, m.D)
+    check_shape3("scan_backward", "dy", dy, m.B, m.T, m.D)
+    check_shape1("scan_backward", "ddt_bias", ddt_bias, m.D)
+    check_shape1("scan_backward", "dD_skip", dD_skip, m.D)
     if dA_log.shape[0] != m.D or dA_log.shape[1] != m.N:
         raise ValueError(f"scan_backward: dA_log has shape {(dA_log.shape[0], dA_log.shape[1])}, "
                          f"expected (D, N) = {(m.D, m.N)}")
@@ -415,9 +412,9 @@ cdef Dims _dims(str fn, const float[:, :, ::1] u, const float[:, :, ::1] dt,
     m.n_chunks = (m.T + chunk - 1) // chunk
     m.db = 1
     m.L = 1
-    _check3(fn, "dt", dt, m.B, m.T, m.D)
-    _check1(fn, "dt_bias", dt_bias, m.D)
-    _check1(fn, "D_skip", D_skip, m.D)
+    check_shape3(fn, "dt", dt, m.B, m.T, m.D)
+    check_shape1(fn, "dt_bias", dt_bias, m.D)
+    check_shape1(fn, "D_skip", D_skip, m.D)
     if A_log.shape[0] != m.D or m.N < 1:
         raise ValueError(f"{fn}: A_log has shape {(A_log.shape[0], A_log.shape[1])}, "
                          f"expected (D, N) = ({m.D}, N>=1) for u of shape {(m.B, m.T, m.D)}")
@@ -435,13 +432,3 @@ cdef _check_hs(str fn, const float[:, :, :, ::1] hs, Dims m):
                          f"(B, ceil(T/chunk), D, N) = {(m.B, m.n_chunks, m.D, m.N)}")
 
 
-cdef _check3(str fn, str name, const float[:, :, ::1] a, Py_ssize_t B, Py_ssize_t T,
-             Py_ssize_t D):
-    if a.shape[0] != B or a.shape[1] != T or a.shape[2] != D:
-        raise ValueError(f"{fn}: {name} has shape {(a.shape[0], a.shape[1], a.shape[2])}, "
-                         f"expected (B, T, D) = {(B, T, D)}")
-
-
-cdef _check1(str fn, str name, const float[::1] a, Py_ssize_t D):
-    if a.shape[0] != D:
-        raise ValueError(f"{fn}: {name} has shape {(a.shape[0],)}, expected (D,) = {(D,)}")
