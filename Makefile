@@ -26,8 +26,9 @@ parity-deps: $(STAMP)
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0 \
 		|| echo "warning: torch==2.13.0 could not be installed; parity tests will be skipped"
 
+# --overwrite: each `make run` trains the quickstart from scratch into runs/quickstart
 run: install
-	$(BIN)/rtrainer run examples/quickstart.toml
+	$(BIN)/rtrainer run examples/quickstart.toml --overwrite
 
 test: install parity-deps
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)

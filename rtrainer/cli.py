@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a run-file key; VALUE is a TOML literal (repeatable)")
     r.add_argument("--resume", metavar="PATH|auto", default=None,
                    help="continue from a checkpoint file or run directory; 'auto' = out_dir's latest if any")
+    r.add_argument("--overwrite", action="store_true",
+                   help="start from scratch even if out_dir already holds a run (its checkpoint is replaced)")
     r.add_argument("--headless", action="store_true", help="no console progress (metrics.jsonl only)")
     sub.add_parser("info", help="build and machine information (OpenMP, threads, BLAS)")
     sub.add_parser("keys", help="list every run-file key with its default and meaning")
@@ -59,7 +61,8 @@ def main(argv=None) -> int:
         if args.command == "run":
             from .trainer import Trainer
 
-            Trainer.from_file(args.config, args.overrides, resume=args.resume, console=not args.headless).fit()
+            Trainer.from_file(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite,
+                              console=not args.headless).fit()
         elif args.command == "info":
             _info()
         elif args.command == "keys":

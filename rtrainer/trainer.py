@@ -57,9 +57,10 @@ class RunData:
 class Trainer:
     """Trains the model described by a Config. `Trainer.from_file(path, overrides).fit()`."""
 
-    def __init__(self, config, *, resume: str | None = None, console: bool = True):
+    def __init__(self, config, *, resume: str | None = None, overwrite: bool = False, console: bool = True):
         self.cfg = config
         self.resume = resume
+        self.overwrite = overwrite
         self.console = console
         self.n_threads = resolve_threads(config.run.threads)
 
@@ -167,6 +168,9 @@ class Trainer:
             "summary": str(out_dir / "summary.json"),
         }
         state = self._load_resume_state()
+        if state is None and not self.overwrite and Path(self.paths["latest"]).exists():
+            raise ConfigError(f"{out_dir} already holds a run (checkpoints/latest.safetensors): continue it with "
+                              "--resume auto, start it over with --overwrite, or set another run.out_dir")
         if state is None:
             self.model.init_params(c.run.seed, c.model.init)
             self.head.init_params(c.run.seed, c.model.init)

@@ -141,6 +141,19 @@ def test_uint16_bin_data_trains(tmp_path):
     assert "vocab_size = 37" in (tmp_path / "run" / "config.toml").read_text()
 
 
+def test_existing_run_is_not_overwritten_without_asking(tmp_path):
+    cfg = tiny_config(tmp_path, steps=10)
+    run_cli("run", cfg, check=True)
+    ck = tmp_path / "run" / "checkpoints" / "latest.safetensors"
+    before = ck.read_bytes()
+    metrics_before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    p = run_cli("run", cfg, "--set", "run.seed=8")
+    assert p.returncode == 2 and "--resume auto" in p.stderr and "--overwrite" in p.stderr, p.stderr
+    assert ck.read_bytes() == before and (tmp_path / "run" / "metrics.jsonl").read_bytes() == metrics_before
+    run_cli("run", cfg, "--set", "run.seed=8", "--overwrite", check=True)
+    assert ck.read_bytes() != before
+
+
 def test_resume_refuses_a_different_model(tmp_path):
     cfg = tiny_config(tmp_path, steps=10)
     run_cli("run", cfg, check=True)
