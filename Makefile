@@ -37,6 +37,7 @@ test: install parity-deps
 # so the OpenMP build in rtrainer/_kernels stays untouched. .ci/run runs it after `make test`.
 NOOMP := build/no-openmp
 test-no-openmp: install
+	$(BIN)/python -m pip install -q "cython>=3.0" "setuptools>=64"
 	rm -rf $(NOOMP) && mkdir -p $(NOOMP)
 	cp -r setup.py pyproject.toml README.md kernels rtrainer tests examples $(NOOMP)/
 	rm -f $(NOOMP)/rtrainer/_kernels/*.so $(NOOMP)/kernels/*.c
