@@ -16,6 +16,7 @@ $(BIN)/python:
 
 # editable install: builds kernels/*.pyx into rtrainer/_kernels/*.so (re-run when a kernel changes)
 $(STAMP): $(BIN)/python $(SOURCES)
+	rm -f rtrainer/_kernels/*.so   # never keep a kernel built with other sources or flags
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -c "import rtrainer; print('rtrainer built, OpenMP:', rtrainer.openmp_enabled())"
 	touch $@

@@ -16,7 +16,10 @@ KERNELS = ["info", "embed", "conv", "scan", "norm", "hpn", "optim"]
 use_openmp = os.environ.get("RTRAINER_NO_OPENMP", "") not in ("1", "true", "yes")
 portable = os.environ.get("RTRAINER_PORTABLE", "") in ("1", "true", "yes")
 
-compile_args = ["-O3", "-fno-math-errno", "-Wno-unused-function", "-Wno-unreachable-code"]
+# -fno-math-errno and -fno-trapping-math change no result (we never read errno or unmask FP traps);
+# they let gcc if-convert and vectorise the branch-free exp of kernels/_common.pxd. No -ffast-math:
+# reassociation and finite-math assumptions would change results and NaN handling.
+compile_args = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-Wno-unused-function", "-Wno-unreachable-code"]
 link_args = []
 if not portable and sys.platform.startswith("linux"):
     compile_args.append("-march=native")

@@ -10,3 +10,16 @@ def openmp_enabled():
 def openmp_max_threads():
     """omp_get_max_threads() as the OpenMP runtime sees it (1 without OpenMP)."""
     return omp_max_threads()
+
+
+from _common cimport rt_expf
+
+
+def vexp(float[::1] out, const float[::1] x):
+    """out = exp(x) with the kernels' vectorised float32 exp (for its accuracy tests)."""
+    if out.shape[0] != x.shape[0]:
+        raise ValueError(f"vexp: out has {out.shape[0]} elements, x has {x.shape[0]}")
+    cdef Py_ssize_t i
+    with nogil:
+        for i in range(x.shape[0]):
+            out[i] = rt_expf(x[i])

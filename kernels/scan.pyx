@@ -50,7 +50,8 @@ Determinism
 All arrays are float32 and C-contiguous; shapes are checked once in the `def` wrappers.
 """
 from cython.parallel cimport prange
-from libc.math cimport expf, log1pf
+from libc.math cimport expf, fmaf, log1pf
+from _common cimport rt_expf
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
 
@@ -81,10 +82,10 @@ cdef inline void _ssm_step(float* h_out, const float* h_prev, float* dA, const f
     cdef Py_ssize_t n
     # dA[n] = expf(delta_t * A[n])
     for n in range(N):
-        dA[n] = expf(delta * A[n])
+        dA[n] = rt_expf(delta * A[n])
     # h_t[n] = dA[n]*h_{t-1}[n] + delta_t*u_t*Bt_t[n]
     for n in range(N):
-        h_out[n] = dA[n] * h_prev[n] + delta_u * Bt[n]
+        h_out[n] = fmaf(dA[n], h_prev[n], delta_u * Bt[n])
 
 
 # ----------------------------------------------------------------------------------------------

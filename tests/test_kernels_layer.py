@@ -224,12 +224,14 @@ def test_conv_backward_accumulates_and_is_deterministic():
     conv.conv_backward(*twice, du, x, pre, conv_w, 3)
     for name, a, b in zip(["dx", "dconv_w", "dconv_b"], once, twice):
         assert_close(name + " x2", b, 2.0 * a, rtol=1e-6, atol=1e-7)
-    # the conv split owns every output element: same bits for any thread count
+    # other thread counts move the channel-block edges, so an element may fall in the scalar
+    # remainder of a vectorised loop, where gcc may contract a*b+c into an fma differently:
+    # equal to float rounding, not bitwise (bitwise holds for a fixed thread count, above)
     for nt in (1, 2):
         other = grads0()
         conv.conv_backward(*other, du, x, pre, conv_w, nt)
-        for a, b in zip(once, other):
-            np.testing.assert_array_equal(a, b)
+        for name, a, b in zip(["dx", "dconv_w", "dconv_b"], once, other):
+            assert_close(name + f" threads={nt}", b, a, rtol=1e-6, atol=1e-7)
 
 
 def test_conv_shape_errors():
