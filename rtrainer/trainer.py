@@ -184,7 +184,10 @@ class Trainer:
             self.data.train.set_state(state["data"]["train"])
             self.rng.bit_generator.state = state["rng"]
             elapsed0 = float(state["elapsed_s"])
-            metrics_offset = int(state["metrics_offset"])
+            # continuing this run: cut metrics.jsonl back to the checkpoint; a checkpoint from
+            # another run directory starts this directory's metrics afresh
+            same_run = Path(self._resume_path).resolve().parent.parent == out_dir
+            metrics_offset = int(state["metrics_offset"]) if same_run else None
 
         # 2. the run directory
         (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -312,6 +315,7 @@ class Trainer:
             if self.resume == "auto":
                 self._say("rtrainer: --resume auto: no checkpoint yet, starting fresh")
             return None
+        self._resume_path = path
         tensors, state = ckpt.load_checkpoint(path)
         if state.get("schema") != SCHEMA_VERSION:
             raise CheckpointError(f"{path}: checkpoint schema {state.get('schema')} is not {SCHEMA_VERSION}")

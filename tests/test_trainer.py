@@ -154,6 +154,17 @@ def test_existing_run_is_not_overwritten_without_asking(tmp_path):
     assert ck.read_bytes() != before
 
 
+def test_resume_from_another_run_directory_starts_fresh_metrics(tmp_path):
+    cfg = tiny_config(tmp_path, steps=10)
+    run_cli("run", cfg, check=True)
+    ck = tmp_path / "run" / "checkpoints" / "latest.safetensors"
+    run_cli("run", cfg, "--resume", ck, "--set", f'run.out_dir="{tmp_path / "b"}"', "--set", "train.steps=15",
+            check=True)
+    steps = [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == [11, 12, 13, 14, 15]
+    assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) > 0  # the source run is untouched
+
+
 def test_resume_refuses_a_different_model(tmp_path):
     cfg = tiny_config(tmp_path, steps=10)
     run_cli("run", cfg, check=True)
