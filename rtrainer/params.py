@@ -77,7 +77,19 @@ class FlatParams:
         return sum(s.size for s in self.specs if s.trainable)
 
     def zero_grad(self) -> None:
-        self.grad.fill(0.0)
+        """Zero the gradients of the trainable tensors (fixed ones are never written)."""
+        if not hasattr(self, "_trainable_ranges"):
+            ranges = []
+            for s in self.specs:
+                if s.trainable:
+                    a, b = self.offsets[s.name]
+                    if ranges and ranges[-1][1] >= a - 15:   # only alignment padding between them
+                        ranges[-1][1] = b
+                    else:
+                        ranges.append([a, b])
+            self._trainable_ranges = ranges
+        for a, b in self._trainable_ranges:
+            self.grad[a:b] = 0.0
 
     def state_tensors(self) -> dict[str, np.ndarray]:
         """Everything a checkpoint needs, by name: parameters and both moments."""
