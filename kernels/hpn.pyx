@@ -1,4 +1,5 @@
-"""Hyperspherical Prototype Network head (SPEC §2.2): loss, gradients and prediction.
+"""Hyperspherical Prototype Network head (SPEC §2.2): loss and gradients. (Prediction, an argmax
+over all V prototypes, is one BLAS matrix product in rtrainer/heads.py: 4-10x faster than a kernel.)
 
     ẑ_i   = z_i / max(‖z_i‖, 1e-8)                                z (n,D), n = B*T tokens
     P̃_k   = P_k / max(‖P_k‖, 1e-8)  if normalize else P_k         P (V,D) prototypes
@@ -24,22 +25,16 @@ Parallel decomposition:
   are then summed serially in token order, in double.
 - dP: repeated targets collide, so prange over column blocks of D; inside a block tokens are visited in
   index order, so every dP element gets its additions in the same order for ANY n_threads.
-- predict: prange over tiles of _TB tokens; each tile sweeps all V prototypes (no (n,V) matrix), in
-  a thread-private transposed copy of the tile (scratch n_threads·D·_TB doubles, indexed by thread id).
 Everything is bitwise identical for any n_threads. Backward accumulates (+=) into dz and dP.
 """
 from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
-from libc.math cimport sqrt, INFINITY
+from libc.math cimport sqrt
 from cython.parallel cimport prange
 
-from _omp cimport omp_thread_id
 from _common cimport check_threads, col_block_width
 
 cdef double _NORM_EPS = 1e-8
-cdef enum:
-    _TB = 8                       # tokens per predict tile (vector lanes of the dot products)
-    _KB = 4                       # prototypes per register block of the predict tile
 
 
 cdef tuple _shape(object a):
@@ -245,98 +240,3 @@ def hpn_backward(float[:, ::1] dz, float[:, ::1] dP, const float[:, ::1] z, cons
                           a, a + n, n_threads)
     finally:
         free(a)
-
-
-# ----------------------------------------------------------------------------------------- predict
-
-cdef inline void _predict_tile(int64_t* pred, const float[:, ::1] z, const float[:, ::1] P,
-                               const double* npc, double* zt,
-                               Py_ssize_t i0, Py_ssize_t i1) noexcept nogil:
-    """pred[i] = argmax_k (z_i·P_k)/npc_k for i in [i0, i1) (≤ _TB tokens), first max wins.
-
-    zt (D, _TB) thread-private scratch: the tile transposed to double (zero-padded lanes). The dots
-    of _TB tokens with _KB prototypes at a time are _TB·_KB independent sums, each over j in order,
-    so the lanes vectorise without reordering any sum (a small register-blocked GEMM). ‖z_i‖ is a
-    positive per-token factor, so it does not change the argmax and is left out. A division (not a
-    reciprocal multiply) keeps exact ties exact, e.g. parallel prototypes."""
-    cdef Py_ssize_t V = P.shape[0], D = P.shape[1], k, kb, k0, kk, nk, j, tt, nt = i1 - i0
-    cdef double acc[_KB][_TB]
-    cdef double best[_TB]
-    cdef int64_t arg[_TB]
-    cdef const float* p[_KB]
-    cdef double* zj
-    cdef double pj, s
-    for j in range(D):
-        for tt in range(_TB):
-            zt[j * _TB + tt] = z[i0 + tt, j] if tt < nt else 0.0
-    for tt in range(_TB):
-        best[tt] = -INFINITY
-        arg[tt] = 0
-    for kb in range((V + _KB - 1) // _KB):
-        k0 = kb * _KB
-        nk = min(<Py_ssize_t>_KB, V - k0)
-        for kk in range(_KB):
-            p[kk] = &P[k0 + kk if kk < nk else k0, 0]    # pad with a valid row, result unused
-            for tt in range(_TB):
-                acc[kk][tt] = 0.0
-        # acc[kk][tt] = z_{i0+tt} · P_{k0+kk}   (j in order in every lane)
-        for j in range(D):
-            zj = &zt[j * _TB]
-            for kk in range(_KB):
-                pj = p[kk][j]
-                for tt in range(_TB):
-                    acc[kk][tt] += zj[tt] * pj
-        for kk in range(nk):
-            k = k0 + kk
-            for tt in range(_TB):
-                s = acc[kk][tt] / npc[k]
-                if s > best[tt]:
-                    best[tt] = s
-                    arg[tt] = k
-    for tt in range(nt):
-        pred[i0 + tt] = arg[tt]
-
-
-cdef void _hpn_predict(int64_t[::1] pred,               # OUT (n)
-                       const float[:, ::1] z,           # IN  (n,D)
-                       const float[:, ::1] P,           # IN  (V,D)
-                       bint normalize,
-                       double* npc,                     # scratch (V): max(‖P_k‖, 1e-8) or 1
-                       double* zt,                      # scratch (n_threads, D, _TB)
-                       int n_threads) noexcept nogil:
-    cdef Py_ssize_t n = z.shape[0], V = P.shape[0], D = P.shape[1], k, blk, nblk, i0
-    # npc_k = max(‖P_k‖, 1e-8) if normalize else 1   one prototype per iteration
-    for k in prange(V, schedule='static', num_threads=n_threads, nogil=True):
-        npc[k] = _floor_norm(sqrt(_sumsq(&P[k, 0], D))) if normalize else 1.0
-    # pred_i = argmax_k ẑ_i·P̃_k   one tile of _TB tokens per iteration, all V prototypes inside
-    nblk = (n + _TB - 1) // _TB
-    for blk in prange(nblk, schedule='static', num_threads=n_threads, nogil=True):
-        i0 = blk * _TB
-        _predict_tile(&pred[0], z, P, npc, zt + omp_thread_id() * D * _TB, i0, min(i0 + _TB, n))
-
-
-def hpn_predict(int64_t[::1] pred, const float[:, ::1] z, const float[:, ::1] P, bint normalize,
-                int n_threads):
-    """pred (n) int64 OUT = argmax_k ẑ_i·P̃_k (first max wins); z (n,D), P (V,D) IN."""
-    check_threads(n_threads)
-    _check_zP("hpn_predict", z, P)
-    if pred.shape[0] != z.shape[0]:
-        raise ValueError(f"hpn_predict: pred has shape ({pred.shape[0]},), expected "
-                         f"({z.shape[0]},) from z {_shape(z)}")
-    if z.shape[0] == 0:
-        return
-    if z.shape[1] == 0:
-        pred[:] = 0
-        return
-    cdef double* npc = <double*>malloc(P.shape[0] * sizeof(double))
-    cdef double* zt = <double*>malloc(n_threads * z.shape[1] * _TB * sizeof(double))
-    if npc == NULL or zt == NULL:
-        free(npc)
-        free(zt)
-        raise MemoryError()
-    try:
-        with nogil:
-            _hpn_predict(pred, z, P, normalize, npc, zt, n_threads)
-    finally:
-        free(npc)
-        free(zt)

@@ -82,7 +82,14 @@ class HPNHead(Head):
         _hpn.hpn_backward(dz, dP, self.z, self.p["head.prototypes"], self.t, self.cos,
                           self.normalize, self.learnable, 1.0, self.n_threads)
 
-    def predict(self, z):
+    def predict(self, z, block: int = 1024):
+        """argmax_k zhat_i . Pt_k as BLAS products over blocks of `block` tokens (no (n, V) matrix
+        larger than block x V). The positive row scale of zhat does not change the argmax, so z is
+        used as it is; ties go to the lowest k."""
+        P = self.p["head.prototypes"]
+        if self.normalize:
+            P = P / np.maximum(np.linalg.norm(P, axis=1, keepdims=True), np.float32(1e-8))
         pred = np.empty(z.shape[0], np.int64)
-        _hpn.hpn_predict(pred, z, self.p["head.prototypes"], self.normalize, self.n_threads)
+        for i in range(0, z.shape[0], block):
+            np.argmax(z[i:i + block] @ P.T, axis=1, out=pred[i:i + block])
         return pred

@@ -17,7 +17,7 @@ THREADS = (1, 2, 3)
 KERNELS = {
     embed: ("embed_forward", "embed_backward"),
     norm: ("layernorm_forward", "layernorm_backward"),
-    hpn: ("hpn_forward", "hpn_backward", "hpn_predict"),
+    hpn: ("hpn_forward", "hpn_backward"),
     optim: ("sumsq", "adamw_step"),
 }
 
@@ -336,45 +336,6 @@ def test_hpn_shape_errors():
     with pytest.raises(ValueError, match=r"dP has shape \(0, 3\)"):
         hpn.hpn_backward(np.zeros((4, 3), np.float32), np.zeros((0, 3), np.float32), z, P, t,
                          np.zeros(4, np.float32), True, True, 1.0, 1)
-    with pytest.raises(ValueError, match=r"pred has shape \(3,\)"):
-        hpn.hpn_predict(np.zeros(3, np.int64), z, P, True, 1)
-
-
-@pytest.mark.parametrize("n,V,D", [(1, 1, 3), (5, 3, 1), (37, 20, 16), (9, 7, 5)])
-@pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("n_threads", THREADS)
-def test_hpn_predict_vs_ref(n, V, D, normalize, n_threads):
-    rng = np.random.default_rng([n, V, D, normalize, n_threads])
-    P = f32(rng.normal(size=(V, D)) * rng.uniform(0.5, 2.0, size=(V, 1)))
-    # tokens near a known prototype, well away from ties
-    k = rng.integers(0, V, size=n)
-    z = f32(P[k] / np.linalg.norm(P[k], axis=1, keepdims=True) * rng.uniform(0.5, 3.0, size=(n, 1))
-            + 0.05 * rng.normal(size=(n, D)))
-    pred = np.full(n, -5, np.int64)
-    hpn.hpn_predict(pred, z, P, normalize, n_threads)
-    want = np.empty(n, np.int64)
-    ref.hpn_predict_ref(want, f64(z), f64(P), normalize, n_threads)
-    np.testing.assert_array_equal(pred, want)
-    # consistency with the loss: the target with the highest cosine is the prediction
-    cos = np.empty(n, np.float32)
-    hpn.hpn_forward(cos, z, P, pred, normalize, n_threads)
-    for kk in range(V):
-        other = np.empty(n, np.float32)
-        hpn.hpn_forward(other, z, P, np.full(n, kk, np.int64), normalize, n_threads)
-        assert np.all(other <= cos + 1e-6)
-
-
-def test_hpn_predict_first_max_wins():
-    P = np.array([[0.0, 1.0], [1.0, 0.0], [2.0, 0.0], [1.0, 0.0]], np.float32)
-    z = np.array([[3.0, 0.0], [0.0, 0.0], [0.0, 2.0]], np.float32)
-    for normalize, first in ((True, 1), (False, 2)):
-        for nt in THREADS:
-            pred = np.empty(3, np.int64)
-            hpn.hpn_predict(pred, z, P, normalize, nt)
-            np.testing.assert_array_equal(pred, [first, 0, 0])
-            want = np.empty(3, np.int64)
-            ref.hpn_predict_ref(want, f64(z), f64(P), normalize, 1)
-            np.testing.assert_array_equal(pred, want)
 
 
 # ------------------------------------------------------------------------------------------ optim

@@ -29,4 +29,4 @@ def test_every_kernel_has_a_reference_with_the_same_parameters():
         assert ref is not None, f"kernel {qual} has no reference {qual.split('.')[1]}_ref"
         assert list(inspect.signature(fn).parameters) == list(inspect.signature(ref).parameters), qual
         seen += 1
-    assert seen >= 13, seen
+    assert seen >= 12, seen

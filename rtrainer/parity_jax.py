@@ -1,0 +1,411 @@
+"""Independent JAX implementation of the rtrainer model: the second cross-framework oracle.
+
+SPEC §2.1/§2.2 (model) and §3 (AdamW step) written with `jax.numpy`, `jax.lax.scan` over time and
+`jax.value_and_grad` only: no hand-written backward. It mirrors rtrainer/parity_torch.py (same
+parameter-name contract, same `loss_and_grads` signature) so that rtrainer's Cython kernels can
+be checked against, and benchmarked beside, a second framework (SPEC §7, issue 3).
+jax is an optional dependency (`pip install "jax[cpu]"`; written against jax/jaxlib 0.10.2);
+this module imports it at import time, so callers guard with `pytest.importorskip("jax")`.
+
+Glossary (SPEC notation): B batch, T time, D d_model, N d_state, K d_conv, R dt_rank, V vocab,
+L layers. Parameter names (the contract shared with rtrainer's flat buffer and parity_torch):
+
+    embedding            (V, D)
+    layers.{i}.conv_w    (D, K)      conv_w[d, K-1] multiplies the current step
+    layers.{i}.conv_b    (D,)
+    layers.{i}.x_proj_w  (D, 2N+R)   u @ x_proj_w = [Bt | Ct | draw]
+    layers.{i}.dt_proj_w (R, D)
+    layers.{i}.dt_proj_b (D,)
+    layers.{i}.A_log     (D, N)      A = -exp(A_log)
+    layers.{i}.D_skip    (D,)
+    layers.{i}.out_proj_w (D, D)
+    head.prototypes      (V, D)
+
+Model, for ids (B, T):
+    r = embedding[ids]
+    per layer:  pre[t,d] = conv_b[d] + sum_k conv_w[d,k] * r[t+k-(K-1), d]   (zero left pad)
+                u = silu(pre); [Bt|Ct|draw] = u @ x_proj_w
+                delta = softplus(draw @ dt_proj_w + dt_proj_b)              (x above 20)
+                h_t = exp(delta_t*A) * h_{t-1} + (delta_t*u_t) outer Bt_t,   h_{-1} = 0
+                y_t = h_t . Ct_t + D_skip * u_t                             (lax.scan over t)
+                r = r + y @ out_proj_w
+    z = layer_norm(r) (no affine, eps 1e-5, biased variance)
+    zhat = z / max(|z|, 1e-8);  Pt = P / max(|P_k|, 1e-8) if normalize_prototypes else P
+    cos_i = zhat_i . Pt[y_i];   loss = mean over the B*T tokens of (1 - cos_i)^2
+AdamW (PyTorch formulation, bias correction counted in updates, step s = 1, 2, ...):
+    m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2;  p *= 1 - lr*wd  (decayed tensors only)
+    p -= lr/(1-b1^s) * m / (sqrt(v)/sqrt(1-b2^s) + eps)
+
+Precision. Importing this module turns on `jax_enable_x64` (process-wide), so that
+`loss_and_grads(..., dtype="float64")` really computes in float64. Every array is cast
+explicitly to the requested dtype and all constants are Python scalars (weakly typed), so the
+float32 paths (`dtype="float32"`, `build_jax_train_step`) stay float32 throughout: x64 only
+changes the default dtype of arrays created without one, and this module creates none.
+
+Threads. XLA:CPU (jaxlib 0.10.2, thunk runtime) sizes its intra-op thread pool from the CPUs
+the process may run on, read once when the CPU client is created (first jax computation).
+`XLA_FLAGS` has no thread-count flag in this version: `intra_op_parallelism_threads` is not an
+XLA flag (XLA aborts at start-up with "Unknown flags in XLA_FLAGS"), and
+`--xla_cpu_multi_thread_eigen=false` only makes Eigen matmul/conv calls single-threaded while
+XLA's own parallel loop splitting still uses every CPU. What works (measured, see
+tests/test_parity_jax.py and the numbers in the session report of issue 3) is CPU affinity:
+launch the benchmark subprocess for n threads as
+
+    taskset -c 0 python ...          # 1 thread      (taskset -c 0,1 for 2 threads)
+
+or, equivalently, before jax is first used in the process,
+`os.sched_setaffinity(0, range(n))` (see `limit_cpu_threads`). In addition set
+`XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` for n = 1, and OMP_NUM_THREADS=n /
+OPENBLAS_NUM_THREADS=n so that nothing else in the process spins (jax does not use them).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Mapping
+
+import numpy as np
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+
+__all__ = [
+    "JAX_VERSION",
+    "LAYER_PARAM_NAMES",
+    "param_shapes",
+    "default_decay_names",
+    "limit_cpu_threads",
+    "causal_conv",
+    "selective_scan",
+    "forward_loss",
+    "loss_and_grads",
+    "JaxTrainStep",
+    "build_jax_train_step",
+]
+
+JAX_VERSION = jax.__version__
+LAYER_PARAM_NAMES = (
+    "conv_w", "conv_b", "x_proj_w", "dt_proj_w", "dt_proj_b", "A_log", "D_skip", "out_proj_w",
+)
+LN_EPS = 1e-5
+NORM_EPS = 1e-8  # max(|z|, 1e-8) and max(|P_k|, 1e-8) in the HPN head
+SOFTPLUS_THRESHOLD = 20.0
+# tensors that rtrainer decays under weight_decay_scope = "matrices" (rtrainer/model.py, heads.py):
+# the weight matrices, NOT A_log (D, N) although it is 2-D
+_DECAY_LEAVES = ("embedding", "conv_w", "x_proj_w", "dt_proj_w", "out_proj_w", "prototypes")
+
+_DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
+
+
+def _jnp_dtype(dtype):
+    key = np.dtype(dtype).name
+    if key not in _DTYPES:
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    return _DTYPES[key]
+
+
+def limit_cpu_threads(n: int) -> None:
+    """Restrict this process (and so XLA's CPU thread pool) to the first n CPUs it may use.
+
+    Must run before the first jax computation of the process: XLA reads the CPU count once
+    when its CPU client is created. Equivalent to launching under `taskset -c 0..n-1`.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, cpus[:n])
+
+
+def param_shapes(*, vocab_size: int, d_model: int, n_layers: int, d_state: int, d_conv: int,
+                 dt_rank: int) -> dict[str, tuple[int, ...]]:
+    """Name -> shape for every parameter, in the canonical order (embedding, layers, head)."""
+    V, D, N, K, R = vocab_size, d_model, d_state, d_conv, dt_rank
+    shapes: dict[str, tuple[int, ...]] = {"embedding": (V, D)}
+    for i in range(n_layers):
+        p = f"layers.{i}."
+        shapes[p + "conv_w"] = (D, K)
+        shapes[p + "conv_b"] = (D,)
+        shapes[p + "x_proj_w"] = (D, 2 * N + R)
+        shapes[p + "dt_proj_w"] = (R, D)
+        shapes[p + "dt_proj_b"] = (D,)
+        shapes[p + "A_log"] = (D, N)
+        shapes[p + "D_skip"] = (D,)
+        shapes[p + "out_proj_w"] = (D, D)
+    shapes["head.prototypes"] = (V, D)
+    return shapes
+
+
+def default_decay_names(names) -> list[str]:
+    """rtrainer's default weight-decay set ("matrices", SPEC §3): embedding, conv_w, x_proj_w,
+    dt_proj_w, out_proj_w and (when trained) head.prototypes; not A_log, biases, D_skip."""
+    return [n for n in names if n.rsplit(".", 1)[-1] in _DECAY_LEAVES]
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def _softplus(x):
+    """x if x > 20 else log1p(exp(x)); the unused branch never sees a large argument, so both
+    value and gradient (1 above the threshold, sigmoid(x) below) are finite and exact."""
+    big = x > SOFTPLUS_THRESHOLD
+    return jnp.where(big, x, jnp.log1p(jnp.exp(jnp.where(big, 0.0, x))))
+
+
+def _silu(x):
+    return x * jax.nn.sigmoid(x)
+
+
+def _floored_norm(a):
+    """max(|a|, 1e-8) over the last axis, written as sqrt(max(|a|^2, 1e-16)) so that the
+    gradient at a = 0 is 0 through the floor (never 0 * inf)."""
+    s = jnp.sum(a * a, axis=-1, keepdims=True)
+    eps2 = NORM_EPS * NORM_EPS
+    return jnp.sqrt(jnp.where(s > eps2, s, eps2))
+
+
+def causal_conv(x, conv_w, conv_b):
+    """pre[b,t,d] = conv_b[d] + sum_k conv_w[d,k] * x[b, t+k-(K-1), d], zero left pad.
+    x (B,T,D), conv_w (D,K), conv_b (D) -> (B,T,D)."""
+    T = x.shape[1]
+    K = conv_w.shape[1]
+    xp = jnp.pad(x, ((0, 0), (K - 1, 0), (0, 0)))
+    pre = conv_b
+    for k in range(K):
+        pre = pre + conv_w[:, k] * xp[:, k:k + T, :]
+    return pre
+
+
+def selective_scan(u, delta, A, Bt, Ct, D_skip):
+    """y (B,T,D) from u, delta (B,T,D), A (D,N) (already -exp(A_log)), Bt, Ct (B,T,N), D_skip (D).
+
+    exp(delta*A) and delta*u*Bt for all t at once (one vectorised exp, as parity_torch's
+    "vectorised" scan); the recurrence h_t = dA_t*h_{t-1} + dBu_t and y_t = h_t.Ct_t run in a
+    `lax.scan` over time. jax.grad of the scan keeps h_t per step (B*T*D*N), as torch's does.
+    """
+    dA = jnp.exp(delta[..., None] * A)                          # (B,T,D,N)
+    dBu = (delta * u)[..., None] * Bt[:, :, None, :]            # (B,T,D,N)
+    xs = (jnp.moveaxis(dA, 1, 0), jnp.moveaxis(dBu, 1, 0), jnp.moveaxis(Ct, 1, 0))
+
+    def step(h, x):
+        dA_t, dBu_t, C_t = x
+        h = dA_t * h + dBu_t                                    # (B,D,N)
+        return h, jnp.einsum("bdn,bn->bd", h, C_t)
+
+    h0 = jnp.zeros(dA.shape[:1] + dA.shape[2:], dA.dtype)
+    _, ys = jax.lax.scan(step, h0, xs)                          # (T,B,D)
+    return jnp.moveaxis(ys, 0, 1) + D_skip * u
+
+
+def mamba_lite_layer(x, p: Mapping, prefix: str, *, d_state: int):
+    """SPEC §2.1 for x (B,T,D): returns y @ out_proj_w (B,T,D), the residual branch."""
+    N = d_state
+    u = _silu(causal_conv(x, p[prefix + "conv_w"], p[prefix + "conv_b"]))
+    xdbl = u @ p[prefix + "x_proj_w"]                           # (B,T,2N+R)
+    Bt, Ct, draw = xdbl[..., :N], xdbl[..., N:2 * N], xdbl[..., 2 * N:]
+    delta = _softplus(draw @ p[prefix + "dt_proj_w"] + p[prefix + "dt_proj_b"])
+    A = -jnp.exp(p[prefix + "A_log"])
+    y = selective_scan(u, delta, A, Bt, Ct, p[prefix + "D_skip"])
+    return y @ p[prefix + "out_proj_w"]
+
+
+def layer_norm(r):
+    """(r - mean) / sqrt(var + 1e-5) over the last axis, biased variance, no affine."""
+    mu = jnp.mean(r, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(r - mu), axis=-1, keepdims=True)
+    return (r - mu) / jnp.sqrt(var + LN_EPS)
+
+
+def hpn_loss(z, P, targets, *, normalize_prototypes: bool = True):
+    """z (n,D), P (V,D), targets (n) -> (loss, cos (n)). loss = mean (1 - zhat.Pt[y])^2."""
+    zhat = z / _floored_norm(z)
+    Py = P[targets]                                             # (n,D)
+    if normalize_prototypes:
+        # normalising only the gathered rows equals normalising all of P, then gathering
+        Py = Py / _floored_norm(Py)
+    cos = jnp.sum(zhat * Py, axis=-1)
+    return jnp.mean(jnp.square(1.0 - cos)), cos
+
+
+def forward_loss(p: Mapping, ids, targets, *, n_layers: int, d_state: int,
+                 normalize_prototypes: bool = True):
+    """Whole model (SPEC §2.2): ids, targets (B,T) int -> scalar loss. p: name -> jax array."""
+    r = p["embedding"][ids]                                     # (B,T,D)
+    for i in range(n_layers):
+        r = r + mamba_lite_layer(r, p, f"layers.{i}.", d_state=d_state)
+    z = layer_norm(r)
+    loss, _ = hpn_loss(z.reshape(-1, z.shape[-1]), p["head.prototypes"], targets.reshape(-1),
+                       normalize_prototypes=normalize_prototypes)
+    return loss
+
+
+# ----------------------------------------------------------------------------- numpy entry points
+
+def _check_ids(name: str, a, V: int) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim != 2 or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{name} must be a 2-D integer array (B,T), got {a.dtype} {a.shape}")
+    if a.size and (a.min() < 0 or a.max() >= V):
+        # jax clamps out-of-range gather indices silently: reject them here
+        raise ValueError(f"{name} out of range [0, {V}): min {a.min()}, max {a.max()}")
+    return a.astype(np.int32, copy=False)
+
+
+def _check_params(params: Mapping, n_layers: int, d_state: int, dt_rank: int):
+    if "embedding" not in params:
+        raise ValueError("missing parameter 'embedding'")
+    V, D = np.shape(params["embedding"])
+    K = (np.shape(params["layers.0.conv_w"])[1]
+         if n_layers and "layers.0.conv_w" in params else 1)
+    expected = param_shapes(vocab_size=V, d_model=D, n_layers=n_layers, d_state=d_state,
+                            d_conv=K, dt_rank=dt_rank)
+    for name, shape in expected.items():
+        if name not in params:
+            raise ValueError(f"missing parameter {name!r}")
+        if tuple(np.shape(params[name])) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {np.shape(params[name])}")
+    return V, expected
+
+
+def _split(names, learnable_prototypes):
+    train = [n for n in names if n != "head.prototypes" or learnable_prototypes]
+    fixed = [n for n in names if n not in train]
+    return train, fixed
+
+
+_GRAD_FNS: dict = {}
+
+
+def _grad_fn(n_layers, d_state, normalize_prototypes):
+    key = (n_layers, d_state, normalize_prototypes)
+    if key not in _GRAD_FNS:
+        def loss_fn(train, fixed, ids, targets):
+            return forward_loss({**train, **fixed}, ids, targets, n_layers=n_layers,
+                                d_state=d_state, normalize_prototypes=normalize_prototypes)
+        _GRAD_FNS[key] = jax.jit(jax.value_and_grad(loss_fn))
+    return _GRAD_FNS[key]
+
+
+def loss_and_grads(params: Mapping[str, np.ndarray], ids, targets, *, n_layers: int,
+                   d_state: int, dt_rank: int, normalize_prototypes: bool = True,
+                   learnable_prototypes: bool = True, dtype: str = "float64",
+                   ) -> tuple[float, dict[str, np.ndarray]]:
+    """Loss and jax.value_and_grad gradients for every parameter, as numpy arrays of `dtype`.
+
+    Same contract as rtrainer.parity_torch.loss_and_grads: `head.prototypes` is in the gradient
+    dict only if `learnable_prototypes`; inputs are never modified; ValueError for missing or
+    mis-shaped parameters and for ids or targets outside [0, V).
+    """
+    jdt = _jnp_dtype(dtype)
+    V, expected = _check_params(params, n_layers, d_state, dt_rank)
+    ids_a = _check_ids("ids", ids, V)
+    tg_a = _check_ids("targets", targets, V)
+    if ids_a.shape != tg_a.shape:
+        raise ValueError(f"ids {ids_a.shape} and targets {tg_a.shape} differ")
+    train_names, fixed_names = _split(expected, learnable_prototypes)
+    train = {n: jnp.asarray(np.asarray(params[n]), dtype=jdt) for n in train_names}
+    fixed = {n: jnp.asarray(np.asarray(params[n]), dtype=jdt) for n in fixed_names}
+    loss, grads = _grad_fn(n_layers, d_state, normalize_prototypes)(
+        train, fixed, jnp.asarray(ids_a), jnp.asarray(tg_a))
+    np_dtype = np.dtype(dtype)
+    out = {n: np.array(grads[n], dtype=np_dtype) for n in train_names}
+    return float(loss), out
+
+
+# ----------------------------------------------------------------------------- training step
+
+class JaxTrainStep:
+    """Forward + backward + AdamW in one jit-compiled float32 function; state on the object.
+
+    step(ids, targets) -> float loss (blocks until the update is done, so wall time is honest).
+    params() -> {name: float32 numpy array} (all parameters, fixed prototypes included).
+    moments() -> (exp_avg, exp_avg_sq) of the trained tensors, as numpy.
+    `compile_seconds` is the time of the first call (trace + XLA compile + one step).
+    """
+
+    def __init__(self, params: Mapping[str, np.ndarray], *, n_layers: int, d_state: int,
+                 dt_rank: int, normalize_prototypes: bool, learnable_prototypes: bool, lr: float,
+                 betas: tuple[float, float], eps: float, weight_decay: float, decay_names):
+        self.V, expected = _check_params(params, n_layers, d_state, dt_rank)
+        self.names = list(expected)
+        train_names, fixed_names = _split(expected, learnable_prototypes)
+        if decay_names is None:
+            decay_names = default_decay_names(train_names)
+        decay = frozenset(decay_names)
+        self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(betas), float(eps), \
+            float(weight_decay)
+        self.t = 0
+        self.compile_seconds: float | None = None
+        f32 = jnp.float32
+        self._train = {n: jnp.array(np.asarray(params[n]), dtype=f32) for n in train_names}
+        self._fixed = {n: jnp.array(np.asarray(params[n]), dtype=f32) for n in fixed_names}
+        self._m = {n: jnp.zeros(expected[n], f32) for n in train_names}
+        self._v = {n: jnp.zeros(expected[n], f32) for n in train_names}
+        b1, b2 = self.betas
+        wd = {n: (self.weight_decay if n in decay else 0.0) for n in train_names}
+        lr_ = self.lr
+        eps_ = self.eps
+
+        def loss_fn(train, fixed, ids, targets):
+            return forward_loss({**train, **fixed}, ids, targets, n_layers=n_layers,
+                                d_state=d_state, normalize_prototypes=normalize_prototypes)
+
+        def update(train, m, v, fixed, ids, targets, step_size, bc2_sqrt):
+            loss, g = jax.value_and_grad(loss_fn)(train, fixed, ids, targets)
+            new_p, new_m, new_v = {}, {}, {}
+            for n, p in train.items():
+                mn = b1 * m[n] + (1.0 - b1) * g[n]
+                vn = b2 * v[n] + (1.0 - b2) * jnp.square(g[n])
+                if wd[n]:
+                    p = p * (1.0 - lr_ * wd[n])
+                new_p[n] = p - step_size * mn / (jnp.sqrt(vn) / bc2_sqrt + eps_)
+                new_m[n], new_v[n] = mn, vn
+            return loss, new_p, new_m, new_v
+
+        # donate params and moments: the update writes into their buffers
+        self._update = jax.jit(update, donate_argnums=(0, 1, 2))
+
+    def step(self, ids, targets) -> float:
+        ids_a = _check_ids("ids", ids, self.V)
+        tg_a = _check_ids("targets", targets, self.V)
+        self.t += 1
+        b1, b2 = self.betas
+        # bias corrections on the host in float64, as torch.optim.AdamW does
+        step_size = np.float32(self.lr / (1.0 - b1 ** self.t))
+        bc2_sqrt = np.float32(math.sqrt(1.0 - b2 ** self.t))
+        t0 = time.perf_counter()
+        loss, self._train, self._m, self._v = self._update(
+            self._train, self._m, self._v, self._fixed, ids_a, tg_a, step_size, bc2_sqrt)
+        loss = jax.block_until_ready(loss)
+        jax.block_until_ready(self._train)
+        if self.compile_seconds is None:
+            self.compile_seconds = time.perf_counter() - t0
+        return float(loss)
+
+    def params(self) -> dict[str, np.ndarray]:
+        out = {**self._train, **self._fixed}
+        return {n: np.array(out[n]) for n in self.names}
+
+    def moments(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        return ({n: np.array(a) for n, a in self._m.items()},
+                {n: np.array(a) for n, a in self._v.items()})
+
+
+def build_jax_train_step(params: Mapping[str, np.ndarray], *, n_layers: int, d_state: int,
+                         dt_rank: int, normalize_prototypes: bool = True,
+                         learnable_prototypes: bool = False, lr: float = 1e-4,
+                         betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                         weight_decay: float = 0.01, decay_names=None) -> JaxTrainStep:
+    """The benchmark's JAX training step (float32): see JaxTrainStep.
+
+    `params` are numpy arrays under the contract names (copied to float32 device arrays).
+    `decay_names` defaults to rtrainer's "matrices" set (`default_decay_names`; unlike
+    parity_torch's ndim >= 2 default it excludes A_log, as rtrainer does). With
+    `learnable_prototypes=False` the prototypes are a fixed input: no gradient, no moments.
+    """
+    return JaxTrainStep(params, n_layers=n_layers, d_state=d_state, dt_rank=dt_rank,
+                        normalize_prototypes=normalize_prototypes,
+                        learnable_prototypes=learnable_prototypes, lr=lr, betas=betas, eps=eps,
+                        weight_decay=weight_decay, decay_names=decay_names)
