@@ -74,11 +74,19 @@ cdef inline float _softplus(float x) noexcept nogil:
     return log1pf(expf(x))
 
 
+cdef inline float _ssm_update(float h_prev, float delta, float A, float delta_u, float Bn) noexcept nogil:
+    """h_t = exp(delta*A) * h_{t-1} + delta*u*Bt for one (channel, state) element. Forward and the
+    backward's recompute both go through it (or _ssm_step, which inlines the same two
+    operations), so they produce the same bits."""
+    return fmaf(rt_expf(delta * A), h_prev, delta_u * Bn)
+
+
 cdef inline void _ssm_step(float* h_out, const float* h_prev, float* dA, const float* A,
                            const float* Bt, float delta, float delta_u,
                            Py_ssize_t N) noexcept nogil:
-    """One step of the recurrence for one channel; shared by forward and backward recompute so
-    both produce the same bits.  h_out, h_prev, dA, A, Bt: (N,); h_out may alias h_prev."""
+    """One step of the recurrence for one channel (the backward's recompute): the same operations
+    as _ssm_update, keeping exp(delta*A) in dA.  h_out, h_prev, dA, A, Bt: (N,); h_out may alias
+    h_prev."""
     cdef Py_ssize_t n
     # dA[n] = expf(delta_t * A[n])
     for n in range(N):
@@ -98,38 +106,52 @@ cdef inline void _scan_fwd_item(float* y, float* hs, const float* u, const float
                                 Py_ssize_t d1, float* scr) noexcept nogil:
     """Batch b, channels [d0,d1), all t.
     y, u, dt: (B*T*D); hs: (B*n_chunks*D*N); xdbl: (B*T*W); A_log: (D*N); dt_bias, D_skip: (D).
-    scr (thread-private): h (DB,N) | A (DB,N) | dA (N)."""
-    cdef Py_ssize_t N = m.N, D = m.D, nb = d1 - d0
+    scr (thread-private): h (N,DB) | A (N,DB) | delta (DB) | delta*u (DB) | acc (DB).
+    The state is kept channel-minor, h[n*DB + j], so every inner loop runs over the nb channels
+    of the block: the exp and the update vectorise across channels, and the readout
+    sum_n h*Ct is nb independent running sums, each over n in order (no serial dependency
+    chain across n for the CPU to wait on, and the same order for every channel)."""
+    cdef Py_ssize_t N = m.N, D = m.D, DB = m.db, nb = d1 - d0
     cdef float* h = scr
-    cdef float* A = scr + m.db * N
-    cdef float* dA = scr + 2 * m.db * N
-    cdef Py_ssize_t j, n, t, d, row
+    cdef float* A = scr + DB * N
+    cdef float* dl = scr + 2 * DB * N
+    cdef float* dlu = dl + DB
+    cdef float* acc = dlu + DB
+    cdef Py_ssize_t j, n, t, row
     cdef const float* Bt
     cdef const float* Ct
-    cdef float delta, uu, acc
+    cdef float* hs_c
+    cdef float Bn, Cn
     # A = -exp(A_log);  h_{-1} = 0
-    for j in range(nb * N):
-        A[j] = -expf(A_log[d0 * N + j])
-        h[j] = 0
+    for n in range(N):
+        for j in range(nb):
+            A[n * DB + j] = -expf(A_log[(d0 + j) * N + n])
+            h[n * DB + j] = 0
     for t in range(m.T):
         row = b * m.T + t
         Bt = xdbl + row * m.W
         Ct = Bt + N
         if t % m.chunk == 0:
-            # hs[b, c, d0:d1, :] = h (state before step t = c*chunk); contiguous nb*N floats
-            memcpy(hs + ((b * m.n_chunks + t // m.chunk) * D + d0) * N, h,
-                   nb * N * sizeof(float))
+            # hs[b, c, d0+j, n] = h[n, j] (state before step t = c*chunk)
+            hs_c = hs + ((b * m.n_chunks + t // m.chunk) * D + d0) * N
+            for j in range(nb):
+                for n in range(N):
+                    hs_c[j * N + n] = h[n * DB + j]
+        # delta = softplus(dt + dt_bias)
         for j in range(nb):
-            d = d0 + j
-            # delta = softplus(dt + dt_bias)
-            delta = _softplus(dt[row * D + d] + dt_bias[d])
-            uu = u[row * D + d]
-            _ssm_step(h + j * N, h + j * N, dA, A + j * N, Bt, delta, delta * uu, N)
-            # y_t[d] = sum_n h_t[d,n]*Ct_t[n] + D_skip[d]*u_t[d]
-            acc = 0
-            for n in range(N):
-                acc = acc + h[j * N + n] * Ct[n]
-            y[row * D + d] = acc + D_skip[d] * uu
+            dl[j] = _softplus(dt[row * D + d0 + j] + dt_bias[d0 + j])
+            dlu[j] = dl[j] * u[row * D + d0 + j]
+            acc[j] = 0
+        # h_t[n] = exp(delta*A[n]) * h_{t-1}[n] + delta*u*Bt[n] ;  acc += h_t[n]*Ct[n]
+        for n in range(N):
+            Bn = Bt[n]
+            Cn = Ct[n]
+            for j in range(nb):
+                h[n * DB + j] = _ssm_update(h[n * DB + j], dl[j], A[n * DB + j], dlu[j], Bn)
+                acc[j] = fmaf(h[n * DB + j], Cn, acc[j])
+        # y_t = sum_n h_t*Ct_t + D_skip*u_t
+        for j in range(nb):
+            y[row * D + d0 + j] = fmaf(D_skip[d0 + j], u[row * D + d0 + j], acc[j])
 
 
 cdef void _scan_fwd(float* y, float* hs, const float* u, const float* dt, const float* dt_bias,
@@ -166,7 +188,7 @@ def scan_forward(float[:, :, ::1] y not None,             # OUT (B,T,D)
     m.db = _block(m.B, m.D, n_threads)
     cdef Py_ssize_t n_items = m.B * ((m.D + m.db - 1) // m.db)
     cdef int nt = n_threads if n_threads < n_items else <int>n_items
-    cdef Py_ssize_t scr_size = (2 * m.db + 1) * m.N
+    cdef Py_ssize_t scr_size = 2 * m.db * m.N + 3 * m.db
     cdef float* scratch = <float*>malloc(nt * scr_size * sizeof(float))
     if scratch == NULL:
         raise MemoryError("scan_forward: thread scratch")
