@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.rtrainer-installed
 SOURCES := pyproject.toml setup.py $(wildcard kernels/*.pyx kernels/*.pxd)
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-no-openmp bench parity-deps clean
+.PHONY: install run test test-no-openmp bench bench-deps parity-deps clean
 
 install: $(STAMP)
 
@@ -46,8 +46,18 @@ test-no-openmp: install
 		|| (cat build.log; exit 1)
 	cd $(NOOMP) && RTRAINER_EXPECT_OPENMP=0 $(abspath $(BIN))/python -m pytest -q tests $(PYTEST_ARGS)
 
-bench: install parity-deps
+# JAX (CPU) is the second peer of the comparison benchmark; optional like torch.
+bench-deps: parity-deps
+	@$(BIN)/python -c "import jax" 2>/dev/null || $(BIN)/python -m pip install -q "jax[cpu]" \
+		|| echo "warning: jax could not be installed; the comparison will skip it"
+
+# 1) every kernel and one training step (pytest-benchmark); 2) rtrainer vs PyTorch vs JAX, one
+# subprocess per framework/shape/threads, with FLOP/s, peak RSS and a step breakdown.
+# COMPARE_ARGS='--shapes all' runs the whole shape matrix of the performance issue.
+COMPARE_ARGS ?=
+bench: install bench-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider bench --benchmark-only $(PYTEST_ARGS)
+	$(BIN)/python bench/compare.py $(COMPARE_ARGS)
 
 clean:
 	rm -rf build *.egg-info rtrainer/_kernels/*.so kernels/*.c $(STAMP)

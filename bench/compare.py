@@ -56,7 +56,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -483,6 +482,7 @@ def child_env(kind: str, threads: int) -> dict:
 def run_child(spec: dict, timeout: float) -> dict:
     """Run one measurement in a fresh interpreter; never raises (errors become a status)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(spec)]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=child_env(spec["kind"], spec["threads"]), cwd=str(REPO),
@@ -495,7 +495,8 @@ def run_child(spec: dict, timeout: float) -> dict:
         except OSError:
             pass
         proc.communicate()
-        return dict(status=f"timeout after {timeout:.0f} s", wall_s=time.perf_counter() - t0)
+        return dict(status=f"timeout after {timeout:.0f} s", wall_s=time.perf_counter() - t0,
+                    loadavg_before=load)
     res = None
     for line in out.splitlines():
         if line.startswith(RESULT_TAG):
@@ -505,6 +506,7 @@ def run_child(spec: dict, timeout: float) -> dict:
         msg = tail[-1] if tail else f"exit code {proc.returncode}"
         res = dict(status=f"error: {msg[:160]}", stderr_tail=tail[-15:])
     res["wall_s"] = time.perf_counter() - t0
+    res["loadavg_before"] = load      # 1-min load average: other processes compete for the cores
     return res
 
 
@@ -640,6 +642,10 @@ def format_table(results: list, gemm: dict) -> str:
             note.append(f"compile {r['compile_s']:.1f}s")
         if r.get("steps_timed") is not None:
             note.append(f"{r['steps_timed']} steps")
+        if r.get("times_s"):
+            note.append(f"min {1e3 * min(r['times_s']):.1f}ms")
+        if r.get("loadavg_before") is not None:
+            note.append(f"load {r['loadavg_before']:.1f}")
         if r.get("activation_mb") is not None:
             note.append(f"act {r['activation_mb']:.0f}MB")
         sp = f"{r['speedup']:.2f}x" if r.get("speedup") is not None else "-"
@@ -653,6 +659,12 @@ def format_table(results: list, gemm: dict) -> str:
                   if v.get("status") == "ok")
     lines.append(f"numpy float32 GEMM 1024^3: {g or 'not measured'}; GFLOP/s = bench/flops.py model "
                  "FLOPs / median step; speedup = rtrainer tokens/s / fastest peer's")
+    loads = [r["loadavg_before"] for r in list(results) + list(gemm.values())
+             if r.get("loadavg_before") is not None]
+    if loads:
+        lines.append(f"1-min load average before each run: {min(loads):.1f}-{max(loads):.1f} on "
+                     f"{machine_info()['cores']} cores (above ~0.5 other processes competed for the "
+                     "cores: treat the numbers, 2-thread ones most, as noisy)")
     return "\n".join(lines)
 
 
@@ -739,10 +751,22 @@ def main(argv=None) -> int:
     ap.add_argument("--gemm-reps", type=int, default=15)
     ap.add_argument("--json", default="")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    ap.add_argument("--report", default="", help="re-print the tables of a saved --json file")
     ap.add_argument("--_worker", default="", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._worker:
         child_main(json.loads(a._worker))
+        return 0
+    if a.report:
+        d = json.loads(Path(a.report).read_text())
+        res, gemm = d["results"], d["gemm"]
+        checks = evaluate(res, gemm)
+        print(f"machine: {d.get('machine')}")
+        print(format_table(res, gemm))
+        print()
+        print(format_breakdown(res))
+        print()
+        print(format_checks(checks))
         return 0
 
     shapes = parse_shapes(a.shapes)

@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import rtrainer  # before numpy: rtrainer sets the BLAS/OpenMP threading defaults (see its __init__)
 import numpy as np
-
-import rtrainer
 from rtrainer.heads import Head
 from rtrainer.params import ParamSpec
 

@@ -4,15 +4,31 @@
     Trainer.from_file("examples/quickstart.toml").fit()
 """
 
+from __future__ import annotations
+
 import os as _os
+import sys as _sys
 
 __version__ = "0.1.0"
 
-# OpenBLAS worker threads spin for 2^28 cycles (~0.1 s) after every matrix product, and on a
-# machine with as many threads as cores that spinning steals the cores the OpenMP kernels run on
-# next: measured 145 -> 85 ms per quickstart step at 2 threads on 2 cores with 2^4. Only takes
-# effect when rtrainer is imported before numpy (the CLI always is); the user's value wins.
+# Threading defaults, which only take effect if set before the libraries read them (numpy's
+# OpenBLAS when numpy is first imported, libgomp when the first kernel module loads); a value
+# the user set wins. Measured at the baseline shape, 2 threads on 2 cores (bench/compare.py):
+# - OpenBLAS workers spin ~2^28 cycles after every matrix product and steal the cores the OpenMP
+#   kernels run on next: the 2-thread step was slower than the 1-thread one. 2^4 stops that.
+# - OpenMP workers that spin between kernels steal the cores BLAS runs on next: passive waiting
+#   took the step from 69 to 61 ms (matrix products 26 -> 13 ms), and the quickstart from 57 to 51.
+_LATE = [k for k, lib in (("OPENBLAS_THREAD_TIMEOUT", "numpy"),) if k not in _os.environ and lib in _sys.modules]
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+_os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+
+def threading_warning() -> str | None:
+    """A hint when numpy was imported before rtrainer, so OpenBLAS kept its spin-waiting default."""
+    if _LATE:
+        return ("numpy was imported before rtrainer, so OpenBLAS threads spin-wait and slow the OpenMP "
+                "kernels; import rtrainer first or set OPENBLAS_THREAD_TIMEOUT=4 in the environment")
+    return None
 
 
 def openmp_enabled() -> bool:

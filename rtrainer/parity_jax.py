@@ -42,21 +42,24 @@ explicitly to the requested dtype and all constants are Python scalars (weakly t
 float32 paths (`dtype="float32"`, `build_jax_train_step`) stay float32 throughout: x64 only
 changes the default dtype of arrays created without one, and this module creates none.
 
-Threads. XLA:CPU (jaxlib 0.10.2, thunk runtime) sizes its intra-op thread pool from the CPUs
-the process may run on, read once when the CPU client is created (first jax computation).
-`XLA_FLAGS` has no thread-count flag in this version: `intra_op_parallelism_threads` is not an
-XLA flag (XLA aborts at start-up with "Unknown flags in XLA_FLAGS"), and
-`--xla_cpu_multi_thread_eigen=false` only makes Eigen matmul/conv calls single-threaded while
-XLA's own parallel loop splitting still uses every CPU. What works (measured, see
-tests/test_parity_jax.py and the numbers in the session report of issue 3) is CPU affinity:
-launch the benchmark subprocess for n threads as
+Threads. XLA:CPU (jaxlib 0.10.2) sizes its intra-op thread pool from the CPUs the process may
+run on (sched_getaffinity), read once when the CPU client is created (first jax computation).
+`XLA_FLAGS` has no thread-count flag in this version, and none of the flags limits the pool:
+  * `--intra_op_parallelism_threads=1` is not an XLA flag: XLA aborts with
+    "Unknown flag in XLA_FLAGS"; written without the dashes it is silently ignored;
+  * `--xla_cpu_multi_thread_eigen=false` only makes Eigen's matmul/conv calls single-threaded;
+    XLA still splits its own loops over every CPU (measured: 1.7-1.8 CPU-seconds per second).
+What works is CPU affinity. Launch the benchmark subprocess for n threads as
 
-    taskset -c 0 python ...          # 1 thread      (taskset -c 0,1 for 2 threads)
+    taskset -c 0 python ...      # 1 thread  (also XLA_FLAGS=--xla_cpu_multi_thread_eigen=false)
+    taskset -c 0,1 python ...    # 2 threads
 
-or, equivalently, before jax is first used in the process,
-`os.sched_setaffinity(0, range(n))` (see `limit_cpu_threads`). In addition set
-`XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` for n = 1, and OMP_NUM_THREADS=n /
-OPENBLAS_NUM_THREADS=n so that nothing else in the process spins (jax does not use them).
+or call `limit_cpu_threads(n)` (os.sched_setaffinity) before the first jax computation.
+Set OMP_NUM_THREADS=n and OPENBLAS_NUM_THREADS=n too, so nothing else in the process spins.
+Verified at the baseline shape (B 8, T 64, D 512, N 16, K 4, R 1, L 2, V 8192, fixed
+prototypes) on the 2-core machine, other jobs running: taskset -c 0 -> 1.00 CPU-s/s, median
+step ~218 ms; taskset -c 0,1 -> 1.72 CPU-s/s, ~175 ms; the XLA_FLAGS above without affinity
+-> 1.72 CPU-s/s (i.e. not limited).
 """
 from __future__ import annotations
 
@@ -181,21 +184,21 @@ def causal_conv(x, conv_w, conv_b):
 def selective_scan(u, delta, A, Bt, Ct, D_skip):
     """y (B,T,D) from u, delta (B,T,D), A (D,N) (already -exp(A_log)), Bt, Ct (B,T,N), D_skip (D).
 
-    exp(delta*A) and delta*u*Bt for all t at once (one vectorised exp, as parity_torch's
-    "vectorised" scan); the recurrence h_t = dA_t*h_{t-1} + dBu_t and y_t = h_t.Ct_t run in a
-    `lax.scan` over time. jax.grad of the scan keeps h_t per step (B*T*D*N), as torch's does.
+    One `lax.scan` over time; each step forms exp(delta_t*A) and (delta_t*u_t) outer Bt_t for
+    its own t, updates h (B,D,N) and emits y_t = h_t.Ct_t. Forming the (B,D,N) factors inside
+    the step measured ~1.5x faster than precomputing them for all t as (B,T,D,N) tensors (the
+    memory traffic dominates), and `unroll` > 1 gained nothing (baseline shape, jax 0.10.2).
+    jax.grad of the scan keeps h_t per step (B*T*D*N floats), as torch autograd does.
     """
-    dA = jnp.exp(delta[..., None] * A)                          # (B,T,D,N)
-    dBu = (delta * u)[..., None] * Bt[:, :, None, :]            # (B,T,D,N)
-    xs = (jnp.moveaxis(dA, 1, 0), jnp.moveaxis(dBu, 1, 0), jnp.moveaxis(Ct, 1, 0))
+    xs = tuple(jnp.moveaxis(a, 1, 0) for a in (u, delta, Bt, Ct))   # time-major
 
     def step(h, x):
-        dA_t, dBu_t, C_t = x
-        h = dA_t * h + dBu_t                                    # (B,D,N)
+        u_t, d_t, B_t, C_t = x                                      # (B,D) (B,D) (B,N) (B,N)
+        h = jnp.exp(d_t[:, :, None] * A) * h + (d_t * u_t)[:, :, None] * B_t[:, None, :]
         return h, jnp.einsum("bdn,bn->bd", h, C_t)
 
-    h0 = jnp.zeros(dA.shape[:1] + dA.shape[2:], dA.dtype)
-    _, ys = jax.lax.scan(step, h0, xs)                          # (T,B,D)
+    h0 = jnp.zeros(u.shape[:1] + A.shape, u.dtype)                  # h_{-1} = 0, (B,D,N)
+    _, ys = jax.lax.scan(step, h0, xs)                              # (T,B,D)
     return jnp.moveaxis(ys, 0, 1) + D_skip * u
 
 
@@ -278,25 +281,32 @@ def _split(names, learnable_prototypes):
 _GRAD_FNS: dict = {}
 
 
-def _grad_fn(n_layers, d_state, normalize_prototypes):
-    key = (n_layers, d_state, normalize_prototypes)
+def _grad_fn(n_layers, d_state, normalize_prototypes, fast_compile):
+    key = (n_layers, d_state, normalize_prototypes, fast_compile)
     if key not in _GRAD_FNS:
+        # LLVM -O0 (xla_backend_optimization_level 0) compiles ~40% faster; XLA:CPU does not use
+        # fast-math by default, so the numbers are the same, only the code is slower
+        opts = {"xla_backend_optimization_level": 0} if fast_compile else None
+
         def loss_fn(train, fixed, ids, targets):
             return forward_loss({**train, **fixed}, ids, targets, n_layers=n_layers,
                                 d_state=d_state, normalize_prototypes=normalize_prototypes)
-        _GRAD_FNS[key] = jax.jit(jax.value_and_grad(loss_fn))
+        _GRAD_FNS[key] = jax.jit(jax.value_and_grad(loss_fn), compiler_options=opts)
     return _GRAD_FNS[key]
 
 
 def loss_and_grads(params: Mapping[str, np.ndarray], ids, targets, *, n_layers: int,
                    d_state: int, dt_rank: int, normalize_prototypes: bool = True,
                    learnable_prototypes: bool = True, dtype: str = "float64",
-                   ) -> tuple[float, dict[str, np.ndarray]]:
+                   fast_compile: bool = False) -> tuple[float, dict[str, np.ndarray]]:
     """Loss and jax.value_and_grad gradients for every parameter, as numpy arrays of `dtype`.
 
     Same contract as rtrainer.parity_torch.loss_and_grads: `head.prototypes` is in the gradient
     dict only if `learnable_prototypes`; inputs are never modified; ValueError for missing or
-    mis-shaped parameters and for ids or targets outside [0, V).
+    mis-shaped parameters and for ids or targets outside [0, V). The jit-compiled function is
+    cached per (n_layers, d_state, normalize_prototypes, fast_compile) and input shape/dtype;
+    `fast_compile=True` compiles with LLVM -O0 (same numbers, quicker compile, slower run: for
+    tests on tiny shapes).
     """
     jdt = _jnp_dtype(dtype)
     V, expected = _check_params(params, n_layers, d_state, dt_rank)
@@ -307,7 +317,7 @@ def loss_and_grads(params: Mapping[str, np.ndarray], ids, targets, *, n_layers: 
     train_names, fixed_names = _split(expected, learnable_prototypes)
     train = {n: jnp.asarray(np.asarray(params[n]), dtype=jdt) for n in train_names}
     fixed = {n: jnp.asarray(np.asarray(params[n]), dtype=jdt) for n in fixed_names}
-    loss, grads = _grad_fn(n_layers, d_state, normalize_prototypes)(
+    loss, grads = _grad_fn(n_layers, d_state, normalize_prototypes, fast_compile)(
         train, fixed, jnp.asarray(ids_a), jnp.asarray(tg_a))
     np_dtype = np.dtype(dtype)
     out = {n: np.array(grads[n], dtype=np_dtype) for n in train_names}
@@ -327,7 +337,8 @@ class JaxTrainStep:
 
     def __init__(self, params: Mapping[str, np.ndarray], *, n_layers: int, d_state: int,
                  dt_rank: int, normalize_prototypes: bool, learnable_prototypes: bool, lr: float,
-                 betas: tuple[float, float], eps: float, weight_decay: float, decay_names):
+                 betas: tuple[float, float], eps: float, weight_decay: float, decay_names,
+                 fast_compile: bool = False):
         self.V, expected = _check_params(params, n_layers, d_state, dt_rank)
         self.names = list(expected)
         train_names, fixed_names = _split(expected, learnable_prototypes)
@@ -365,7 +376,8 @@ class JaxTrainStep:
             return loss, new_p, new_m, new_v
 
         # donate params and moments: the update writes into their buffers
-        self._update = jax.jit(update, donate_argnums=(0, 1, 2))
+        opts = {"xla_backend_optimization_level": 0} if fast_compile else None
+        self._update = jax.jit(update, donate_argnums=(0, 1, 2), compiler_options=opts)
 
     def step(self, ids, targets) -> float:
         ids_a = _check_ids("ids", ids, self.V)
@@ -397,15 +409,18 @@ def build_jax_train_step(params: Mapping[str, np.ndarray], *, n_layers: int, d_s
                          dt_rank: int, normalize_prototypes: bool = True,
                          learnable_prototypes: bool = False, lr: float = 1e-4,
                          betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                         weight_decay: float = 0.01, decay_names=None) -> JaxTrainStep:
+                         weight_decay: float = 0.01, decay_names=None,
+                         fast_compile: bool = False) -> JaxTrainStep:
     """The benchmark's JAX training step (float32): see JaxTrainStep.
 
     `params` are numpy arrays under the contract names (copied to float32 device arrays).
     `decay_names` defaults to rtrainer's "matrices" set (`default_decay_names`; unlike
     parity_torch's ndim >= 2 default it excludes A_log, as rtrainer does). With
     `learnable_prototypes=False` the prototypes are a fixed input: no gradient, no moments.
+    `fast_compile=True` (tests only) compiles with LLVM -O0: same numbers, slower steps.
     """
     return JaxTrainStep(params, n_layers=n_layers, d_state=d_state, dt_rank=dt_rank,
                         normalize_prototypes=normalize_prototypes,
                         learnable_prototypes=learnable_prototypes, lr=lr, betas=betas, eps=eps,
-                        weight_decay=weight_decay, decay_names=decay_names)
+                        weight_decay=weight_decay, decay_names=decay_names,
+                        fast_compile=fast_compile)

@@ -193,6 +193,11 @@ class Trainer:
         (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         ckpt.write_text_atomic(self.paths["config"], config_mod.config_to_toml(self.resolved))
         self.metrics = MetricsWriter(self.paths["metrics"], truncate_to=metrics_offset)
+        import rtrainer
+
+        hint = rtrainer.threading_warning() if self.n_threads > 1 else None
+        if hint:
+            self._say(f"rtrainer: warning: {hint}")
         self._say(f"rtrainer: {'resuming at step ' + str(self.step) if state else 'starting'}: "
                   f"{self.flat.n_trainable:,} trainable parameters, V={V}, threads={self.n_threads}, "
                   f"out_dir={out_dir}")

@@ -56,7 +56,7 @@ def test_float64_loss_and_grads_match_reference(normalize):
     kw = dict(n_layers=3, d_state=4, dt_rank=2, normalize_prototypes=normalize,
               learnable_prototypes=True)
     loss, grads = model_loss_and_grads_ref(params, ids, targets, chunk=3, **kw)
-    j_loss, j_grads = pj.loss_and_grads(params, ids, targets, dtype="float64", **kw)
+    j_loss, j_grads = pj.loss_and_grads(params, ids, targets, dtype="float64", fast_compile=True, **kw)
     assert abs(loss - j_loss) <= 1e-10 * abs(loss), (loss, j_loss)
     assert set(j_grads) == set(grads) == set(params)
     for name, g in grads.items():
@@ -73,7 +73,7 @@ def test_float32_fixed_prototypes_and_bad_inputs():
     ids, targets = batch(13, B=2, T=5)
     params = dict(flat.params)
     kw = dict(n_layers=1, d_state=4, dt_rank=2, learnable_prototypes=False)
-    l32, g32 = pj.loss_and_grads(params, ids, targets, dtype="float32", **kw)
+    l32, g32 = pj.loss_and_grads(params, ids, targets, dtype="float32", fast_compile=True, **kw)
     l64, g64 = model_loss_and_grads_ref(params, ids, targets, chunk=3, **kw)
     assert abs(l32 - l64) <= 1e-5 * max(1.0, abs(l64))
     assert set(g32) == set(g64) == set(params) - {"head.prototypes"}
@@ -98,10 +98,10 @@ def test_softplus_threshold_and_zero_norms():
     import jax.numpy as jnp
 
     x = jnp.array([-30.0, -1.0, 0.0, 19.9, 20.0, 20.1, 50.0], dtype=jnp.float64)
-    sp = np.asarray(pj._softplus(x))
+    sp = np.asarray(jax.jit(pj._softplus)(x))
     ref = np.where(np.asarray(x) > 20, np.asarray(x), np.log1p(np.exp(np.minimum(np.asarray(x), 20))))
     np.testing.assert_allclose(sp, ref, rtol=1e-15, atol=0)
-    d = np.asarray(jax.vmap(jax.grad(pj._softplus))(x))
+    d = np.asarray(jax.jit(jax.vmap(jax.grad(pj._softplus)))(x))
     np.testing.assert_allclose(d, np.where(np.asarray(x) > 20, 1.0, 1 / (1 + np.exp(-np.asarray(x)))),
                                rtol=1e-15)
     # z = 0: zhat = 0 (norm floored at 1e-8), cos 0, loss 1, finite gradients
@@ -109,8 +109,8 @@ def test_softplus_threshold_and_zero_norms():
     P = jnp.asarray(np.random.default_rng(0).standard_normal((5, 4)))
     tg = jnp.array([0, 1, 4])
     f = lambda z, P: pj.hpn_loss(z, P, tg)[0]  # noqa: E731
-    assert float(f(z0, P)) == 1.0
-    gz, gP = jax.grad(f, argnums=(0, 1))(z0, P)
+    loss, (gz, gP) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(z0, P)
+    assert float(loss) == 1.0
     assert np.all(np.isfinite(gz)) and np.all(np.isfinite(gP))
 
 
@@ -136,7 +136,8 @@ def test_train_step_matches_rtrainer_float32(learnable):
     p0 = {k: v.copy() for k, v in flat.params.items()}
 
     step = pj.build_jax_train_step(p0, n_layers=L, d_state=N, dt_rank=R,
-                                   learnable_prototypes=learnable, lr=lr, weight_decay=wd)
+                                   learnable_prototypes=learnable, lr=lr, weight_decay=wd,
+                                   fast_compile=learnable)  # the benchmark's setting fully optimised
     j_loss = step.step(ids, targets)
     r_loss = _rtrainer_step(flat, model, head, opt, ids, targets, lr)
     assert abs(j_loss - r_loss) <= 1e-5 * max(1.0, abs(r_loss)), (j_loss, r_loss)
@@ -153,17 +154,14 @@ def test_train_step_matches_rtrainer_float32(learnable):
             np.testing.assert_array_equal(jp[name], p0[name])
             np.testing.assert_array_equal(p_r, p0[name])
             continue
-        # step 1: m = 0.1 g, v = 0.001 g^2 -> the moments compare the float32 gradients
-        g_scale = max(np.abs(views_m[name]).max(), 1e-6)
-        assert np.abs(j_m[name] - views_m[name]).max() <= 2e-3 * g_scale, name
-        assert np.abs(np.sqrt(j_v[name]) - np.sqrt(views_v[name])).max() <= 2e-3 * g_scale / 0.1 \
-            * math.sqrt(1e-3), name
-        # the update is ~lr*sign(g) (+ decay): compare it in units of lr; elements whose
-        # gradient is at float32 noise level may differ, so allow a handful of them
-        du = np.abs((jp[name] - p0[name]) - (p_r - p0[name])) / lr
-        bad = du > 1e-2
-        assert bad.sum() <= max(1, bad.size // 1000), f"{name}: {bad.sum()} of {bad.size} updates differ"
-        assert du.max() <= 2.0 + 1e-3, name
+        # step 1: m = 0.1 g, v = 0.001 g^2: the moments compare the float32 gradients
+        m_scale = max(np.abs(views_m[name]).max(), 1e-12)
+        assert np.abs(j_m[name] - views_m[name]).max() <= 1e-4 * m_scale, name
+        sv_r, sv_j = np.sqrt(views_v[name]), np.sqrt(j_v[name])
+        assert np.abs(sv_j - sv_r).max() <= 1e-4 * max(sv_r.max(), 1e-12), name
+        # the update is ~lr*sign(g) + decay; measured agreement ~2e-4*lr (float32 rounding of p)
+        du = np.abs((jp[name] - p0[name]) - (p_r - p0[name]))
+        assert du.max() <= 1e-2 * lr, f"{name}: updates differ by {du.max() / lr:.2e} lr"
     # decayed tensors moved by the decay too: an unused embedding row moves by exactly -lr*wd*p
     unused = sorted(set(range(V)) - set(ids.ravel().tolist()))
     if unused:

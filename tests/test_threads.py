@@ -17,14 +17,24 @@ def test_zero_means_omp_num_threads_then_cores(monkeypatch):
     assert resolve_threads(0) == len(os.sched_getaffinity(0))
 
 
-def test_importing_rtrainer_first_caps_openblas_spinning():
-    code = "import os, rtrainer, numpy; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+def _run(code, env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          check=True).stdout.strip()
+
+
+def test_importing_rtrainer_first_sets_threading_defaults_user_values_win():
+    code = ("import os, rtrainer, numpy; print(os.environ['OPENBLAS_THREAD_TIMEOUT'], "
+            "os.environ['OMP_WAIT_POLICY'], rtrainer.threading_warning())")
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY")}
+    assert _run(code, env) == "4 passive None"
+    env.update(OPENBLAS_THREAD_TIMEOUT="10", OMP_WAIT_POLICY="active")
+    assert _run(code, env) == "10 active None"
+
+
+def test_numpy_imported_first_is_reported():
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip() == "4"
-    env["OPENBLAS_THREAD_TIMEOUT"] = "10"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip() == "10"
+    out = _run("import numpy, rtrainer; print(rtrainer.threading_warning())", env)
+    assert "import rtrainer first" in out
 
 
 def test_build_is_the_one_expected():
