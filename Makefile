@@ -40,7 +40,7 @@ NOOMP := build/no-openmp
 test-no-openmp: install
 	$(BIN)/python -m pip install -q "cython>=3.0" "setuptools>=64"
 	rm -rf $(NOOMP) && mkdir -p $(NOOMP)
-	cp -r setup.py pyproject.toml README.md kernels rtrainer tests examples $(NOOMP)/
+	cp -r setup.py pyproject.toml README.md kernels rtrainer tests examples bench $(NOOMP)/
 	rm -f $(NOOMP)/rtrainer/_kernels/*.so $(NOOMP)/kernels/*.c
 	cd $(NOOMP) && RTRAINER_NO_OPENMP=1 $(abspath $(BIN))/python setup.py -q build_ext --inplace -j 2 > build.log 2>&1 \
 		|| (cat build.log; exit 1)
