@@ -47,6 +47,19 @@ cdef extern from *:
     """
     float rt_expf "rtrainer_expf" (float x) noexcept nogil
 
+# restrict-qualified pointers: for the arguments of small inner-loop helpers, so that gcc knows
+# their buffers do not overlap and vectorises loops that touch many of them (it gives up on
+# run-time alias checks beyond ~10 pointers)
+cdef extern from *:
+    """
+    typedef float * __restrict__ rtrainer_rf;
+    typedef const float * __restrict__ rtrainer_rcf;
+    typedef double * __restrict__ rtrainer_rd;
+    """
+    ctypedef float* rf "rtrainer_rf"
+    ctypedef const float* rcf "rtrainer_rcf"
+    ctypedef double* rd "rtrainer_rd"
+
 # column blocks of float32 written by one thread are whole 64-byte cache lines
 cdef enum:
     COL_ALIGN = 16
