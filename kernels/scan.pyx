@@ -51,7 +51,7 @@ All arrays are float32 and C-contiguous; shapes are checked once in the `def` wr
 """
 from cython.parallel cimport prange
 from libc.math cimport expf, fmaf, log1pf
-from _common cimport rd, rcf, rf, rt_expf
+from _common cimport rcf, rf, rt_expf
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
 
@@ -209,26 +209,6 @@ def scan_forward(float[:, :, ::1] y not None,             # OUT (B,T,D)
 # backward
 # ----------------------------------------------------------------------------------------------
 
-cdef inline void _bwd_lanes(Py_ssize_t nb, rf g, rcf dyv, float Cn, float Bn, rcf h_t, rcf h_prev,
-                            rcf E, rcf A, rcf dl, rcf dlu, rf tB, rf tC, rd dA_acc, rf gB,
-                            rf gAq) noexcept nogil:
-    """One state index n of one step, for the nb channels of a block (all arrays (nb,), restrict:
-    no two overlap, so gcc vectorises across channels). g is dL/dh_t on entry, dL/dh_{t-1} on exit."""
-    cdef Py_ssize_t j
-    cdef float gn, q
-    for j in range(nb):
-        # y_t = h_t.Ct + D_skip*u:  g += dy*Ct ;  dCt gets dy*h_t
-        gn = fmaf(dyv[j], Cn, g[j])
-        tC[j] = dyv[j] * h_t[j]
-        # h_t = E*h_{t-1} + delta*u*Bt:  dBt gets g*delta*u ; q = g*E*h_{t-1} ; dL/dA += delta*q
-        tB[j] = gn * dlu[j]
-        q = gn * E[j] * h_prev[j]
-        dA_acc[j] += <double>(dl[j] * q)
-        gB[j] = fmaf(gn, Bn, gB[j])                      # sum_n g*Bt, in n order
-        gAq[j] = fmaf(A[j], q, gAq[j])                   # sum_n A*q, in n order
-        g[j] = gn * E[j]                                 # -> dL/dh_{t-1}
-
-
 cdef inline void _scan_bwd_item(float* du, float* ddt, float* ddt_bias, float* dA_log,
                                 float* dBC, float* dD_skip, const float* dy, const float* u,
                                 const float* dt, const float* dt_bias, const float* A_log,
@@ -239,129 +219,102 @@ cdef inline void _scan_bwd_item(float* du, float* ddt, float* ddt_bias, float* d
     du, ddt, dy, u, dt: (B*T*D); xdbl: (B*T*W); hs: (B*n_chunks*D*N); dA_log, A_log: (D*N);
     ddt_bias, dD_skip, dt_bias, D_skip: (D).
     dBC: this thread's (B*T*2N) partial of dxdbl[..., :2N].
-    Everything per channel is kept channel-minor ([..., n, j], j < DB) like the forward, so the
-    inner loops run across the block's channels and vectorise; sums over n stay per channel and
-    in order; sums over channels (dBt, dCt) add the block's channels in order.
-    scr (thread-private floats): A (N,DB) | g (N,DB) | H (L+1,N,DB) | E (L,N,DB) | delta (L,DB) |
-         delta*u (L,DB) | dy, u, gB, gAq, tB, tC (DB each)
-    dacc (thread-private doubles): dA (N,DB) | dD_skip (DB) | ddt_bias (DB)."""
-    cdef Py_ssize_t N = m.N, D = m.D, T = m.T, DB = m.db, nb = d1 - d0
-    cdef Py_ssize_t S = N * DB                     # floats per time step of H and E
+    scr (thread-private floats): A (DB,N) | g (DB,N) | H (L+1,N) | E (L,N) | q (N) | delta (L)
+    dacc (thread-private doubles): dA (DB,N) | dD_skip (DB) | ddt_bias (DB)."""
+    cdef Py_ssize_t N = m.N, D = m.D, T = m.T, nb = d1 - d0
     cdef float* A = scr
-    cdef float* g = scr + S
-    cdef float* H = scr + 2 * S                    # H[k] = h_{t0+k-1}, k = 0..L
-    cdef float* E = H + (m.L + 1) * S              # E[k] = exp(delta_{t0+k} * A)
-    cdef float* dl = E + m.L * S                   # dl[k] = delta_{t0+k}
-    cdef float* dlu = dl + m.L * DB                # dlu[k] = delta_{t0+k} * u_{t0+k}
-    cdef float* dyv = dlu + m.L * DB
-    cdef float* uu = dyv + DB
-    cdef float* gB = uu + DB
-    cdef float* gAq = gB + DB
-    cdef float* tB = gAq + DB
-    cdef float* tC = tB + DB
+    cdef float* g_all = scr + m.db * N
+    cdef float* H = scr + 2 * m.db * N             # H[k] = h_{t0+k-1}, k = 0..L
+    cdef float* E = H + (m.L + 1) * N              # E[k] = expf(delta_{t0+k} * A)
+    cdef float* q = E + m.L * N
+    cdef float* dlt = q + N                        # dlt[k] = delta_{t0+k}
     cdef double* dA_acc = dacc
-    cdef double* dD_acc = dacc + S
-    cdef double* dbias_acc = dD_acc + DB
-    cdef Py_ssize_t b, c, t0, t1, L, j, k, n, row, i, o
+    cdef double* dD_acc = dacc + m.db * N
+    cdef double* dbias_acc = dD_acc + m.db
+    cdef Py_ssize_t b, c, t0, t1, L, j, k, n, d, row, i
+    cdef float* g
+    cdef const float* Aj
     cdef const float* Bt
     cdef const float* Ct
-    cdef const float* hs_c
-    cdef float* Hk
-    cdef float* Hk1
-    cdef float* Ek
-    cdef float* dlk
-    cdef float* dluk
+    cdef const float* hcur
+    cdef const float* hprev
+    cdef const float* Ek
     cdef float* pB
     cdef float* pC
-    cdef float Bn, sB, sC, ddelta, dtv
-    for n in range(N):
-        for j in range(nb):
-            A[n * DB + j] = -expf(A_log[(d0 + j) * N + n])
-            dA_acc[n * DB + j] = 0
+    cdef float delta, uu, dyv, delta_u, gB, gAq, ddelta, dtv
+    for i in range(nb * N):
+        A[i] = -expf(A_log[d0 * N + i])
+        dA_acc[i] = 0
     for j in range(nb):
         dD_acc[j] = 0
         dbias_acc[j] = 0
     for b in range(m.B):
         # carry g = dL/dh, zero after the last step
-        for i in range(S):
-            g[i] = 0
+        for i in range(nb * N):
+            g_all[i] = 0
         for c in range(m.n_chunks - 1, -1, -1):
             t0 = c * m.chunk
             t1 = t0 + m.chunk if t0 + m.chunk < T else T
             L = t1 - t0
-            # recompute h_t, t in [t0,t1), from hs[b,c] with the forward's operations (same bits)
-            hs_c = hs + ((b * m.n_chunks + c) * D + d0) * N
-            for n in range(N):
-                for j in range(nb):
-                    H[n * DB + j] = hs_c[j * N + n]
-            for k in range(L):
-                row = b * T + t0 + k
-                Bt = xdbl + row * m.W
-                dlk = dl + k * DB
-                dluk = dlu + k * DB
-                for j in range(nb):
-                    dlk[j] = _softplus(dt[row * D + d0 + j] + dt_bias[d0 + j])
-                    dluk[j] = dlk[j] * u[row * D + d0 + j]
-                Hk = H + k * S
-                Hk1 = Hk + S
-                Ek = E + k * S
-                for n in range(N):
-                    _recompute_lanes(nb, Hk1 + n * DB, Ek + n * DB, Hk + n * DB, A + n * DB, dlk, dluk, Bt[n])
-            # backwards through the chunk, carry g = dL/dh_t
-            for k in range(L - 1, -1, -1):
-                row = b * T + t0 + k
-                Bt = xdbl + row * m.W
-                Ct = Bt + N
-                pB = dBC + row * 2 * N
-                pC = pB + N
-                Hk = H + k * S                     # h_{t-1}
-                Hk1 = Hk + S                       # h_t
-                Ek = E + k * S
-                dlk = dl + k * DB
-                dluk = dlu + k * DB
-                for j in range(nb):
-                    dyv[j] = dy[row * D + d0 + j]
-                    uu[j] = u[row * D + d0 + j]
-                    gB[j] = 0
-                    gAq[j] = 0
-                for n in range(N):
-                    o = n * DB
-                    _bwd_lanes(nb, g + o, dyv, Ct[n], Bt[n], Hk1 + o, Hk + o, Ek + o, A + o, dlk, dluk,
-                               tB, tC, dA_acc + o, gB, gAq)
-                    # dBt, dCt sum over channels: this block's channels in order
-                    sB = 0
-                    sC = 0
-                    for j in range(nb):
-                        sB = sB + tB[j]
-                        sC = sC + tC[j]
-                    pB[n] = pB[n] + sB
-                    pC[n] = pC[n] + sC
-                for j in range(nb):
+            for j in range(nb):
+                d = d0 + j
+                Aj = A + j * N
+                g = g_all + j * N
+                # recompute h_t, t in [t0,t1), from hs[b,c,d,:] (same step as the forward)
+                memcpy(H, hs + ((b * m.n_chunks + c) * D + d) * N, N * sizeof(float))
+                for k in range(L):
+                    row = b * T + t0 + k
+                    delta = _softplus(dt[row * D + d] + dt_bias[d])
+                    dlt[k] = delta
+                    _ssm_step(H + (k + 1) * N, H + k * N, E + k * N, Aj, xdbl + row * m.W,
+                              delta, delta * u[row * D + d], N)
+                # backwards through the chunk, carry g = dL/dh_t
+                for k in range(L - 1, -1, -1):
+                    row = b * T + t0 + k
+                    delta = dlt[k]
+                    uu = u[row * D + d]
+                    dyv = dy[row * D + d]
+                    Bt = xdbl + row * m.W
+                    Ct = Bt + N
+                    hcur = H + (k + 1) * N
+                    hprev = H + k * N
+                    Ek = E + k * N
+                    pB = dBC + row * 2 * N
+                    pC = pB + N
+                    # y_t = h_t.Ct_t + D_skip*u_t:  g += dy*Ct ;  dCt += dy*h_t
+                    for n in range(N):
+                        g[n] = g[n] + dyv * Ct[n]
+                        pC[n] = pC[n] + dyv * hcur[n]
+                    # h_t = E*h_{t-1} + delta*u*Bt:  dBt += g*delta*u ; q = g*E*h_{t-1} ; dA += delta*q
+                    delta_u = delta * uu
+                    for n in range(N):
+                        pB[n] = pB[n] + g[n] * delta_u
+                        q[n] = g[n] * Ek[n] * hprev[n]
+                        dA_acc[j * N + n] += <double>(delta * q[n])
+                    # gB = sum_n g*Bt ; gAq = sum_n A*q   (serial, fixed order)
+                    gB = 0
+                    gAq = 0
+                    for n in range(N):
+                        gB = gB + g[n] * Bt[n]
+                        gAq = gAq + Aj[n] * q[n]
+                    # g <- dL/dh_{t-1} = g*E
+                    for n in range(N):
+                        g[n] = g[n] * Ek[n]
                     # du_t += dy*D_skip + delta*gB ;  ddelta = sum A*q + u*gB
-                    du[row * D + d0 + j] += fmaf(dyv[j], D_skip[d0 + j], dlk[j] * gB[j])
-                    ddelta = fmaf(uu[j], gB[j], gAq[j])
+                    du[row * D + d] += dyv * D_skip[d] + delta * gB
+                    ddelta = gAq + uu * gB
                     # ddt = ddelta * softplus'(dt+dt_bias) = ddelta * sigmoid(dt+dt_bias)
-                    dtv = ddelta * sigmoidf(dt[row * D + d0 + j] + dt_bias[d0 + j])
-                    ddt[row * D + d0 + j] += dtv
+                    dtv = ddelta * sigmoidf(dt[row * D + d] + dt_bias[d])
+                    ddt[row * D + d] += dtv
                     dbias_acc[j] += dtv
-                    dD_acc[j] += <double>(dyv[j] * uu[j])
-    for n in range(N):
-        for j in range(nb):
-            # dA_log = dA * dA/dA_log = dA * A
-            dA_log[(d0 + j) * N + n] += <float>(dA_acc[n * DB + j] * A[n * DB + j])
+                    dD_acc[j] += <double>(dyv * uu)
     for j in range(nb):
-        dD_skip[d0 + j] += <float>dD_acc[j]
-        ddt_bias[d0 + j] += <float>dbias_acc[j]
-
-
-cdef inline void _recompute_lanes(Py_ssize_t nb, rf h_t, rf E, rcf h_prev, rcf A, rcf dl, rcf dlu,
-                                  float Bn) noexcept nogil:
-    """h_t = exp(delta*A)*h_{t-1} + delta*u*Bt for one n and nb channels, keeping exp(delta*A)
-    in E: the operations of _ssm_update, so the recomputed states equal the forward's bits."""
-    cdef Py_ssize_t j
-    for j in range(nb):
-        E[j] = rt_expf(dl[j] * A[j])
-        h_t[j] = fmaf(E[j], h_prev[j], dlu[j] * Bn)
+        d = d0 + j
+        # dA_log = dA * dA/dA_log = dA * A
+        for n in range(N):
+            dA_log[d * N + n] += <float>(dA_acc[j * N + n] * A[j * N + n])
+        dD_skip[d] += <float>dD_acc[j]
+        ddt_bias[d] += <float>dbias_acc[j]
 
 
 cdef inline void _reduce_row(float* dxdbl, const float* part, Py_ssize_t r, Py_ssize_t W,
@@ -438,7 +391,7 @@ def scan_backward(float[:, :, ::1] du not None,            # OUT += (B,T,D)
     m.L = m.chunk if m.chunk < m.T else m.T
     cdef Py_ssize_t n_blocks = (m.D + m.db - 1) // m.db
     cdef int nt = n_threads if n_threads < n_blocks else <int>n_blocks
-    cdef Py_ssize_t scr_size = (2 * m.L + 3) * m.db * m.N + (2 * m.L + 6) * m.db
+    cdef Py_ssize_t scr_size = 2 * m.db * m.N + (2 * m.L + 2) * m.N + m.L
     cdef Py_ssize_t dscr_size = m.db * m.N + 2 * m.db
     cdef float* scratch = <float*>malloc(nt * scr_size * sizeof(float))
     cdef double* dscratch = <double*>malloc(nt * dscr_size * sizeof(double))
