@@ -13,6 +13,7 @@ from rtrainer.heads import HPNHead
 from rtrainer.model import MambaLiteStack
 from rtrainer.optim import AdamW
 from rtrainer.params import FlatParams
+from rtrainer.trainer import forward_backward
 
 def make_step(n_threads, B, T, D, N, K, R, L, V, learnable=False):
     model = MambaLiteStack(V, D, N, K, R, L, scan_chunk=64, n_threads=n_threads)
@@ -29,12 +30,7 @@ def make_step(n_threads, B, T, D, N, K, R, L, V, learnable=False):
     dz = np.empty((B * T, D), np.float32)
 
     def step():
-        flat.zero_grad()
-        z = model.forward(ids)
-        loss = head.forward(z, targets)
-        dz.fill(0.0)
-        head.backward(dz)
-        model.backward(dz)
+        loss = forward_backward(model, head, flat, ids, targets, dz)
         opt.step(1e-4, opt.clip_scale(opt.grad_norm()))
         return loss
 

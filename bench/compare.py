@@ -169,13 +169,10 @@ def _time_loop(step, warmup: int, steps: int, max_seconds: float) -> dict:
 
 
 def _rtrainer_step_fn(np, shape, n_threads, model, head, flat, opt, ids, targets, dz):
+    from rtrainer.trainer import forward_backward
+
     def step():
-        flat.zero_grad()
-        z = model.forward(ids)
-        loss = head.forward(z, targets)
-        dz.fill(0.0)
-        head.backward(dz)
-        model.backward(dz)
+        loss = forward_backward(model, head, flat, ids, targets, dz)
         opt.step(LR, opt.clip_scale(opt.grad_norm()))
         return loss
     return step

@@ -39,6 +39,18 @@ SCHEMA_VERSION = 1
 _FROZEN_SECTIONS = ("model", "head")
 
 
+def forward_backward(model, head, flat: FlatParams, ids: np.ndarray, targets: np.ndarray, dz: np.ndarray) -> float:
+    """One forward pass, loss and backward pass: returns the loss and leaves the gradients of
+    the trainable tensors in flat.grad. dz (B*T, D) is scratch for dloss/dz."""
+    flat.zero_grad()
+    z = model.forward(ids)
+    loss = head.forward(z, targets)
+    dz.fill(0.0)
+    head.backward(dz)
+    model.backward(dz)
+    return loss
+
+
 class Interrupted(RtrainerError):
     """SIGINT/SIGTERM: the current step finished and a checkpoint was written; exit 128 + signal."""
 
@@ -212,12 +224,7 @@ class Trainer:
         while self.step < total:
             ids, targets = self.data.train.next_batch()
             lr = lr_at(self.step, c.optim.lr, c.schedule.warmup_steps, total, c.schedule.min_lr_scale)
-            self.flat.zero_grad()
-            z = self.model.forward(ids)
-            loss = self.head.forward(z, targets)
-            dz.fill(0.0)
-            self.head.backward(dz)
-            self.model.backward(dz)
+            loss = forward_backward(self.model, self.head, self.flat, ids, targets, dz)
             gnorm = self.optimizer.grad_norm()
             clipped = False
             if math.isfinite(loss) and math.isfinite(gnorm):
