@@ -7,11 +7,12 @@ The CLI prints ``error: <message>`` and exits with ``exit_code``; anything else 
     exit 3  DataError        unreadable / malformed token data, token id out of range
     exit 3  CheckpointError  missing, truncated or corrupt checkpoint, wrong schema
     exit 5  RunIOError       the run directory cannot be written (disk full, permissions)
+    exit 6  RunLockedError   another live process holds the run directory's lock
 """
 
 from __future__ import annotations
 
-__all__ = ["RtrainerError", "ConfigError", "DataError", "CheckpointError", "RunIOError"]
+__all__ = ["RtrainerError", "ConfigError", "DataError", "CheckpointError", "RunIOError", "RunLockedError"]
 
 
 class RtrainerError(Exception):
@@ -42,3 +43,9 @@ class RunIOError(RtrainerError):
     """Writing into the run directory failed (disk full, permissions, ...)."""
 
     exit_code = 5
+
+
+class RunLockedError(RtrainerError):
+    """Another live process is training in the same run directory."""
+
+    exit_code = 6

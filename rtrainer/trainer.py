@@ -26,7 +26,7 @@ from threadpoolctl import threadpool_limits
 from . import checkpoint as ckpt
 from . import config as config_mod
 from . import data as data_mod
-from .errors import CheckpointError, ConfigError, RtrainerError, RunIOError
+from .errors import CheckpointError, ConfigError, RtrainerError, RunIOError, RunLockedError
 from .heads import HPNHead
 from .metrics import MetricsWriter
 from .model import MambaLiteStack
@@ -151,6 +151,9 @@ class Trainer:
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
+            lock = getattr(self, "_lock", None)
+            if lock is not None:
+                lock.close()
 
     def _on_signal(self, signum, frame):
         if self._stop_signal is not None:  # second Ctrl-C: stop now, without a checkpoint
@@ -179,6 +182,10 @@ class Trainer:
             "run_state": str(out_dir / "run_state.json"),
             "summary": str(out_dir / "summary.json"),
         }
+        # one writer per run directory: the lock dies with its holder (flock), so a killed run
+        # never leaves the directory locked
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_run_dir(out_dir)
         state = self._load_resume_state()
         if state is None and not self.overwrite and Path(self.paths["latest"]).exists():
             raise ConfigError(f"{out_dir} already holds a run (checkpoints/latest.safetensors): continue it with "
@@ -359,6 +366,29 @@ class Trainer:
     def _say(self, msg: str) -> None:
         if self.console:
             print(msg, file=sys.stderr if msg.startswith("rtrainer:") else sys.stdout, flush=True)
+
+
+def _lock_run_dir(out_dir: Path):
+    """Take an exclusive flock on out_dir/.lock (kept open for the run); the file records the
+    holder so that a second run can name it."""
+    import fcntl
+    import socket
+
+    path = out_dir / ".lock"
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunLockedError(f"run directory {out_dir} is in use by {holder} (lock {path}); wait for it, "
+                             "stop it, or set another run.out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
 
 
 def _fault_point(step: int) -> None:

@@ -165,6 +165,31 @@ def test_resume_from_another_run_directory_starts_fresh_metrics(tmp_path):
     assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) > 0  # the source run is untouched
 
 
+def test_second_run_on_the_same_directory_exits_6_and_a_killed_holder_leaves_no_lock(tmp_path):
+    import subprocess
+    import time
+
+    cfg = tiny_config(tmp_path, steps=100000)
+    holder = subprocess.Popen([sys.executable, "-m", "rtrainer", "run", str(cfg), "--headless"],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.time() + 120
+        while not (metrics.exists() and metrics.stat().st_size > 0):
+            assert holder.poll() is None and time.time() < deadline, holder.stderr.read()
+            time.sleep(0.05)
+        p = run_cli("run", cfg, "--resume", "auto")
+        assert p.returncode == 6, p.stderr
+        assert f"pid {holder.pid}" in p.stderr and "rtrainer: error:" in p.stderr
+        assert holder.poll() is None  # the holder is untouched
+    finally:
+        holder.kill()
+        holder.wait()
+    # SIGKILLed holder: the kernel dropped its lock, a resumed run can go on
+    p = run_cli("run", cfg, "--resume", "auto", "--set", "train.steps=12", "--headless")
+    assert p.returncode == 0, p.stderr
+
+
 def test_resume_refuses_a_different_model(tmp_path):
     cfg = tiny_config(tmp_path, steps=10)
     run_cli("run", cfg, check=True)
