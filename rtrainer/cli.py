@@ -1,7 +1,7 @@
 """Command line: `rtrainer run CONFIG [--set section.key=value ...] [--resume PATH|auto] [--headless]`.
 
 Every error is one line on stderr starting `rtrainer: error:` and a non-zero exit code:
-2 configuration or usage, 3 data or checkpoint integrity, 5 I/O error (disk full, permission),
+2 configuration or usage, 3 data or checkpoint integrity, 4 non-finite stop, 5 I/O error (disk full, permission),
 6 run directory locked by another live run.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from . import __version__
 
 EPILOG = """\
 exit codes: 0 finished, 2 configuration/usage error, 3 data or checkpoint integrity error,
-5 I/O error (disk full, permission denied), 6 run directory in use by another run,
+4 non-finite loss/gradient stop, 5 I/O error (disk full, permission denied), 6 run directory in use by another run,
 130/143 interrupted by SIGINT/SIGTERM (after a checkpoint).
 
 examples:

@@ -167,6 +167,9 @@ class TrainConfig:
     steps: int = _f(5000, "TOTAL optimizer steps of the run (a resumed run continues to it)", ge=1)
     batch_size: int = _f(8, "sequences per batch B", ge=1)
     seq_len: int = _f(64, "tokens per sequence T", ge=1)
+    fail_on_non_finite: bool = _f(False, "stop (exit 4, diagnostic checkpoint) at the first non-finite "
+                                  "loss or gradient instead of skipping the update")
+    max_consecutive_skips: int = _f(10, "abort (exit 4) after this many consecutive skipped updates", ge=1)
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,16 @@ The CLI prints ``error: <message>`` and exits with ``exit_code``; anything else 
     exit 2  ConfigError      bad run file, bad --set, unknown key, wrong type, out of range
     exit 3  DataError        unreadable / malformed token data, token id out of range
     exit 3  CheckpointError  missing, truncated or corrupt checkpoint, wrong schema
+    exit 4  NonFiniteError   non-finite loss/gradient with train.fail_on_non_finite, or too many
+                             consecutive skipped updates
     exit 5  RunIOError       the run directory cannot be written (disk full, permissions)
     exit 6  RunLockedError   another live process holds the run directory's lock
 """
 
 from __future__ import annotations
 
-__all__ = ["RtrainerError", "ConfigError", "DataError", "CheckpointError", "RunIOError", "RunLockedError"]
+__all__ = ["RtrainerError", "ConfigError", "DataError", "CheckpointError", "RunIOError", "RunLockedError",
+           "NonFiniteError"]
 
 
 class RtrainerError(Exception):
@@ -37,6 +40,12 @@ class CheckpointError(RtrainerError):
     """A checkpoint (or run state) is missing, truncated, corrupt or of the wrong schema."""
 
     exit_code = 3
+
+
+class NonFiniteError(RtrainerError):
+    """Training produced non-finite values and the run was told (or had) to stop."""
+
+    exit_code = 4
 
 
 class RunIOError(RtrainerError):

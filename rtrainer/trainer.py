@@ -26,7 +26,7 @@ from threadpoolctl import threadpool_limits
 from . import checkpoint as ckpt
 from . import config as config_mod
 from . import data as data_mod
-from .errors import CheckpointError, ConfigError, RtrainerError, RunIOError, RunLockedError
+from .errors import CheckpointError, ConfigError, NonFiniteError, RtrainerError, RunIOError, RunLockedError
 from .heads import HPNHead
 from .metrics import MetricsWriter
 from .model import MambaLiteStack
@@ -228,6 +228,7 @@ class Trainer:
         t_start = time.perf_counter()
         t_last, step_last = t_start, self.step
         proc = psutil.Process()
+        consecutive_skips = 0
         while self.step < total:
             ids, targets = self.data.train.next_batch()
             lr = lr_at(self.step, c.optim.lr, c.schedule.warmup_steps, total, c.schedule.min_lr_scale)
@@ -238,8 +239,11 @@ class Trainer:
                 scale = self.optimizer.clip_scale(gnorm)
                 clipped = scale < 1.0
                 self.optimizer.step(lr, scale)
+                consecutive_skips = 0
             else:  # non-finite loss or gradient: no parameter or moment changes
+                self._non_finite(loss, gnorm)
                 self.skipped += 1
+                consecutive_skips += 1
             self.step += 1
             last = self.step == total
 
@@ -261,7 +265,12 @@ class Trainer:
             saved = (c.checkpoint.save_every and self.step % c.checkpoint.save_every == 0) or last
             if saved:
                 self._save(elapsed0 + time.perf_counter() - t_start)
-            _fault_point(self.step)
+            if consecutive_skips > c.train.max_consecutive_skips:
+                self._finish("non_finite")
+                raise NonFiniteError(f"{consecutive_skips} consecutive steps up to step {self.step} had a non-finite "
+                                     "loss or gradient and were skipped (train.max_consecutive_skips = "
+                                     f"{c.train.max_consecutive_skips}); stopping")
+            _fault_point(self.step, self.flat)
             if self._stop_signal is not None and not last:
                 if not saved:
                     self._save(elapsed0 + time.perf_counter() - t_start)
@@ -285,6 +294,22 @@ class Trainer:
         return summary
 
     # ================================================================ internals
+    def _non_finite(self, loss: float, gnorm: float) -> None:
+        """With train.fail_on_non_finite: keep the state that produced it for diagnosis and stop."""
+        if not self.cfg.train.fail_on_non_finite:
+            return
+        path = Path(self.paths["out_dir"]) / "checkpoints" / f"non-finite-step-{self.step + 1}.safetensors"
+        tensors = dict(self.flat.state_tensors())
+        for name, g in self.flat.views(self.flat.grad).items():
+            tensors[f"grad/{name}"] = g
+        ckpt.save_checkpoint(str(path), tensors, {"schema": SCHEMA_VERSION, "step": self.step,
+                                                  "loss": _json_float(loss), "grad_norm": _json_float(gnorm),
+                                                  "config": config_mod.config_to_dict(self.resolved)})
+        self._finish("non_finite")
+        raise NonFiniteError(f"step {self.step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient'} "
+                             f"(loss {loss}, grad_norm {gnorm}); parameters, moments and gradients of that step "
+                             f"are in {path} (train.fail_on_non_finite = true)")
+
     def _validate(self) -> None:
         r = self.evaluate()
         if r["val_loss"] < self.best_val_loss:
@@ -391,16 +416,20 @@ def _lock_run_dir(out_dir: Path):
     return f
 
 
-def _fault_point(step: int) -> None:
-    """Fault injection for the crash tests: RTRAINER_FAULT="after_step=N:SIGNAL" makes the process
-    send itself SIGNAL (TERM, INT or KILL) once step N is complete and its checkpoint, if due, is
-    written. A real signal, delivered by the kernel, not a simulated exception."""
-    spec = os.environ.get("RTRAINER_FAULT", "")
-    if not spec.startswith("after_step="):
+def _fault_point(step: int, flat: FlatParams) -> None:
+    """Fault injection for the crash tests, once step N is complete (and its checkpoint, if due,
+    written), from the environment variable RTRAINER_FAULT:
+      after_step=N:SIGNAL                the process sends itself SIGNAL (TERM, INT or KILL): a real
+                                         signal delivered by the kernel, not a simulated exception
+      nan_param_after_step=N:TENSOR      the named parameter is filled with NaN"""
+    kind, _, rest = os.environ.get("RTRAINER_FAULT", "").partition("=")
+    n, _, arg = rest.partition(":")
+    if not n.isdigit() or int(n) != step:
         return
-    n, _, sig = spec[len("after_step="):].partition(":")
-    if n.isdigit() and int(n) == step:
-        os.kill(os.getpid(), getattr(signal, "SIG" + (sig or "KILL").upper()))
+    if kind == "after_step":
+        os.kill(os.getpid(), getattr(signal, "SIG" + (arg or "KILL").upper()))
+    elif kind == "nan_param_after_step":
+        flat.params[arg][...] = np.nan
 
 
 def _abspath(p: str) -> str:

@@ -190,6 +190,31 @@ def test_second_run_on_the_same_directory_exits_6_and_a_killed_holder_leaves_no_
     assert p.returncode == 0, p.stderr
 
 
+def test_fail_on_non_finite_exits_4_with_a_diagnostic_checkpoint(tmp_path):
+    import orjson
+
+    cfg = tiny_config(tmp_path, steps=30, extra="")
+    p = run_cli("run", cfg, "--set", "train.fail_on_non_finite=true",
+                env_extra={"RTRAINER_FAULT": "nan_param_after_step=5:layers.0.D_skip"})
+    assert p.returncode == 4, p.stderr
+    assert "step 6: non-finite loss" in p.stderr and "non-finite-step-6.safetensors" in p.stderr
+    diag = load_file(str(tmp_path / "run" / "checkpoints" / "non-finite-step-6.safetensors"))
+    assert np.isnan(diag["param/layers.0.D_skip"]).all() and "grad/layers.0.x_proj_w" in diag
+    summary = orjson.loads((tmp_path / "run" / "summary.json").read_bytes())
+    assert summary["stop_reason"] == "non_finite" and summary["final_step"] == 5
+
+
+def test_non_finite_steps_are_skipped_then_the_run_aborts(tmp_path):
+    cfg = tiny_config(tmp_path, steps=30)
+    p = run_cli("run", cfg, "--set", "train.max_consecutive_skips=3",
+                env_extra={"RTRAINER_FAULT": "nan_param_after_step=5:layers.1.out_proj_w"})
+    assert p.returncode == 4 and "4 consecutive steps up to step 9" in p.stderr, p.stderr
+    train = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["skipped"] for r in train] == [0, 0, 0, 0, 0, 1, 2, 3, 4]
+    assert all(r["loss"] is None for r in train[5:])          # NaN is written as null
+    assert all(isinstance(r["loss"], float) for r in train[:5])
+
+
 def test_resume_refuses_a_different_model(tmp_path):
     cfg = tiny_config(tmp_path, steps=10)
     run_cli("run", cfg, check=True)
