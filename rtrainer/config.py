@@ -194,6 +194,9 @@ class EvalConfig:
 
     val_every: int = _f(200, "validate every N steps; 0 = never", ge=0)
     eval_batches: int = _f(8, "validation batches (the same windows at every evaluation)", ge=1)
+    patience: int = _f(0, "stop after this many evaluations without an improvement of more than "
+                       "min_delta; 0 = never stop early", ge=0)
+    min_delta: float = _f(0.0, "smallest decrease of val_loss that counts as an improvement", ge=0)
 
 
 @dataclass(frozen=True)

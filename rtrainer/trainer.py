@@ -179,6 +179,7 @@ class Trainer:
             "config": str(out_dir / "config.toml"),
             "metrics": str(out_dir / "metrics.jsonl"),
             "latest": str(out_dir / "checkpoints" / "latest.safetensors"),
+            "best": str(out_dir / "checkpoints" / "best.safetensors"),
             "run_state": str(out_dir / "run_state.json"),
             "summary": str(out_dir / "summary.json"),
         }
@@ -194,12 +195,14 @@ class Trainer:
             self.model.init_params(c.run.seed, c.model.init)
             self.head.init_params(c.run.seed, c.model.init)
             self.step, self.skipped, self.best_val_loss, elapsed0 = 0, 0, math.inf, 0.0
+            self.bad_evals = 0
             metrics_offset = None
         else:
             self.step = int(state["step"])
             self.optimizer.t = int(state["optimizer_updates"])
             self.skipped = int(state["skipped"])
             self.best_val_loss = _from_json_float(state["best_val_loss"])
+            self.bad_evals = int(state.get("bad_evals", 0))
             self.data.train.set_state(state["data"]["train"])
             self.rng.bit_generator.state = state["rng"]
             elapsed0 = float(state["elapsed_s"])
@@ -260,11 +263,17 @@ class Trainer:
                 t_last, step_last = now, self.step
                 self._say(f"step {self.step:>6}/{total}  loss {loss:.5f}  lr {lr:.3e}  grad_norm {gnorm:.4f}"
                           f"  {rec['tokens_per_s']:,.0f} tok/s  rss {rec['rss_mb']:.0f} MB")
+            improved = stop_early = False
             if self.data.val is not None and (self.step % c.eval.val_every == 0 or last):
-                self._validate()
-            saved = (c.checkpoint.save_every and self.step % c.checkpoint.save_every == 0) or last
-            if saved:
-                self._save(elapsed0 + time.perf_counter() - t_start)
+                improved = self._validate()
+                stop_early = c.eval.patience > 0 and self.bad_evals >= c.eval.patience
+            saved = (c.checkpoint.save_every and self.step % c.checkpoint.save_every == 0) or last or stop_early
+            if saved or improved:
+                self._save(elapsed0 + time.perf_counter() - t_start, latest=saved, best=improved)
+            if stop_early:
+                self._say(f"rtrainer: early stopping at step {self.step}: {self.bad_evals} evaluations without an "
+                          f"improvement of more than {c.eval.min_delta} (best val_loss {self.best_val_loss:.5f})")
+                return self._finish("early_stopping")
             if consecutive_skips > c.train.max_consecutive_skips:
                 self._finish("non_finite")
                 raise NonFiniteError(f"{consecutive_skips} consecutive steps up to step {self.step} had a non-finite "
@@ -310,24 +319,32 @@ class Trainer:
                              f"(loss {loss}, grad_norm {gnorm}); parameters, moments and gradients of that step "
                              f"are in {path} (train.fail_on_non_finite = true)")
 
-    def _validate(self) -> None:
+    def _validate(self) -> bool:
+        """Evaluate, log, and track the best val_loss; True on an improvement of more than min_delta."""
         r = self.evaluate()
-        if r["val_loss"] < self.best_val_loss:
+        improved = r["val_loss"] < self.best_val_loss - self.cfg.eval.min_delta
+        if improved:
             self.best_val_loss = r["val_loss"]
+            self.bad_evals = 0
+        else:
+            self.bad_evals += 1
         rec = {"kind": "val", "step": self.step, **r, "best_val_loss": self.best_val_loss}
         self.last_val = {k: _json_float(v) for k, v in rec.items() if k != "kind"}
         self.metrics.write(rec)
         self._say(f"step {self.step:>6}  val_loss {r['val_loss']:.5f}  val_acc {r['val_acc']:.4f}"
                   f"  best {self.best_val_loss:.5f}")
+        return improved
 
-    def _save(self, elapsed: float) -> None:
-        """One checkpoint = parameters + moments + everything the loop needs to continue."""
+    def _save(self, elapsed: float, latest: bool = True, best: bool = False) -> None:
+        """One checkpoint = parameters + moments + everything the loop needs to continue; written
+        as `latest` and/or, after an improving validation, as `best`."""
         state = {
             "schema": SCHEMA_VERSION,
             "step": self.step,
             "optimizer_updates": self.optimizer.t,
             "skipped": self.skipped,
             "best_val_loss": _json_float(self.best_val_loss),
+            "bad_evals": self.bad_evals,
             "data": {"train": self.data.train.state()},
             "rng": self.rng.bit_generator.state,
             "metrics_offset": self.metrics.offset(),
@@ -335,10 +352,13 @@ class Trainer:
             "n_threads": self.n_threads,
             "config": config_mod.config_to_dict(self.resolved),
         }
-        ckpt.save_checkpoint(self.paths["latest"], self.flat.state_tensors(), state)
-        ckpt.write_json_atomic(self.paths["run_state"], {
-            "step": self.step, "checkpoint": self.paths["latest"], "data": state["data"],
-            "best_val_loss": state["best_val_loss"]})
+        if best:
+            ckpt.save_checkpoint(self.paths["best"], self.flat.state_tensors(), state)
+        if latest:
+            ckpt.save_checkpoint(self.paths["latest"], self.flat.state_tensors(), state)
+            ckpt.write_json_atomic(self.paths["run_state"], {
+                "step": self.step, "checkpoint": self.paths["latest"], "data": state["data"],
+                "best_val_loss": state["best_val_loss"], "bad_evals": self.bad_evals})
 
     def _checkpoint_path(self) -> str | None:
         r = self.resume

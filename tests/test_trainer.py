@@ -215,6 +215,28 @@ def test_non_finite_steps_are_skipped_then_the_run_aborts(tmp_path):
     assert all(isinstance(r["loss"], float) for r in train[:5])
 
 
+def test_early_stopping_and_best_checkpoint(tmp_path):
+    import orjson
+
+    cfg = tiny_config(tmp_path, steps=60)
+    # min_delta 10: only the first evaluation (from +inf) counts as an improvement
+    p = run_cli("run", cfg, "--set", "eval.val_every=5", "--set", "eval.patience=2", "--set", "eval.min_delta=10.0",
+                check=True)
+    assert "early stopping at step 15" in p.stderr, p.stderr
+    summary = orjson.loads((tmp_path / "run" / "summary.json").read_bytes())
+    assert summary["stop_reason"] == "early_stopping" and summary["final_step"] == 15
+    val = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "val"]
+    assert [r["step"] for r in val] == [5, 10, 15]
+    assert all(r["best_val_loss"] == val[0]["val_loss"] for r in val)
+    best = load_file(str(tmp_path / "run" / "checkpoints" / "best.safetensors"))
+    latest = load_file(str(tmp_path / "run" / "checkpoints" / "latest.safetensors"))
+    assert not np.array_equal(best["param/embedding"], latest["param/embedding"])  # step 5 vs step 15
+    # without min_delta the loss keeps improving and the run completes
+    p = run_cli("run", cfg, "--overwrite", "--set", "eval.val_every=5", "--set", "eval.patience=2", check=True)
+    summary = orjson.loads((tmp_path / "run" / "summary.json").read_bytes())
+    assert summary["stop_reason"] == "completed" and summary["final_step"] == 60
+
+
 def test_resume_refuses_a_different_model(tmp_path):
     cfg = tiny_config(tmp_path, steps=10)
     run_cli("run", cfg, check=True)
