@@ -54,11 +54,9 @@ cdef extern from *:
     """
     typedef float * __restrict__ rtrainer_rf;
     typedef const float * __restrict__ rtrainer_rcf;
-    typedef double * __restrict__ rtrainer_rd;
     """
     ctypedef float* rf "rtrainer_rf"
     ctypedef const float* rcf "rtrainer_rcf"
-    ctypedef double* rd "rtrainer_rd"
 
 # column blocks of float32 written by one thread are whole 64-byte cache lines
 cdef enum:
