@@ -3,11 +3,15 @@ over all V prototypes, is one BLAS matrix product in rtrainer/heads.py: 4-10x fa
 
     ẑ_i   = z_i / max(‖z_i‖, 1e-8)                                z (n,D), n = B*T tokens
     P̃_k   = P_k / max(‖P_k‖, 1e-8)  if normalize else P_k         P (V,D) prototypes
-    cos_i = ẑ_i · P̃[y_i]                                          y = targets (n) int64 in [0, V)
-    loss  = (1/n) Σ_i (1 - cos_i)²
+    cos_i = ẑ_i · P̃[y_i]                                          y = targets (n) int64 in [0, V), or -1 = ignored
+    loss  = (1/m) Σ_{i: y_i ≥ 0} (1 - cos_i)²                     m = number of scored tokens
+
+Ignore index: a token whose target is -1 (IGNORE) is not scored: it adds nothing to the loss or to
+any gradient, its cos_i is written as 0, and the mean is over the m scored tokens (the synthetic
+tasks score only their answer positions). With m = 0 the loss is 0 and no gradient is added.
 
 Backward of scale·loss (scale lets the trainer weight or un-average the head loss):
-    c_i   = -2·scale·(1 - cos_i)/n ;  dẑ_i = c_i·P̃[y_i]
+    c_i   = -2·scale·(1 - cos_i)/m ;  dẑ_i = c_i·P̃[y_i]       (c_i = 0 for ignored tokens)
     dz_i += (dẑ_i - (dẑ_i·ẑ_i) ẑ_i) / max(‖z_i‖, 1e-8)
     dP_k += (g_k - (g_k·P̃_k) P̃_k) / max(‖P_k‖, 1e-8)  with g_k = Σ_{i: y_i = k} c_i ẑ_i   (normalize)
     dP_k += g_k                                                                       (raw P)
@@ -35,6 +39,7 @@ from cython.parallel cimport prange
 from _common cimport check_threads, col_block_width
 
 cdef double _NORM_EPS = 1e-8
+cdef int64_t IGNORE = -1          # the ignore index of targets
 
 
 cdef tuple _shape(object a):
@@ -45,7 +50,7 @@ cdef tuple _shape(object a):
 cdef Py_ssize_t _first_bad_target(const int64_t[::1] targets, int64_t V) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(targets.shape[0]):
-        if targets[i] < 0 or targets[i] >= V:
+        if (targets[i] < 0 and targets[i] != IGNORE) or targets[i] >= V:
             return i
     return -1
 
@@ -55,7 +60,16 @@ cdef _check_targets(const int64_t[::1] targets, Py_ssize_t V):
     with nogil:
         bad = _first_bad_target(targets, <int64_t>V)
     if bad >= 0:
-        raise ValueError(f"target {targets[bad]} at index {bad} is outside [0, {V})")
+        raise ValueError(f"target {targets[bad]} at index {bad} is outside [0, {V}) "
+                         f"(and is not the ignore index -1)")
+
+
+cdef Py_ssize_t _n_scored(const int64_t[::1] targets) noexcept nogil:
+    cdef Py_ssize_t i, m = 0
+    for i in range(targets.shape[0]):
+        if targets[i] != IGNORE:
+            m += 1
+    return m
 
 
 cdef _check_zP(str fn, const float[:, ::1] z, const float[:, ::1] P):
@@ -98,21 +112,26 @@ cdef inline double _cos_row(const float* z, const float* p, Py_ssize_t D, bint n
 cdef double _hpn_forward(float[::1] cos,                 # OUT (n)
                          const float[:, ::1] z,          # IN  (n,D)
                          const float[:, ::1] P,          # IN  (V,D)
-                         const int64_t[::1] targets,     # IN  (n), in [0,V) (checked)
+                         const int64_t[::1] targets,     # IN  (n), in [0,V) or IGNORE (checked)
                          bint normalize,
                          double* term,                   # scratch (n): (1 - cos_i)² in double
                          int n_threads) noexcept nogil:
     cdef Py_ssize_t n = z.shape[0], D = z.shape[1], i
+    cdef Py_ssize_t m = _n_scored(targets)
     cdef double c, loss = 0.0
-    # cos_i = ẑ_i · P̃[y_i] ; term_i = (1 - cos_i)²   one token per iteration
+    # cos_i = ẑ_i · P̃[y_i] ; term_i = (1 - cos_i)²   one token per iteration (0 if ignored)
     for i in prange(n, schedule='static', num_threads=n_threads, nogil=True):
-        c = _cos_row(&z[i, 0], &P[targets[i], 0], D, normalize)
-        cos[i] = <float>c
-        term[i] = (1.0 - c) * (1.0 - c)
-    # loss = mean_i term_i   serial, token order
+        if targets[i] == IGNORE:
+            cos[i] = 0.0
+            term[i] = 0.0
+        else:
+            c = _cos_row(&z[i, 0], &P[targets[i], 0], D, normalize)
+            cos[i] = <float>c
+            term[i] = (1.0 - c) * (1.0 - c)
+    # loss = Σ_i term_i / m   serial, token order
     for i in range(n):
         loss += term[i]
-    return loss / n
+    return loss / m if m > 0 else 0.0
 
 
 def hpn_forward(float[::1] cos, const float[:, ::1] z, const float[:, ::1] P,
@@ -173,6 +192,8 @@ cdef inline void _dP_cols(float[:, ::1] dP, const float[:, ::1] z, const float[:
     cdef const float* pk
     cdef double ai, bi
     for i in range(z.shape[0]):
+        if targets[i] == IGNORE:
+            continue
         dst = &dP[targets[i], 0]
         pk = &P[targets[i], 0]
         zi = &z[i, 0]
@@ -192,13 +213,18 @@ cdef void _hpn_backward(float[:, ::1] dz,               # OUT (n,D), +=
                         double* a, double* b,           # scratch (n) each: dP coefficients
                         int n_threads) noexcept nogil:
     cdef Py_ssize_t n = z.shape[0], D = z.shape[1], i, blk, j0, j1, width, nblk
+    cdef Py_ssize_t m = _n_scored(targets)
     cdef double c
-    if D == 0:
+    if D == 0 or m == 0:
         return
-    # c_i = -2·scale·(1-cos_i)/n ; dz_i += (dẑ_i - (dẑ_i·ẑ_i)ẑ_i)/‖z_i‖'   one token per iteration
+    # c_i = -2·scale·(1-cos_i)/m ; dz_i += (dẑ_i - (dẑ_i·ẑ_i)ẑ_i)/‖z_i‖'   one token per iteration
     for i in prange(n, schedule='static', num_threads=n_threads, nogil=True):
-        c = -2.0 * scale * (1.0 - cos[i]) / n
-        _dz_row(&dz[i, 0], &z[i, 0], &P[targets[i], 0], D, c, normalize, &a[i], &b[i])
+        if targets[i] == IGNORE:
+            a[i] = 0.0
+            b[i] = 0.0
+        else:
+            c = -2.0 * scale * (1.0 - cos[i]) / m
+            _dz_row(&dz[i, 0], &z[i, 0], &P[targets[i], 0], D, c, normalize, &a[i], &b[i])
     if not learnable:
         return
     width = col_block_width(D, n_threads)
@@ -240,3 +266,76 @@ def hpn_backward(float[:, ::1] dz, float[:, ::1] dP, const float[:, ::1] z, cons
                           a, a + n, n_threads)
     finally:
         free(a)
+
+
+# ====================================================================================== softmax head
+# Softmax cross-entropy (head.kind = "softmax", rtrainer/heads.py SoftmaxHead). The logits
+# x = z @ W^T (+ b) are a BLAS product in heads.py; this fused row-wise kernel turns them into the loss
+# and, in place, into d(scale·loss)/dx, so the backward is two more BLAS products:
+#     lse_i  = max_j x_ij + log Σ_j exp(x_ij - max_j x_ij)           (stable log-softmax, sum in double)
+#     loss   = (1/m) Σ_{i: y_i ≥ 0} (lse_i - x_i[y_i])                 m = number of scored tokens
+#     dx_ij  = (scale/m) (softmax(x_i)_j - [j = y_i])   for scored rows; 0 for ignored rows (y_i = -1)
+# Parallel over rows (each owns its row and its loss term); terms summed serially in row order:
+# bitwise identical for any n_threads.
+
+from _common cimport rt_expf
+from libc.math cimport log
+
+
+cdef void _xent_rows(float[:, ::1] x, const int64_t[::1] targets, double scale, Py_ssize_t m,
+                     double* term, int n_threads) noexcept nogil:
+    cdef Py_ssize_t n = x.shape[0], V = x.shape[1], i, j
+    cdef float mx, xt
+    cdef double s, c
+    cdef float* row
+    for i in prange(n, schedule='static', num_threads=n_threads, nogil=True):
+        row = &x[i, 0]
+        if targets[i] == IGNORE:
+            for j in range(V):
+                row[j] = 0.0
+            term[i] = 0.0
+            continue
+        # mx = max_j x_ij
+        mx = row[0]
+        for j in range(1, V):
+            if row[j] > mx:
+                mx = row[j]
+        xt = row[targets[i]]
+        # row_j = exp(x_ij - mx) ; s = Σ_j row_j
+        s = 0.0
+        for j in range(V):
+            row[j] = rt_expf(row[j] - mx)
+            s = s + row[j]
+        term[i] = mx + log(s) - xt
+        # dx_ij = (scale/m)·(row_j/s - [j = y_i])
+        c = scale / m
+        for j in range(V):
+            row[j] = <float>(row[j] * (c / s))
+        row[targets[i]] = <float>(row[targets[i]] - c)
+
+
+def softmax_xent(float[:, ::1] logits, const int64_t[::1] targets, double scale, int n_threads):
+    """logits (n,V) IN, OVERWRITTEN with d(scale·loss)/dlogits; targets (n) int64 in [0,V) or -1
+    (ignored) IN. Returns loss = mean over the scored rows of logsumexp(logits_i) - logits_i[y_i]
+    (0 with no scored row)."""
+    check_threads(n_threads)
+    cdef Py_ssize_t n = logits.shape[0], V = logits.shape[1]
+    if n == 0 or V == 0:
+        raise ValueError(f"softmax_xent: logits has shape {_shape(logits)}; need at least one row and column")
+    if targets.shape[0] != n:
+        raise ValueError(f"softmax_xent: targets has shape ({targets.shape[0]},), expected ({n},) "
+                         f"from logits {_shape(logits)}")
+    _check_targets(targets, V)
+    cdef Py_ssize_t m = _n_scored(targets), i
+    cdef double loss = 0.0
+    cdef double* term = <double*>malloc(n * sizeof(double))
+    if term == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            _xent_rows(logits, targets, scale, m, term, n_threads)
+            for i in range(n):
+                loss += term[i]
+    finally:
+        free(term)
+    return loss / m if m > 0 else 0.0

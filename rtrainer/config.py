@@ -124,7 +124,7 @@ class ModelConfig:
 class HeadConfig:
     """[head]: the output head (HPN built in; other heads come from a Trainer subclass)."""
 
-    kind: str = _f("hpn", "head kind; only 'hpn' is built in (custom heads: subclass Trainer)")
+    kind: str = _f("hpn", "head kind: 'hpn' or 'softmax' (cross-entropy); custom heads: subclass Trainer")
     normalize_prototypes: bool = _f(True, "use unit-norm prototypes (a true cosine); false = raw P")
     learnable_prototypes: bool = _f(
         False, "train the prototypes (false: fixed, spread over the hypersphere)"
@@ -133,6 +133,12 @@ class HeadConfig:
         0.0, "weight of a penalty on the largest cosine between prototypes (not implemented yet)",
         ge=0.0,
     )
+    prototype_init: str = _f(
+        "spread", "HPN prototypes before training: 'spread' (regular simplex if D >= V-1, else optimised "
+        "separation) or 'random' unit vectors (model.init = 'reference' keeps N(0, 0.02^2))",
+        choices=("spread", "random"),
+    )
+    bias: bool = _f(True, "softmax head: learn a bias of the logits")
 
 
 @dataclass(frozen=True)
@@ -186,6 +192,13 @@ class DataConfig:
         "auto", "token file format: auto (by extension) | txt | u8 | u16 | u32 | npy",
         choices=("auto", "txt", "u8", "u16", "u32", "npy"),
     )
+    task: str = _f(
+        "", "synthetic task instead of token files: '' (none) | selective_copying | induction_heads",
+        choices=("", "selective_copying", "induction_heads"),
+    )
+    task_tokens: int = _f(8, "selective_copying: data tokens to copy M (L_noise = train.seq_len - 2M)", ge=1)
+    task_vocab: int = _f(16, "task alphabet: selective_copying A (0 noise, 1..A-2 data, A-1 marker); "
+                         "induction_heads V (0..V-2 content, V-1 the special token)", ge=3)
 
 
 @dataclass(frozen=True)
@@ -197,6 +210,8 @@ class EvalConfig:
     patience: int = _f(0, "stop after this many evaluations without an improvement of more than "
                        "min_delta; 0 = never stop early", ge=0)
     min_delta: float = _f(0.0, "smallest decrease of val_loss that counts as an improvement", ge=0)
+    extra_lengths: tuple = _f((), "also validate at these sequence lengths (metrics val_loss@L, "
+                              "val_acc@L): length extrapolation", ge=1)
 
 
 @dataclass(frozen=True)
@@ -308,6 +323,16 @@ def _check_value(section: str, f: Any, value: Any, where: str) -> Any:
     """Validate one field's value: type, finiteness, range, choices. Returns the stored value."""
     name = f"{section}.{f.name}"
     md = f.metadata
+    if isinstance(f.default, tuple) and not f.default:   # a list of any length of integers
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list of integers, {_got(value)}{where}")
+        out = []
+        for i, v in enumerate(value):
+            v = _check_scalar(f"{name}[{i}]", 0, v, where)
+            if not _in_range(v, md):
+                raise ConfigError(f"{name}[{i}] must be {_range_text(md)}, got {v!r}{where}")
+            out.append(v)
+        return tuple(out)
     if isinstance(f.default, tuple):
         n = len(f.default)
         if not isinstance(value, (list, tuple)):
@@ -368,9 +393,9 @@ def _cross_checks(
             "layer expansion (model.target_layers != model.base_layers) is not implemented yet"
             f" (base_layers = {m.base_layers}, target_layers = {m.target_layers})"
         )
-    if cfg.head.kind != "hpn":
+    if cfg.head.kind not in ("hpn", "softmax"):
         raise ConfigError(
-            f"head.kind = {cfg.head.kind!r} is not built in (only 'hpn'); custom heads come from "
+            f"head.kind = {cfg.head.kind!r} is not built in ('hpn', 'softmax'); custom heads come from "
             "a Trainer subclass that overrides build_head" + _where(origins, "head", "kind")
         )
     if cfg.head.prototype_separation > 0:
@@ -378,7 +403,20 @@ def _cross_checks(
             f"head.prototype_separation = {cfg.head.prototype_separation!r} > 0 is not implemented "
             "yet; use 0.0" + _where(origins, "head", "prototype_separation")
         )
-    if require_data and not cfg.data.train:
+    d = cfg.data
+    if d.task:
+        if d.train or d.val:
+            raise ConfigError(f"data.task = {d.task!r} generates its own data: leave data.train and data.val empty"
+                              + _where(origins, "data", "task"))
+        from .tasks import check_task
+        try:
+            check_task(d.task, cfg.train.seq_len, d.task_tokens, d.task_vocab)
+        except ValueError as e:
+            raise ConfigError(f"{e}{_where(origins, 'data', 'task')}") from None
+        if m.vocab_size and m.vocab_size < d.task_vocab:
+            raise ConfigError(f"model.vocab_size = {m.vocab_size} is smaller than data.task_vocab = {d.task_vocab}"
+                              + _where(origins, "model", "vocab_size"))
+    elif require_data and not cfg.data.train:
         raise ConfigError("data.train is required (the training token file)")
 
 

@@ -186,6 +186,7 @@ def scan_backward_ref(du, ddt, ddt_bias, dA_log, dxdbl, dD_skip, dy, u, dt, dt_b
 # ============================================================ embedding, LayerNorm, HPN head, AdamW
 
 NORM_EPS = 1e-8  # floor of ‖z‖ and ‖P‖ in the HPN head (SPEC §2.2)
+IGNORE = -1      # targets equal to IGNORE are not scored (synthetic tasks score only their answers)
 
 
 def _check_ids(ids, V):
@@ -196,12 +197,14 @@ def _check_ids(ids, V):
         raise ValueError(f"token id {int(ids[b, t])} at position (b={b}, t={t}) is outside [0, {V})")
 
 
-def _check_targets(targets, V):
+def _check_targets(targets, V, allow_ignore=False):
     targets = np.asarray(targets)
-    bad = np.flatnonzero((targets < 0) | (targets >= V))
+    neg = (targets < 0) & (targets != IGNORE) if allow_ignore else targets < 0
+    bad = np.flatnonzero(neg | (targets >= V))
     if len(bad):
         i = int(bad[0])
-        raise ValueError(f"target {int(targets[i])} at index {i} is outside [0, {V})")
+        raise ValueError(f"target {int(targets[i])} at index {i} is outside [0, {V})"
+                         + (" (and is not the ignore index -1)" if allow_ignore else ""))
 
 
 # ------------------------------------------------------------------------------------------ embed
@@ -255,23 +258,25 @@ def _prototypes(P, normalize):
 
 
 def hpn_forward_ref(cos, z, P, targets, normalize, n_threads):
-    """cos (n) OUT = ẑ_i·P̃[targets_i];  z (n,D), P (V,D), targets (n) int IN.
-    Returns loss = mean_i (1 - cos_i)²."""
+    """cos (n) OUT = ẑ_i·P̃[targets_i] (0 where targets_i = -1);  z (n,D), P (V,D), targets (n)
+    int in [0, V) or -1 (ignored) IN. Returns loss = mean over the scored tokens of (1 - cos_i)²
+    (0 when no token is scored)."""
     if z.shape[0] == 0:
         raise ValueError(f"hpn_forward: z has shape {z.shape}; need at least one token")
-    _check_targets(targets, P.shape[0])
+    _check_targets(targets, P.shape[0], allow_ignore=True)
+    keep = np.asarray(targets) != IGNORE
     _, nzc = _floored_norm(z)
     zhat = z / nzc[:, None]
     Pt, _, _ = _prototypes(P, normalize)
-    cos[...] = (zhat * Pt[targets]).sum(axis=1)
-    return float(np.mean((1.0 - cos) ** 2))
+    cos[...] = np.where(keep, (zhat * Pt[np.where(keep, targets, 0)]).sum(axis=1), 0.0)
+    return float(np.mean((1.0 - cos[keep]) ** 2)) if keep.any() else 0.0
 
 
 def hpn_backward_ref(dz, dP, z, P, targets, cos, normalize, learnable, scale, n_threads):
     """Gradients of scale·loss, ADDED into dz (n,D) and, only if learnable, dP (V,D) (else dP is not
     touched and may be (0,D)).  z (n,D), P (V,D), targets (n), cos (n) from the forward, all IN.
 
-        c_i = -2·scale·(1 - cos_i)/n ;  dẑ_i = c_i·P̃[t_i]
+        c_i = -2·scale·(1 - cos_i)/m ;  dẑ_i = c_i·P̃[t_i]      (m scored tokens; ignored: c_i = 0)
         dz_i += (dẑ_i - (dẑ_i·ẑ_i) ẑ_i)/max(‖z_i‖, 1e-8)        (dẑ_i/1e-8 if ‖z_i‖ < 1e-8)
         g_k = Σ_{i: t_i = k} c_i ẑ_i
         dP_k += (g_k - (g_k·P̃_k) P̃_k)/max(‖P_k‖, 1e-8)         (normalize; g_k/1e-8 if ‖P_k‖ < 1e-8)
@@ -280,15 +285,22 @@ def hpn_backward_ref(dz, dP, z, P, targets, cos, normalize, learnable, scale, n_
     n = z.shape[0]
     if n == 0:
         raise ValueError(f"hpn_backward: z has shape {z.shape}; need at least one token")
-    _check_targets(targets, P.shape[0])
+    _check_targets(targets, P.shape[0], allow_ignore=True)
+    keep = np.asarray(targets) != IGNORE
+    if not keep.any():
+        return
+    # ignored tokens (target -1): c_i = 0 and the mean is over the m scored tokens
+    z, targets, cos = z[keep], np.asarray(targets)[keep], np.asarray(cos)[keep]
+    dz_all, dz = dz, np.zeros(z.shape)
     nz, nzc = _floored_norm(z)
     zhat = z / nzc[:, None]
     Pt, _, _ = _prototypes(P, normalize)
-    c = -2.0 * scale * (1.0 - np.asarray(cos, dtype=np.float64)) / n
+    c = -2.0 * scale * (1.0 - np.asarray(cos, dtype=np.float64)) / len(targets)
     dzhat = c[:, None] * Pt[targets]
     proj = (dzhat * zhat).sum(axis=1)
     grad_z = np.where((nz >= NORM_EPS)[:, None], dzhat - proj[:, None] * zhat, dzhat)
     dz += grad_z / nzc[:, None]
+    dz_all[keep] += dz
     if not learnable:
         return
     g = np.zeros(P.shape, dtype=np.float64)
@@ -417,3 +429,31 @@ def model_loss_and_grads_ref(params, ids, targets, *, n_layers, d_state, dt_rank
     if not learnable_prototypes:
         del g["head.prototypes"]
     return float(loss), g
+
+
+# ------------------------------------------------------------------------------------ softmax head
+
+def softmax_xent_ref(logits, targets, scale, n_threads):
+    """logits (n,V) IN, OVERWRITTEN with d(scale·loss)/dlogits; targets (n) in [0, V) or -1 (ignored).
+    Returns loss = mean over the scored rows of logsumexp(logits_i) - logits_i[y_i] (0 if none).
+
+        dlogits_i = (scale/m)(softmax(logits_i) - onehot(y_i)) for scored rows, 0 for ignored rows."""
+    n, V = logits.shape
+    if n == 0 or V == 0:
+        raise ValueError(f"softmax_xent: logits has shape {logits.shape}; need at least one row and column")
+    _check_targets(targets, V, allow_ignore=True)
+    t = np.asarray(targets)
+    keep = t != IGNORE
+    m = int(keep.sum())
+    x = np.asarray(logits, dtype=np.float64)
+    mx = x.max(axis=1, keepdims=True)
+    lse = (mx + np.log(np.exp(x - mx).sum(axis=1, keepdims=True)))[:, 0]
+    rows = np.flatnonzero(keep)
+    loss = float((lse[rows] - x[rows, t[rows]]).sum() / m) if m else 0.0
+    d = np.zeros_like(x)
+    if m:
+        d[rows] = np.exp(x[rows] - lse[rows, None])
+        d[rows, t[rows]] -= 1.0
+        d *= scale / m
+    logits[...] = d
+    return loss

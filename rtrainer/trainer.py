@@ -27,7 +27,7 @@ from . import checkpoint as ckpt
 from . import config as config_mod
 from . import data as data_mod
 from .errors import CheckpointError, ConfigError, NonFiniteError, RtrainerError, RunIOError, RunLockedError
-from .heads import HPNHead
+from .heads import HPNHead, SoftmaxHead
 from .metrics import MetricsWriter
 from .model import MambaLiteStack
 from .optim import AdamW, lr_at
@@ -64,6 +64,7 @@ class RunData:
     train: object            # .next_batch() -> (ids, targets), .state(), .set_state(d)
     val: object | None       # .batches() -> iterable of (ids, targets), the same every time
     vocab_size: int
+    extra_val: dict = dataclasses.field(default_factory=dict)   # {seq_len: like val} (eval.extra_lengths)
 
 
 class Trainer:
@@ -83,6 +84,8 @@ class Trainer:
     # ================================================================ public hooks
     def build_data(self) -> RunData:
         c = self.cfg
+        if c.data.task:
+            return self._build_task_data()
         fmt = c.data.format
         train_path = _abspath(c.data.train)
         tokens = data_mod.load_tokens(train_path, fmt)
@@ -106,7 +109,29 @@ class Trainer:
         if val_tokens is not None and c.eval.val_every > 0:
             data_mod.check_token_range(val_tokens, V, val_path)
             val = data_mod.FixedWindows(val_tokens, B, T, c.eval.eval_batches, name=val_path)
-        return RunData(train=train, val=val, vocab_size=int(V))
+        extra = {}
+        if val is not None:
+            for L in c.eval.extra_lengths:
+                extra[L] = data_mod.FixedWindows(val_tokens, B, L, c.eval.eval_batches, name=val_path)
+        return RunData(train=train, val=val, vocab_size=int(V), extra_val=extra)
+
+    def _build_task_data(self) -> RunData:
+        """data.task: fresh seeded batches for training, fixed seeded sets for validation."""
+        from . import tasks
+
+        c, d = self.cfg, self.cfg.data
+        B, T = c.train.batch_size, c.train.seq_len
+        kw = dict(task_tokens=d.task_tokens, task_vocab=d.task_vocab)
+        train = tasks.TaskStream(d.task, B, T, c.run.seed, **kw)
+        val, extra = None, {}
+        if c.eval.val_every > 0:
+            val = tasks.TaskEval(d.task, B, T, c.eval.eval_batches, c.run.seed, **kw)
+            for L in c.eval.extra_lengths:
+                try:
+                    extra[L] = tasks.TaskEval(d.task, B, L, c.eval.eval_batches, c.run.seed, **kw)
+                except ValueError as e:
+                    raise ConfigError(f"eval.extra_lengths: length {L}: {e}") from None
+        return RunData(train=train, val=val, vocab_size=max(c.model.vocab_size, d.task_vocab), extra_val=extra)
 
     def build_model(self, vocab_size: int):
         m = self.cfg.model
@@ -115,8 +140,11 @@ class Trainer:
 
     def build_head(self, vocab_size: int):
         h = self.cfg.head
+        if h.kind == "softmax":
+            return SoftmaxHead(vocab_size, self.cfg.model.d_model, bias=h.bias, n_threads=self.n_threads)
         return HPNHead(vocab_size, self.cfg.model.d_model, normalize=h.normalize_prototypes,
-                       learnable=h.learnable_prototypes, n_threads=self.n_threads)
+                       learnable=h.learnable_prototypes, n_threads=self.n_threads,
+                       prototype_init=h.prototype_init)
 
     def build_optimizer(self, flat: FlatParams):
         o = self.cfg.optim
@@ -124,17 +152,24 @@ class Trainer:
                      weight_decay_scope=o.weight_decay_scope, grad_clip=o.grad_clip, n_threads=self.n_threads)
 
     def evaluate(self) -> dict:
-        """Mean loss and accuracy over the fixed validation windows (no gradients)."""
-        n_tok, loss_sum, correct = 0, 0.0, 0
-        for ids, targets in self.data.val.batches():
-            z = self.model.forward(ids)
-            loss = self.head.forward(z, targets)
-            pred = self.head.predict(z)
-            n = targets.size
-            loss_sum += float(loss) * n
-            correct += int(np.count_nonzero(pred == targets.reshape(-1)))
-            n_tok += n
-        return {"val_loss": loss_sum / n_tok, "val_acc": correct / n_tok}
+        """Mean loss and accuracy over the fixed validation windows (no gradients), scored tokens
+        only (targets = -1 are ignored); plus val_loss@L, val_acc@L for each eval.extra_lengths L."""
+        r = {}
+        for L, source in [(None, self.data.val)] + sorted(getattr(self.data, "extra_val", {}).items()):
+            n_tok, loss_sum, correct = 0, 0.0, 0
+            for ids, targets in source.batches():
+                z = self.model.forward(ids)
+                loss = self.head.forward(z, targets)
+                pred = self.head.predict(z)
+                t = targets.reshape(-1)
+                n = int(np.count_nonzero(t != -1))
+                loss_sum += float(loss) * n
+                correct += int(np.count_nonzero(pred == t))    # pred is never -1
+                n_tok += n
+            sfx = "" if L is None else f"@{L}"
+            r["val_loss" + sfx] = loss_sum / max(n_tok, 1)
+            r["val_acc" + sfx] = correct / max(n_tok, 1)
+        return r
 
     # ================================================================ the run
     def fit(self) -> dict:

@@ -205,8 +205,8 @@ def test_not_implemented_options(tmp_path):
     msg, _ = err(tmp_path, MIN + "[model]\ntarget_layers = 4\n")
     assert ("layer expansion (model.target_layers != model.base_layers) "
             "is not implemented yet") in msg
-    msg, _ = err(tmp_path, MIN + '[head]\nkind = "softmax"\n')
-    assert "head.kind" in msg and "'softmax'" in msg and "Trainer subclass" in msg
+    msg, _ = err(tmp_path, MIN + '[head]\nkind = "arcface"\n')
+    assert "head.kind" in msg and "'arcface'" in msg and "Trainer subclass" in msg
     msg, _ = err(tmp_path, MIN + "[head]\nprototype_separation = 0.5\n")
     assert "head.prototype_separation" in msg and "not implemented yet" in msg
     msg, _ = err(tmp_path, MIN + "[head]\nprototype_separation = -0.5\n")
