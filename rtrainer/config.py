@@ -219,6 +219,7 @@ class CheckpointConfig:
     """[checkpoint]: how often to save and what to keep."""
 
     save_every: int = _f(200, "checkpoint every N steps; 0 = only at the end", ge=0)
+    keep_last: int = _f(3, "step checkpoints to keep (the newest N, plus the best one); 0 = keep all", ge=0)
 
 
 @dataclass(frozen=True)
