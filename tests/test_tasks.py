@@ -5,13 +5,12 @@ import json
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from rtrainer import Trainer, tasks
 from rtrainer.config import load_config
 from rtrainer.errors import ConfigError, DataError
 from rtrainer.reference import hpn_forward_ref, softmax_xent_ref
-from conftest import read_metrics, run_cli, strip_timing
+from conftest import checkpoint_tensors, latest_checkpoint, read_metrics, run_cli, strip_timing
 
 
 # ----------------------------------------------------------------------------------------- layouts
@@ -227,8 +226,8 @@ def test_resume_of_a_task_run_is_bitwise(tmp_path, task):
     ra = strip_timing(read_metrics(a / "run" / "metrics.jsonl"))
     rb = strip_timing(read_metrics(b / "run" / "metrics.jsonl"))
     assert ra == rb and len(ra) == 22
-    ta = load_file(str(a / "run" / "checkpoints" / "latest.safetensors"))
-    tb = load_file(str(b / "run" / "checkpoints" / "latest.safetensors"))
+    ta = checkpoint_tensors(latest_checkpoint(a / "run"))
+    tb = checkpoint_tensors(latest_checkpoint(b / "run"))
     assert ta.keys() == tb.keys()
     for k in ta:
         assert np.array_equal(ta[k], tb[k]), k
