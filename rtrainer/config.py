@@ -13,8 +13,8 @@ the key as ``section.key`` and where the value came from (the file, or the ``--s
 * wrong type (``bool`` is not an integer; an integer is accepted for a float field and converted;
   lists are checked element by element); non-finite floats (``nan``, ``inf``);
 * out of range / not one of the allowed values (the message gives the allowed range or values);
-* options that are validated but not implemented yet (``model.layer = 'mamba'``, layer expansion,
-  ``head.prototype_separation > 0``);
+* options that are validated but not implemented yet (``model.layer = 'mamba'``, layer expansion),
+  and combinations that cannot work (``head.prototype_separation > 0`` with fixed prototypes);
 * TOML syntax errors (with tomllib's line and column), a missing or unreadable file.
 
 Paths (``run.out_dir``, ``data.train``, ``data.val``) are stored as given; the caller resolves them
@@ -130,7 +130,8 @@ class HeadConfig:
         False, "train the prototypes (false: fixed, spread over the hypersphere)"
     )
     prototype_separation: float = _f(
-        0.0, "weight of a penalty on the largest cosine between prototypes (not implemented yet)",
+        0.0, "weight of a penalty on the largest cosine between prototypes, added to the loss "
+        "(learnable prototypes only)",
         ge=0.0,
     )
     prototype_init: str = _f(
@@ -399,10 +400,11 @@ def _cross_checks(
             f"head.kind = {cfg.head.kind!r} is not built in ('hpn', 'softmax'); custom heads come from "
             "a Trainer subclass that overrides build_head" + _where(origins, "head", "kind")
         )
-    if cfg.head.prototype_separation > 0:
+    if cfg.head.prototype_separation > 0 and (cfg.head.kind != "hpn" or not cfg.head.learnable_prototypes):
         raise ConfigError(
-            f"head.prototype_separation = {cfg.head.prototype_separation!r} > 0 is not implemented "
-            "yet; use 0.0" + _where(origins, "head", "prototype_separation")
+            f"head.prototype_separation = {cfg.head.prototype_separation!r} > 0 needs head.kind = 'hpn' and "
+            "head.learnable_prototypes = true (fixed prototypes get no update)"
+            + _where(origins, "head", "prototype_separation")
         )
     d = cfg.data
     if d.task:

@@ -57,13 +57,21 @@ class HPNHead(Head):
     paper), placed before training by spread_prototypes() (prototype_init = "spread": a regular
     simplex when D >= V-1, else optimised for separation) or random unit vectors ("random").
     They are parameters, so they are saved in every checkpoint.
+
+    separation > 0 (learnable prototypes only) adds separation · max_{k≠l} cos(P_k, P_l) to the loss
+    (SPEC §2.2: the loss itself never pushes prototypes apart, so learnable ones can collapse). The
+    largest cosine is found with blocked BLAS products (max_cosine: 2·V²·D flops a step, no (V, V)
+    matrix); its (sub)gradient reaches only the two prototypes of that pair.
     """
 
     def __init__(self, vocab_size: int, d_model: int, normalize: bool = True, learnable: bool = False,
-                 n_threads: int = 1, prototype_init: str = "spread"):
+                 n_threads: int = 1, prototype_init: str = "spread", separation: float = 0.0):
         self.V, self.D = vocab_size, d_model
         self.normalize, self.learnable = normalize, learnable
         self.prototype_init = prototype_init
+        self.separation = float(separation)
+        if self.separation > 0 and not learnable:
+            raise ValueError("a prototype separation penalty needs learnable prototypes")
         self.n_threads = n_threads
         self._no_dP = np.zeros((0, d_model), np.float32)
 
@@ -86,12 +94,37 @@ class HPNHead(Head):
         self.t = np.ascontiguousarray(targets, dtype=np.int64).reshape(-1)
         if getattr(self, "cos", None) is None or self.cos.shape[0] != self.t.shape[0]:
             self.cos = np.empty(self.t.shape[0], np.float32)
-        return _hpn.hpn_forward(self.cos, z, self.p["head.prototypes"], self.t, self.normalize, self.n_threads)
+        loss = _hpn.hpn_forward(self.cos, z, self.p["head.prototypes"], self.t, self.normalize, self.n_threads)
+        if self.separation > 0:
+            loss += self.separation * self._largest_cosine()
+        return loss
+
+    def _largest_cosine(self) -> float:
+        """max_{k≠l} cos(P_k, P_l); remembers the pair (k, l) for backward. The pair is found in
+        float32 (BLAS), its cosine recomputed in float64."""
+        P = self.p["head.prototypes"]
+        if self.V < 2:
+            self._pair = None
+            return 0.0
+        Pn = P / np.maximum(np.linalg.norm(P, axis=1, keepdims=True), np.float32(1e-8))
+        _, nn, mx = max_cosine(Pn)
+        k = int(np.argmax(mx))
+        l = int(nn[k])
+        pk, pl = P[k].astype(np.float64), P[l].astype(np.float64)
+        nk, nl = max(np.linalg.norm(pk), 1e-8), max(np.linalg.norm(pl), 1e-8)
+        c = float(pk @ pl / (nk * nl))
+        self._pair = (k, l, pk, pl, nk, nl, c)
+        return c
 
     def backward(self, dz):
         dP = self.g["head.prototypes"] if self.learnable else self._no_dP
         _hpn.hpn_backward(dz, dP, self.z, self.p["head.prototypes"], self.t, self.cos,
                           self.normalize, self.learnable, 1.0, self.n_threads)
+        if self.separation > 0 and self._pair is not None:
+            # d cos(p_k, p_l)/d p_k = (p̂_l - cos·p̂_k)/‖p_k‖, and symmetrically for p_l
+            k, l, pk, pl, nk, nl, c = self._pair
+            dP[k] += self.separation * (pl / nl - c * pk / nk) / nk
+            dP[l] += self.separation * (pk / nk - c * pl / nl) / nl
 
     def predict(self, z, block: int = 1024):
         """argmax_k zhat_i . Pt_k as BLAS products over blocks of `block` tokens (no (n, V) matrix

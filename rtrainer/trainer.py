@@ -147,7 +147,7 @@ class Trainer:
             return SoftmaxHead(vocab_size, self.cfg.model.d_model, bias=h.bias, n_threads=self.n_threads)
         return HPNHead(vocab_size, self.cfg.model.d_model, normalize=h.normalize_prototypes,
                        learnable=h.learnable_prototypes, n_threads=self.n_threads,
-                       prototype_init=h.prototype_init)
+                       prototype_init=h.prototype_init, separation=h.prototype_separation)
 
     def build_optimizer(self, flat: FlatParams):
         o = self.cfg.optim

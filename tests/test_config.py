@@ -208,7 +208,7 @@ def test_not_implemented_options(tmp_path):
     msg, _ = err(tmp_path, MIN + '[head]\nkind = "arcface"\n')
     assert "head.kind" in msg and "'arcface'" in msg and "Trainer subclass" in msg
     msg, _ = err(tmp_path, MIN + "[head]\nprototype_separation = 0.5\n")
-    assert "head.prototype_separation" in msg and "not implemented yet" in msg
+    assert "head.prototype_separation" in msg and "needs" in msg and "learnable_prototypes = true" in msg
     msg, _ = err(tmp_path, MIN + "[head]\nprototype_separation = -0.5\n")
     assert "head.prototype_separation must be >= 0" in msg
 

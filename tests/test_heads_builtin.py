@@ -262,3 +262,46 @@ def test_hpn_head_prototype_init(init, prototype_init):
     else:
         np.testing.assert_allclose(np.linalg.norm(P, axis=1), 1.0, atol=1e-6)
         assert max_cosine(P)[0] > max_cosine(spread_prototypes(V, D, 3))[0]
+
+
+# ------------------------------------------------------------------------------ prototype_separation
+
+def test_prototype_separation_penalty_and_its_gradient():
+    rng = np.random.default_rng(21)
+    n, V, D, lam = 12, 9, 4, 0.3
+    z = rng.normal(size=(n, D)).astype(np.float32)
+    t = targets_with_ignore(rng, n, V, 0.2)
+    P0 = rng.normal(size=(V, D)).astype(np.float32)
+
+    def run(sep):
+        head, flat = bound(HPNHead(V, D, learnable=True, separation=sep))
+        flat.params["head.prototypes"][...] = P0
+        loss = head.forward(z, t)
+        dz = np.zeros_like(z)
+        head.backward(dz)
+        return loss, dz, flat.grads["head.prototypes"].astype(np.float64)
+
+    l0, dz0, g0 = run(0.0)
+    l1, dz1, g1 = run(lam)
+
+    def penalty(P):                                  # float64: lam * largest cosine between two rows
+        Pn = P / np.linalg.norm(P, axis=1, keepdims=True)
+        C = Pn @ Pn.T
+        np.fill_diagonal(C, -np.inf)
+        return lam * C.max()
+
+    P64 = P0.astype(np.float64)
+    assert l1 - l0 == pytest.approx(penalty(P64), rel=1e-6)
+    assert np.array_equal(dz0, dz1)                  # the penalty does not touch z
+    h, fd = 1e-6, np.zeros_like(P64)
+    for idx in np.ndindex(P64.shape):
+        e = np.zeros_like(P64)
+        e[idx] = h
+        fd[idx] = (penalty(P64 + e) - penalty(P64 - e)) / (2 * h)
+    np.testing.assert_allclose(g1 - g0, fd, atol=1e-6)
+    assert np.count_nonzero(np.abs(fd).sum(axis=1)) == 2    # only the closest pair moves
+
+
+def test_prototype_separation_needs_learnable_prototypes():
+    with pytest.raises(ValueError, match="needs learnable prototypes"):
+        HPNHead(4, 3, learnable=False, separation=0.1)
