@@ -1,10 +1,15 @@
-"""Swap the head: train the same mamba-lite stack with a softmax cross-entropy head.
+"""Swap the head: train the same mamba-lite stack with a head of your own, here a softmax
+cross-entropy head in plain numpy.
 
     python examples/softmax_head.py examples/quickstart.toml --set train.steps=200
 
 The head owns its parameters (a (V, D) output matrix and a bias), its loss and its gradient;
 the Trainer subclass only overrides the `build_head` hook. Everything else (data, optimizer,
 checkpoints, metrics, resume) is unchanged. Plain numpy: the matrix products go to BLAS.
+
+rtrainer also has this head built in (`head.kind = "softmax"`, rtrainer.heads.SoftmaxHead: the same
+maths with a fused row kernel, and targets of -1 skipped); tests/test_heads_builtin.py checks that
+the two agree. This file stays the template for heads that are not built in.
 """
 from __future__ import annotations
 
