@@ -255,6 +255,7 @@ class Trainer:
             ids, targets = self.data.train.next_batch()
             lr = lr_at(self.step, c.optim.lr, c.schedule.warmup_steps, total, c.schedule.min_lr_scale)
             loss = forward_backward(self.model, self.head, self.flat, ids, targets, dz)
+            loss = _inject_nan(self.step + 1, loss, self.flat)
             gnorm = self.optimizer.grad_norm()
             clipped = False
             if math.isfinite(loss) and math.isfinite(gnorm):
@@ -517,6 +518,18 @@ def _fault_point(step: int, flat: FlatParams) -> None:
         os.kill(os.getpid(), getattr(signal, "SIG" + (arg or "KILL").upper()))
     elif kind == "nan_param_after_step":
         flat.params[arg][...] = np.nan
+
+
+def _inject_nan(step: int, loss: float, flat: FlatParams) -> float:
+    """The transient faults of rtrainer.faults, on step N only (between backward and update):
+    nan_loss_at_step=N makes the loss NaN, nan_grad_at_step=N:TENSOR fills that gradient with NaN."""
+    kind, n, arg = faults.parse()
+    if kind not in ("nan_loss_at_step", "nan_grad_at_step") or not n.isdigit() or int(n) != step:
+        return loss
+    if kind == "nan_loss_at_step":
+        return math.nan
+    flat.grads[arg][...] = np.nan
+    return loss
 
 
 def _abspath(p: str) -> str:
