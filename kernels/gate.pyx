@@ -17,7 +17,7 @@ identical for any n_threads. Backward ACCUMULATES (+=) into dy and dz and overwr
 All arrays are float32, 2-D (n, C) and C-contiguous; shapes are checked in the `def` wrappers.
 """
 from cython.parallel cimport prange
-from _common cimport check_threads, sigmoidf
+from _common cimport check_threads, sigmoidf, rf, rcf
 
 
 cdef tuple _shape(object a):
@@ -30,7 +30,7 @@ cdef _check(str fn, dict arrays, tuple shape):
             raise ValueError(f"{fn}: {name} has shape {_shape(arr)}, expected y's shape {shape}")
 
 
-cdef inline void _gate_row(float* out, const float* y, const float* z, Py_ssize_t C) noexcept nogil:
+cdef inline void _gate_row(rf out, rcf y, rcf z, Py_ssize_t C) noexcept nogil:
     cdef Py_ssize_t j
     cdef float zz
     # out = y * silu(z) = y * z * sigmoid(z)
@@ -53,8 +53,10 @@ def gate_forward(float[:, ::1] out,        # OUT (n,C)
         _gate_row(&out[i, 0], &y[i, 0], &z[i, 0], C)
 
 
-cdef inline void _gate_row_backward(float* dy, float* dz, float* out, const float* dout,
-                                    const float* y, const float* z, Py_ssize_t C) noexcept nogil:
+cdef inline void _gate_row_backward(rf dy, rf dz, rf out, rcf dout, rcf y, rcf z,
+                                    Py_ssize_t C) noexcept nogil:
+    # restrict-qualified (kernels/_common.pxd): six buffers are more than gcc checks for aliasing
+    # at run time, so without it this loop stays scalar (n 512 x C 1024, 1 thread: 3.7 -> 0.72 ms)
     cdef Py_ssize_t j
     cdef float zz, s, sz, g
     for j in range(C):
