@@ -13,7 +13,7 @@ the key as ``section.key`` and where the value came from (the file, or the ``--s
 * wrong type (``bool`` is not an integer; an integer is accepted for a float field and converted;
   lists are checked element by element); non-finite floats (``nan``, ``inf``);
 * out of range / not one of the allowed values (the message gives the allowed range or values);
-* options that are validated but not implemented yet (``model.layer = 'mamba'``, layer expansion,
+* options that are validated but not implemented yet (layer expansion,
   ``head.prototype_separation > 0``);
 * TOML syntax errors (with tomllib's line and column), a missing or unreadable file.
 
@@ -98,13 +98,16 @@ class ModelConfig:
     """[model]: the layer stack."""
 
     layer: str = _f(
-        "mamba-lite", "layer kind: 'mamba-lite' (reference layer) or 'mamba' (not implemented yet)",
+        "mamba-lite", "layer kind: 'mamba-lite' (reference layer) or 'mamba' (full Mamba-1 block)",
         choices=("mamba-lite", "mamba"),
     )
     d_model: int = _f(512, "model width D", ge=1)
     d_state: int = _f(16, "SSM state size N", ge=1)
     d_conv: int = _f(4, "causal depthwise conv width K", ge=1)
-    dt_rank: int = _f(1, "rank R of the delta projection (reference: 1)", ge=1)
+    dt_rank: int = _f(
+        0, "rank R of the delta projection; 0 = auto: 1 for mamba-lite (reference), ceil(d_model/16) for mamba",
+        ge=0,
+    )
     expand: int = _f(2, "inner expansion E (only used by layer = 'mamba')", ge=1)
     base_layers: int = _f(2, "layers at the start of the run (fresh or from a checkpoint)", ge=1)
     target_layers: int = _f(2, "layers after expansion (expansion is not implemented yet)", ge=1)
@@ -118,6 +121,9 @@ class ModelConfig:
     )
     vocab_size: int = _f(0, "vocabulary size V; 0 = max token id in the data + 1", ge=0)
     scan_chunk: int = _f(64, "scan checkpoint interval in steps (memory/speed knob only)", ge=1)
+    selective: bool = _f(
+        True, "false = ablation: delta, B, C input-independent learned values (an LTI SSM)"
+    )
 
 
 @dataclass(frozen=True)
@@ -359,11 +365,6 @@ def _cross_checks(
     """Checks that involve more than one value, and options not implemented yet."""
     m = cfg.model
     _check_placement(m.placement, _where(origins, "model", "placement"))
-    if m.layer == "mamba":
-        raise ConfigError(
-            "model.layer = 'mamba' is not implemented yet; use 'mamba-lite'"
-            + _where(origins, "model", "layer")
-        )
     if m.target_layers != m.base_layers:
         raise ConfigError(
             "layer expansion (model.target_layers != model.base_layers) is not implemented yet"

@@ -2,7 +2,7 @@
 
 Public hooks (override them in a subclass; everything with a leading underscore is internal):
     build_data()               -> RunData(train, val, vocab_size)
-    build_model(vocab_size)    -> the sequence model (MambaLiteStack)
+    build_model(vocab_size)    -> the sequence model (MambaLiteStack or MambaStack, by model.layer)
     build_head(vocab_size)     -> the head, which owns the loss (see rtrainer.heads)
     build_optimizer(flat)      -> the optimizer (AdamW over the flat buffer)
     evaluate()                 -> {"val_loss": ..., "val_acc": ...} over the fixed validation windows
@@ -30,7 +30,7 @@ from . import faults
 from .errors import CheckpointError, ConfigError, NonFiniteError, RtrainerError, RunIOError, RunLockedError
 from .heads import HPNHead
 from .metrics import MetricsWriter
-from .model import MambaLiteStack
+from .model import MambaLiteStack, MambaStack, resolve_dt_rank
 from .optim import AdamW, lr_at
 from .params import FlatParams
 from .threads import resolve_threads
@@ -113,8 +113,12 @@ class Trainer:
 
     def build_model(self, vocab_size: int):
         m = self.cfg.model
-        return MambaLiteStack(vocab_size, m.d_model, m.d_state, m.d_conv, m.dt_rank, m.base_layers,
-                              scan_chunk=m.scan_chunk, n_threads=self.n_threads)
+        R = resolve_dt_rank(m.layer, m.d_model, m.dt_rank)
+        if m.layer == "mamba":
+            return MambaStack(vocab_size, m.d_model, m.d_state, m.d_conv, R, m.base_layers, expand=m.expand,
+                              scan_chunk=m.scan_chunk, n_threads=self.n_threads, selective=m.selective)
+        return MambaLiteStack(vocab_size, m.d_model, m.d_state, m.d_conv, R, m.base_layers,
+                              scan_chunk=m.scan_chunk, n_threads=self.n_threads, selective=m.selective)
 
     def build_head(self, vocab_size: int):
         h = self.cfg.head
@@ -474,6 +478,7 @@ class Trainer:
         d["run"]["out_dir"] = _abspath(d["run"]["out_dir"])
         d["run"]["threads"] = self.n_threads
         d["model"]["vocab_size"] = vocab_size
+        d["model"]["dt_rank"] = resolve_dt_rank(d["model"]["layer"], d["model"]["d_model"], d["model"]["dt_rank"])
         for k in ("train", "val"):
             if d["data"][k]:
                 d["data"][k] = _abspath(d["data"][k])
