@@ -5,9 +5,8 @@ import signal
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
-from conftest import read_metrics, run_cli, strip_timing, tiny_config
+from conftest import checkpoint_tensors, latest_checkpoint, read_metrics, run_cli, strip_timing, tiny_config
 
 import sys
 
@@ -29,7 +28,7 @@ def test_mamba_run_trains_and_resolves_dt_rank(tmp_path):
     out = tmp_path / "run"
     resolved = tomllib.loads((out / "config.toml").read_text())["model"]
     assert resolved["layer"] == "mamba" and resolved["dt_rank"] == 1 and resolved["selective"] is True  # ceil(16/16)
-    ckpt = load_file(str(out / "checkpoints" / "latest.safetensors"))
+    ckpt = checkpoint_tensors(latest_checkpoint(out))
     # the mamba block's tensors, by name, with E*D = 32 inner channels
     assert ckpt["param/layers.1.in_proj_w"].shape == (16, 64)
     assert ckpt["param/layers.1.out_proj_w"].shape == (32, 16)
@@ -69,8 +68,8 @@ def test_mamba_resume_after_sigkill_is_bitwise_identical(tmp_path, model_keys, f
     ra = strip_timing(read_metrics(a / "run" / "metrics.jsonl"))
     rb = strip_timing(read_metrics(b / "run" / "metrics.jsonl"))
     assert ra == rb
-    ta = load_file(str(a / "run" / "checkpoints" / "latest.safetensors"))
-    tb = load_file(str(b / "run" / "checkpoints" / "latest.safetensors"))
+    ta = checkpoint_tensors(latest_checkpoint(a / "run"))
+    tb = checkpoint_tensors(latest_checkpoint(b / "run"))
     assert ta.keys() == tb.keys()
     assert ("param/layers.0.B_lti" in ta) == ("selective = false" in model_keys)
     for k in ta:
