@@ -287,8 +287,9 @@ class Trainer:
                 t_last, step_last = now, self.step
                 self._say(f"step {self.step:>6}/{total}  loss {loss:.5f}  lr {lr:.3e}  grad_norm {gnorm:.4f}"
                           f"  {rec['tokens_per_s']:,.0f} tok/s  rss {rec['rss_mb']:.0f} MB")
-            improved = stop_early = False
+            improved = stop_early = validated = False
             if self.data.val is not None and (self.step % c.eval.val_every == 0 or last):
+                validated = True
                 improved = self._validate()
                 stop_early = c.eval.patience > 0 and self.bad_evals >= c.eval.patience
             saved = (c.checkpoint.save_every and self.step % c.checkpoint.save_every == 0) or last or stop_early
@@ -308,11 +309,13 @@ class Trainer:
                 if not saved:
                     self._save(elapsed0 + time.perf_counter() - t_start)
                 self._say(f"rtrainer: paused after step {self.step} (--stop-at); continue with --resume auto")
+                self._closing_validation(validated)
                 return self._finish("paused")
             if self._stop_signal is not None and not last:
                 if not saved:
                     self._save(elapsed0 + time.perf_counter() - t_start)
                 name = signal.Signals(self._stop_signal).name
+                self._closing_validation(validated)
                 self._finish("interrupted")
                 raise Interrupted(self._stop_signal, f"interrupted by {name} after step {self.step}; checkpoint "
                                   f"{self.paths['latest']} written; continue with --resume auto")
@@ -363,6 +366,19 @@ class Trainer:
         self._say(f"step {self.step:>6}  val_loss {r['val_loss']:.5f}  val_acc {r['val_acc']:.4f}"
                   f"  best {self.best_val_loss:.5f}")
         return improved
+
+    def _closing_validation(self, validated: bool) -> None:
+        """A run that stops between evaluations (signal, --stop-at) still reports where it stands:
+        one validation line marked "closing": true, written AFTER the checkpoint, so it changes
+        neither the best/patience state nor what a resumed run logs (resume cuts metrics.jsonl back
+        to the checkpoint's offset)."""
+        if self.data.val is None or validated:
+            return
+        r = self.evaluate()
+        rec = {"kind": "val", "step": self.step, **r, "best_val_loss": self.best_val_loss, "closing": True}
+        self.last_val = {k: _json_float(v) for k, v in rec.items() if k != "kind"}
+        self.metrics.write(rec)
+        self._say(f"step {self.step:>6}  val_loss {r['val_loss']:.5f}  val_acc {r['val_acc']:.4f}  (closing)")
 
     def _save(self, elapsed: float, latest: bool = True, best: bool = False) -> None:
         """Commit one checkpoint (RELIABILITY.md's protocol): parameters + moments + everything

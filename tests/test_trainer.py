@@ -302,9 +302,14 @@ def test_stop_at_pauses_with_a_checkpoint_and_resume_continues(tmp_path):
     summary = orjson.loads((tmp_path / "run" / "summary.json").read_bytes())
     assert summary["stop_reason"] == "paused" and summary["final_step"] == 7
     assert latest_checkpoint(tmp_path / "run").name == "step-00000007"
+    # a closing validation at the pause, after the checkpoint, reported in the summary
+    closing = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert closing["kind"] == "val" and closing["step"] == 7 and closing["closing"] is True
+    assert summary["last_val"]["step"] == 7 and summary["last_val"]["val_loss"] == closing["val_loss"]
     run_cli("run", cfg, "--resume", "auto", check=True)
-    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
-    assert steps == list(range(1, 21))
+    recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in recs if r["kind"] == "train"] == list(range(1, 21))
+    assert [r["step"] for r in recs if r["kind"] == "val"] == [10, 20]   # the closing line was cut on resume
 
 
 @pytest.mark.parametrize("fault", ["nan_loss_at_step=6", "nan_grad_at_step=6:layers.0.conv_w"])
