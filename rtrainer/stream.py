@@ -75,7 +75,7 @@ MANIFEST_DIR = ".rtrainer"
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 _BLOCK = 4 << 20            # checksum block (bytes) and scan chunk
-_RELEASE_BYTES = 64 << 20   # madvise(DONTNEED) a shard's pages after this many bytes read from it
+_RELEASE_BYTES = 8 << 20    # madvise(DONTNEED) a shard's pages after this many bytes read from it
 _MAX_MAPPED = 4             # shards mapped at once (least recently used are unmapped)
 _DTYPES = {"u8": np.dtype(np.uint8), "u16": np.dtype("<u2"), "u32": np.dtype("<u4")}
 _DEFAULT_GLOBS = {"auto": ("*.bin", "*.npy", "*.txt"), "txt": ("*.txt",), "npy": ("*.npy",),
@@ -446,17 +446,19 @@ def prepare_dir(d: str, fmt: str = "auto", glob: str = "", rebuild: bool = False
         else:
             _verify_entry(d, e, fmt, verify)
         entries.append(e)
-    missing = sorted(set(by_name) - set(names))
+    others = sorted(set(by_name) - set(names))  # indexed, not selected by this glob / format
+    missing = [n for n in others if not os.path.lexists(os.path.join(d, n))]
     if missing:
         raise DataError(f"{os.path.join(d, missing[0])}: shard listed in the data manifest is missing; rebuild it "
                         f"with `rtrainer prepare --rebuild {d}`")
-    m = {"version": MANIFEST_VERSION, "block_bytes": _BLOCK, "shards": entries}
     if changed:
+        keep = [by_name[n] for n in others]
         try:
-            _write_manifest(d, m)
+            _write_manifest(d, {"version": MANIFEST_VERSION, "block_bytes": _BLOCK,
+                                "shards": sorted(entries + keep, key=lambda e: e["path"])})
         except OSError as e:
             raise DataError(f"{d}: cannot write the data manifest ({e.strerror or e})") from None
-    return m
+    return {"version": MANIFEST_VERSION, "block_bytes": _BLOCK, "shards": entries}
 
 
 def _verify_entry(d: str, e: dict, fmt: str, verify: str) -> None:
