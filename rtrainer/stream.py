@@ -314,7 +314,7 @@ def _verify_blocks(path: str, name: str, expected: Sequence[str]) -> None:
 
 def _convert_text(src: str, dst: str, name: str) -> None:
     """Whitespace-separated integers -> little-endian uint32, chunk by chunk (flat memory)."""
-    tmp = dst + ".tmp"
+    tmp = f"{dst}.tmp{os.getpid()}"
     n = 0
     with open(src, "rb") as f, open(tmp, "wb") as out:
         carry = b""
@@ -405,7 +405,7 @@ def _read_manifest(d: str) -> dict | None:
 
 def _write_manifest(d: str, m: dict) -> None:
     p = _manifest_path(d)
-    tmp = p + ".tmp"
+    tmp = f"{p}.tmp{os.getpid()}"  # two runs indexing the same directory do not share a temp file
     with open(tmp, "w") as f:
         json.dump(m, f, indent=1)
         f.flush()
@@ -711,6 +711,8 @@ class TokenStream:
         not fit these shards and this shape."""
         if not isinstance(d, dict):
             raise DataError(f"{self.name}: stream state must be an object, got {type(d).__name__}")
+        if d.get("kind") is None and "pos" in d and len(self.shards) == 1 and self.mode == "packed":
+            d = self._from_packed_stream_state(d)
         if d.get("kind") != "shards":
             raise DataError(f"{self.name}: the saved stream state is of another kind ({d.get('kind')!r}); it "
                             "cannot continue this data stream")
@@ -742,6 +744,19 @@ class TokenStream:
                 d["rng"])
         self._plan.restore(snap)
         self._consumed = self._plan.snapshot()
+
+    def _from_packed_stream_state(self, d: dict) -> dict:
+        """A cursor of the single-file ``rtrainer.data.PackedStream`` (earlier versions) -> this one:
+        the same next window (``pos`` is a multiple of B*T, so row ``pos // T``)."""
+        pos, n = d.get("pos"), d.get("n_tokens")
+        if n is not None and n != len(self.shards[0]):
+            raise DataError(f"{self.name}: stream state was saved for {n} tokens but the data has "
+                            f"{len(self.shards[0])} (the data file changed since the checkpoint)")
+        if isinstance(pos, bool) or not isinstance(pos, int) or pos < 0 or pos % self.T:
+            raise DataError(f"{self.name}: stream state 'pos' must be a non-negative multiple of seq_len, got {pos!r}")
+        st = self.state()
+        st.update(epoch=d.get("epoch"), shard_pos=0, row=pos // self.T, batches=d.get("batches"))
+        return st
 
     def _drop_queue(self) -> None:
         for fut, _ in self._queue:

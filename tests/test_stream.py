@@ -527,3 +527,20 @@ def test_cli_prepare_and_bad_shard_exit_3(tmp_path):
     cfg.write_text(cfg.read_text().replace("vocab_size = 128", "vocab_size = 100"))
     p = run_cli("run", cfg)
     assert p.returncode == 3 and "is outside [0, 100)" in p.stderr and "s0" in p.stderr
+
+
+def test_cursor_of_the_old_single_file_stream_is_accepted(tmp_path):
+    from rtrainer.data import PackedStream
+
+    p = tmp_path / "t.bin"
+    np.random.default_rng(2).integers(0, 1000, 3000).astype("<u2").tofile(p)
+    old = PackedStream(np.fromfile(p, "<u2"), 4, 16)
+    _take(old, 9)
+    st = json.loads(json.dumps(old.state()))
+    expected = _take(old, 10)
+    new = S.TokenStream(S.open_source(str(p)), 4, 16, seed=1)
+    new.set_state(st)
+    _same(expected, _take(new, 10))
+    assert new.state()["batches"] == 19
+    with pytest.raises(DataError, match="saved for 2999 tokens"):
+        new.set_state({**st, "n_tokens": 2999})
