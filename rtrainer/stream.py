@@ -443,8 +443,8 @@ def prepare_dir(d: str, fmt: str = "auto", glob: str = "", rebuild: bool = False
                 say(f"rtrainer: indexing shard {os.path.join(d, name)}")
             e = _scan_entry(d, name, fmt)
             changed = True
-        else:
-            _verify_entry(d, e, fmt, verify)
+        elif _verify_entry(d, e, fmt, verify):
+            changed = True
         entries.append(e)
     others = sorted(set(by_name) - set(names))  # indexed, not selected by this glob / format
     missing = [n for n in others if not os.path.lexists(os.path.join(d, n))]
@@ -461,7 +461,8 @@ def prepare_dir(d: str, fmt: str = "auto", glob: str = "", rebuild: bool = False
     return {"version": MANIFEST_VERSION, "block_bytes": _BLOCK, "shards": entries}
 
 
-def _verify_entry(d: str, e: dict, fmt: str, verify: str) -> None:
+def _verify_entry(d: str, e: dict, fmt: str, verify: str) -> bool:
+    """Check one manifest entry against its file; True when the mtime moved (content verified)."""
     name = os.path.join(d, e["path"])
     kind = _format_of(name, fmt)
     if kind != e.get("format"):
@@ -474,10 +475,12 @@ def _verify_entry(d: str, e: dict, fmt: str, verify: str) -> None:
     if st.st_size != e["bytes"]:
         raise DataError(f"{name}: size is {st.st_size} bytes but the manifest records {e['bytes']} (changed at byte "
                         f"offset {min(st.st_size, e['bytes'])}); rebuild it with `rtrainer prepare --rebuild {d}`")
-    if verify == "full" or st.st_mtime_ns != e["mtime_ns"]:
+    touched = st.st_mtime_ns != e["mtime_ns"]
+    if verify == "full" or touched:
         _verify_blocks(name, name, e["checksums"])
+        e["mtime_ns"] = st.st_mtime_ns  # same content: remember the new mtime
     if kind == "txt":
-        cache = os.path.join(d, e["cache"])
+        cache = os.path.join(d, e.get("cache", ""))
         if not _inside(os.path.realpath(d), cache):
             raise DataError(f"{_manifest_path(d)}: cache path {e['cache']!r} escapes the directory {d} (offset 0)")
         if not os.path.exists(cache) or os.path.getsize(cache) != e["cache_bytes"]:
@@ -485,6 +488,7 @@ def _verify_entry(d: str, e: dict, fmt: str, verify: str) -> None:
                             f"`rtrainer prepare --rebuild {d}`")
         if verify == "full":
             _verify_blocks(cache, cache, e["cache_checksums"])
+    return touched
 
 
 def _dir_shards(d: str, fmt: str, glob: str, verify: str) -> list[Shard]:
@@ -608,12 +612,24 @@ class _Planner:
 # =========================================================================================== streams
 def _read_rows(mapper: _Mapper, shards: list[Shard], rows: list[tuple[int, int]], T: int):
     """(ids, targets) (B, T) int64 C-contiguous from rows of T+1 tokens."""
-    w = np.empty((len(rows), T + 1), dtype=np.int64)
-    for b, (si, s) in enumerate(rows):
+    B = len(rows)
+    w = np.empty((B, T + 1), dtype=np.int64)
+    offs = np.arange(T + 1, dtype=np.int64)
+    b0 = 0
+    while b0 < B:  # one gather per run of rows from the same shard
+        si = rows[b0][0]
+        b1 = b0 + 1
+        while b1 < B and rows[b1][0] == si:
+            b1 += 1
         sh = shards[si]
         a = mapper.tokens(sh)
-        w[b] = a[sh.lo + s: sh.lo + s + T + 1]
-        mapper.account(sh, (T + 1) * sh.dtype.itemsize)
+        starts = np.fromiter((r[1] for r in rows[b0:b1]), dtype=np.int64, count=b1 - b0) + sh.lo
+        if b1 - b0 == 1:
+            w[b0] = a[starts[0]:starts[0] + T + 1]
+        else:
+            w[b0:b1] = a[starts[:, None] + offs]  # (rows, T+1) gather
+        mapper.account(sh, (b1 - b0) * (T + 1) * sh.dtype.itemsize)
+        b0 = b1
     return np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:])
 
 

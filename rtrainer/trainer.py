@@ -86,15 +86,12 @@ class Trainer:
         c, d = self.cfg, self.cfg.data
         train_path = _abspath(d.train)
         shards = stream_mod.open_source(train_path, d.format, d.shard_glob, d.verify)
-        if d.val:
-            val_shards = stream_mod.open_source(_abspath(d.val), d.format, d.shard_glob, d.verify)
-        elif d.val_ratio > 0:
-            shards, val_shards = stream_mod.split_shards(shards, d.val_ratio)
-        else:
-            val_shards = None
+        val_shards = stream_mod.open_source(_abspath(d.val), d.format, d.shard_glob, d.verify) if d.val else None
         V = c.model.vocab_size
-        if V == 0:
+        if V == 0:  # whole shards: the manifest knows their largest id
             V = stream_mod.shards_max_token(shards + (val_shards or [])) + 1
+        if not d.val and d.val_ratio > 0:
+            shards, val_shards = stream_mod.split_shards(shards, d.val_ratio)
         stream_mod.check_shards_range(shards, V)
         B, T = c.train.batch_size, c.train.seq_len
         train = stream_mod.TokenStream(shards, B, T, packed=d.packed, random_windows=d.random_windows,

@@ -544,3 +544,26 @@ def test_cursor_of_the_old_single_file_stream_is_accepted(tmp_path):
     assert new.state()["batches"] == 19
     with pytest.raises(DataError, match="saved for 2999 tokens"):
         new.set_state({**st, "n_tokens": 2999})
+
+
+def test_text_shard_converted_in_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "_BLOCK", 16)  # tokens cut at every chunk boundary
+    d = tmp_path / "d"
+    d.mkdir()
+    vals = np.random.default_rng(4).integers(0, 100_000, 500)
+    (d / "a.txt").write_text("\n".join(" ".join(map(str, vals[i:i + 7])) for i in range(0, 500, 7)))  # no final \n
+    (sh,) = S.open_source(str(d))
+    assert len(sh) == 500 and sh.max_id == vals.max()
+    s = S.TokenStream([sh], 1, 499, shuffle=False)
+    ids, tg = s.next_batch()
+    np.testing.assert_array_equal(np.concatenate([ids[0], tg[0, -1:]]), vals)
+
+
+def test_touched_but_unchanged_shard_is_rehashed_once(tmp_path):
+    d = tmp_path / "d"
+    _random_dir(d)
+    S.open_source(str(d))
+    os.utime(d / "s01.bin", ns=(1, 10**18))
+    S.open_source(str(d))  # content verified, new mtime recorded
+    man = json.loads((d / ".rtrainer" / "manifest.json").read_text())
+    assert man["shards"][1]["mtime_ns"] == 10**18
