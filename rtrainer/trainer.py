@@ -150,9 +150,10 @@ class Trainer:
             lock = getattr(self, "_lock", None)
             if lock is not None:
                 lock.close()
-            for src in (getattr(getattr(self, "data", None), "train", None), getattr(getattr(self, "data", None), "val", None)):
+            data = getattr(self, "data", None)
+            for src in (data.train, data.val) if data is not None else ():
                 if hasattr(src, "close"):
-                    src.close()  # stop prefetch workers, unmap shards
+                    src.close()  # stop the prefetch workers, unmap the shards
 
     def _on_signal(self, signum, frame):
         if self._stop_signal is not None:  # second Ctrl-C: stop now, without a checkpoint

@@ -567,3 +567,17 @@ def test_touched_but_unchanged_shard_is_rehashed_once(tmp_path):
     S.open_source(str(d))  # content verified, new mtime recorded
     man = json.loads((d / ".rtrainer" / "manifest.json").read_text())
     assert man["shards"][1]["mtime_ns"] == 10**18
+
+
+def test_trainer_closes_the_prefetch_workers(tmp_path):
+    import threading
+
+    from rtrainer.trainer import Trainer
+
+    data = tmp_path / "shards"
+    _random_dir(data, [700, 450], V=128)
+    cfg = _dir_run_file(tmp_path, data, 4, 2)
+    tr = Trainer.from_file(str(cfg), console=False)
+    tr.fit()
+    assert tr.data.train.state()["batches"] == 4
+    assert not [t for t in threading.enumerate() if t.name.startswith("rtrainer-prefetch")]
