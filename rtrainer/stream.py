@@ -435,14 +435,14 @@ def prepare_dir(d: str, fmt: str = "auto", glob: str = "", rebuild: bool = False
         if old is None or set(names) - set(by_name):
             raise DataError(f"{d}: cannot write the data manifest ({e.strerror or e}); run `rtrainer prepare {d}` "
                             "where the directory is writable") from None
-    entries, changed = [], old is None
+    entries, changed, added = [], old is None, old is None
     for name in names:
         e = by_name.get(name)
         if e is None:
             if say:
                 say(f"rtrainer: indexing shard {os.path.join(d, name)}")
             e = _scan_entry(d, name, fmt)
-            changed = True
+            changed = added = True
         elif _verify_entry(d, e, fmt, verify):
             changed = True
         entries.append(e)
@@ -457,7 +457,8 @@ def prepare_dir(d: str, fmt: str = "auto", glob: str = "", rebuild: bool = False
             _write_manifest(d, {"version": MANIFEST_VERSION, "block_bytes": _BLOCK,
                                 "shards": sorted(entries + keep, key=lambda e: e["path"])})
         except OSError as e:
-            raise DataError(f"{d}: cannot write the data manifest ({e.strerror or e})") from None
+            if added:  # only new mtimes of verified shards are lost otherwise (a read-only directory)
+                raise DataError(f"{d}: cannot write the data manifest ({e.strerror or e})") from None
     return {"version": MANIFEST_VERSION, "block_bytes": _BLOCK, "shards": entries}
 
 
