@@ -400,7 +400,8 @@ def _read_manifest(d: str) -> dict | None:
             raise ValueError("unknown version or layout")
         return m
     except (OSError, ValueError) as e:
-        raise DataError(f"{p}: unreadable data manifest ({e}); rebuild it with `rtrainer prepare --rebuild {d}`") from None
+        raise DataError(f"{p}: unreadable data manifest ({e}); rebuild it with "
+                        f"`rtrainer prepare --rebuild {d}`") from None
 
 
 def _write_manifest(d: str, m: dict) -> None:
