@@ -182,8 +182,9 @@ class TrainConfig:
 class DataConfig:
     """[data]: token sources."""
 
-    train: str = _f("", "training token file (required)")
-    val: str = _f("", "validation token file; empty = split off the end of data.train")
+    train: str = _f("", "training token file or shard directory (required)")
+    val: str = _f("", "validation token file or shard directory; empty = split off the end of data.train "
+                  "(of each shard)")
     val_ratio: float = _f(
         0.05, "fraction of data.train held out for validation when data.val is empty",
         ge=0.0, lt=1.0,
@@ -192,6 +193,18 @@ class DataConfig:
         "auto", "token file format: auto (by extension) | txt | u8 | u16 | u32 | npy",
         choices=("auto", "txt", "u8", "u16", "u32", "npy"),
     )
+    packed: bool = _f(True, "packed windows (row b's last target = row b+1's first input); false = "
+                      "independent windows of seq_len+1 tokens that share no token")
+    shuffle_shards: bool = _f(True, "shard directory: reshuffle the shard order every epoch (seeded by run.seed)")
+    prefetch_workers: int = _f(0, "background threads reading batches ahead; 0 = read on the training thread "
+                               "(the batches are the same for every value)", ge=0)
+    prefetch_buffer: int = _f(16, "batches read ahead at most (with prefetch_workers > 0)", ge=1)
+    random_windows: bool = _f(False, "every row a window at a uniformly random position of a random shard "
+                              "(nanoGPT style) instead of streaming the shards in order")
+    shard_glob: str = _f("", "shard directory: file name pattern of the shards; empty = by format "
+                         "(*.bin, *.npy, *.txt)")
+    verify: str = _f("quick", "shard directory: 'quick' = check sizes, and block checksums of shards whose "
+                     "mtime changed; 'full' = every checksum at every start", choices=("quick", "full"))
 
 
 @dataclass(frozen=True)

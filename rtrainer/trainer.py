@@ -25,8 +25,9 @@ from threadpoolctl import threadpool_limits
 
 from . import checkpoint as ckpt
 from . import config as config_mod
-from . import data as data_mod
+from . import data as data_mod  # noqa: F401 - subclasses use it
 from . import faults
+from . import stream as stream_mod
 from .errors import CheckpointError, ConfigError, NonFiniteError, RtrainerError, RunIOError, RunLockedError
 from .heads import HPNHead
 from .metrics import MetricsWriter
@@ -85,30 +86,25 @@ class Trainer:
 
     # ================================================================ public hooks
     def build_data(self) -> RunData:
-        c = self.cfg
-        fmt = c.data.format
-        train_path = _abspath(c.data.train)
-        tokens = data_mod.load_tokens(train_path, fmt)
-        if c.data.val:
-            val_path = _abspath(c.data.val)
-            val_tokens = data_mod.load_tokens(val_path, fmt)
-        elif c.data.val_ratio > 0:
-            val_path = train_path
-            tokens, val_tokens = data_mod.split_tokens(tokens, c.data.val_ratio)
-        else:
-            val_path, val_tokens = None, None
+        c, d = self.cfg, self.cfg.data
+        train_path = _abspath(d.train)
+        shards = stream_mod.open_source(train_path, d.format, d.shard_glob, d.verify)
+        val_shards = stream_mod.open_source(_abspath(d.val), d.format, d.shard_glob, d.verify) if d.val else None
         V = c.model.vocab_size
-        if V == 0:
-            V = data_mod.max_token(tokens) + 1
-            if val_tokens is not None and len(val_tokens):
-                V = max(V, data_mod.max_token(val_tokens) + 1)
-        data_mod.check_token_range(tokens, V, train_path)
+        if V == 0:  # whole shards: the manifest knows their largest id
+            V = stream_mod.shards_max_token(shards + (val_shards or [])) + 1
+        if not d.val and d.val_ratio > 0:
+            shards, val_shards = stream_mod.split_shards(shards, d.val_ratio)
+        stream_mod.check_shards_range(shards, V)
         B, T = c.train.batch_size, c.train.seq_len
-        train = data_mod.PackedStream(tokens, B, T, name=train_path)
+        train = stream_mod.TokenStream(shards, B, T, packed=d.packed, random_windows=d.random_windows,
+                                       shuffle=d.shuffle_shards, seed=c.run.seed, prefetch_workers=d.prefetch_workers,
+                                       prefetch_buffer=d.prefetch_buffer, name=train_path)
         val = None
-        if val_tokens is not None and c.eval.val_every > 0:
-            data_mod.check_token_range(val_tokens, V, val_path)
-            val = data_mod.FixedWindows(val_tokens, B, T, c.eval.eval_batches, name=val_path)
+        if val_shards is not None and c.eval.val_every > 0:
+            stream_mod.check_shards_range(val_shards, V)
+            val = stream_mod.ShardWindows(val_shards, B, T, c.eval.eval_batches,
+                                          name=_abspath(d.val) if d.val else train_path)
         return RunData(train=train, val=val, vocab_size=int(V))
 
     def build_model(self, vocab_size: int):
@@ -161,6 +157,10 @@ class Trainer:
             lock = getattr(self, "_lock", None)
             if lock is not None:
                 lock.close()
+            data = getattr(self, "data", None)
+            for src in (data.train, data.val) if data is not None else ():
+                if hasattr(src, "close"):
+                    src.close()  # stop the prefetch workers, unmap the shards
 
     def _on_signal(self, signum, frame):
         if self._stop_signal is not None:  # second Ctrl-C: stop now, without a checkpoint
