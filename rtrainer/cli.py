@@ -1,5 +1,6 @@
 """Command line: `rtrainer run CONFIG [--set section.key=value ...] [--resume PATH|auto] [--headless]`,
-`rtrainer parity CONFIG [--steps N]`, `rtrainer info`, `rtrainer keys`.
+`rtrainer parity CONFIG [--steps N]`, `rtrainer prepare DIR` (index a shard directory),
+`rtrainer info`, `rtrainer keys`.
 
 Every error is one line on stderr starting `rtrainer: error:` and a non-zero exit code:
 2 configuration or usage, 3 data or checkpoint integrity, 4 non-finite stop, 5 I/O error (disk full, permission),
@@ -23,6 +24,7 @@ examples:
   rtrainer run examples/quickstart.toml --resume auto      # continue from out_dir's latest checkpoint
   rtrainer parity examples/quickstart.toml --steps 20       # straight == paused + resumed, bitwise?
   rtrainer keys                                            # every run-file key with its default
+  rtrainer prepare data/shards                             # index (and check) a shard directory once
 """
 
 
@@ -63,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a run-file key (repeatable)")
     q.add_argument("--steps", type=int, default=None, help="N (default: min(train.steps, 20))")
     q.add_argument("--workdir", default=None, help="where the scratch directory is made (default: the system's)")
+    pr = sub.add_parser("prepare", help="index a shard directory: build and verify its data manifest, convert "
+                        "text shards to their binary cache")
+    pr.add_argument("dir", metavar="DIR", help="the shard directory")
+    pr.add_argument("--format", default="auto", choices=("auto", "txt", "u8", "u16", "u32", "npy"),
+                    help="shard format (as data.format); auto = by extension")
+    pr.add_argument("--glob", default="", help="file name pattern of the shards (as data.shard_glob)")
+    pr.add_argument("--rebuild", action="store_true", help="rebuild the manifest from scratch")
     sub.add_parser("info", help="build and machine information (OpenMP, threads, BLAS)")
     sub.add_parser("keys", help="list every run-file key with its default and meaning")
     return p
@@ -90,6 +99,8 @@ def main(argv=None) -> int:
                 print(f"parity: FAILED: {e}", file=sys.stderr)
                 return 1
             print("parity: OK")
+        elif args.command == "prepare":
+            _prepare(args)
         elif args.command == "info":
             _info()
         elif args.command == "keys":
@@ -104,6 +115,16 @@ def main(argv=None) -> int:
         print("rtrainer: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _prepare(args) -> None:
+    from .stream import prepare_dir
+
+    m = prepare_dir(args.dir, args.format, args.glob, rebuild=args.rebuild, verify="full",
+                    say=lambda msg: print(msg, file=sys.stderr))
+    n = sum(e["tokens"] for e in m["shards"])
+    top = max(e["max_id"] for e in m["shards"])
+    print(f"{args.dir}: {len(m['shards'])} shards, {n:,} tokens, max token id {top}; manifest verified")
 
 
 def _info() -> None:

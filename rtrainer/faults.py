@@ -4,6 +4,8 @@ variable so that a parent process can make a real training process fail at an ex
     RTRAINER_FAULT=after_step=N:SIG           once step N is complete (its checkpoint, if due, written),
                                               the process sends itself SIGNAL (KILL, TERM or INT)
     RTRAINER_FAULT=nan_param_after_step=N:T   once step N is complete, parameter T is filled with NaN
+    RTRAINER_FAULT=nan_loss_at_step=N         step N's loss is NaN (after its backward, before the update)
+    RTRAINER_FAULT=nan_grad_at_step=N:T       step N's gradient of parameter T is NaN
     RTRAINER_FAULT=kill_at=POINT:N            the N-th time (1-based) the process reaches the named
                                               point, it sends itself SIGKILL (no cleanup runs)
     RTRAINER_FAULT=enospc_at=POINT:N          the N-th time it reaches POINT, the write in progress fails

@@ -2,7 +2,7 @@
 
 Public hooks (override them in a subclass; everything with a leading underscore is internal):
     build_data()               -> RunData(train, val, vocab_size)
-    build_model(vocab_size)    -> the sequence model (MambaLiteStack)
+    build_model(vocab_size)    -> the sequence model (MambaLiteStack or MambaStack, by model.layer)
     build_head(vocab_size)     -> the head, which owns the loss (see rtrainer.heads)
     build_optimizer(flat)      -> the optimizer (AdamW over the flat buffer)
     evaluate()                 -> {"val_loss": ..., "val_acc": ...} over the fixed validation windows
@@ -25,12 +25,13 @@ from threadpoolctl import threadpool_limits
 
 from . import checkpoint as ckpt
 from . import config as config_mod
-from . import data as data_mod
+from . import data as data_mod  # noqa: F401 - subclasses use it
 from . import faults
+from . import stream as stream_mod
 from .errors import CheckpointError, ConfigError, NonFiniteError, RtrainerError, RunIOError, RunLockedError
 from .heads import HPNHead, SoftmaxHead
 from .metrics import MetricsWriter
-from .model import MambaLiteStack
+from .model import MambaLiteStack, MambaStack, resolve_dt_rank
 from .optim import AdamW, lr_at
 from .params import FlatParams
 from .threads import resolve_threads
@@ -86,36 +87,30 @@ class Trainer:
 
     # ================================================================ public hooks
     def build_data(self) -> RunData:
-        c = self.cfg
-        if c.data.task:
+        c, d = self.cfg, self.cfg.data
+        if d.task:
             return self._build_task_data()
-        fmt = c.data.format
-        train_path = _abspath(c.data.train)
-        tokens = data_mod.load_tokens(train_path, fmt)
-        if c.data.val:
-            val_path = _abspath(c.data.val)
-            val_tokens = data_mod.load_tokens(val_path, fmt)
-        elif c.data.val_ratio > 0:
-            val_path = train_path
-            tokens, val_tokens = data_mod.split_tokens(tokens, c.data.val_ratio)
-        else:
-            val_path, val_tokens = None, None
+        train_path = _abspath(d.train)
+        shards = stream_mod.open_source(train_path, d.format, d.shard_glob, d.verify)
+        val_shards = stream_mod.open_source(_abspath(d.val), d.format, d.shard_glob, d.verify) if d.val else None
         V = c.model.vocab_size
-        if V == 0:
-            V = data_mod.max_token(tokens) + 1
-            if val_tokens is not None and len(val_tokens):
-                V = max(V, data_mod.max_token(val_tokens) + 1)
-        data_mod.check_token_range(tokens, V, train_path)
+        if V == 0:  # whole shards: the manifest knows their largest id
+            V = stream_mod.shards_max_token(shards + (val_shards or [])) + 1
+        if not d.val and d.val_ratio > 0:
+            shards, val_shards = stream_mod.split_shards(shards, d.val_ratio)
+        stream_mod.check_shards_range(shards, V)
         B, T = c.train.batch_size, c.train.seq_len
-        train = data_mod.PackedStream(tokens, B, T, name=train_path)
+        train = stream_mod.TokenStream(shards, B, T, packed=d.packed, random_windows=d.random_windows,
+                                       shuffle=d.shuffle_shards, seed=c.run.seed, prefetch_workers=d.prefetch_workers,
+                                       prefetch_buffer=d.prefetch_buffer, name=train_path)
         val = None
-        if val_tokens is not None and c.eval.val_every > 0:
-            data_mod.check_token_range(val_tokens, V, val_path)
-            val = data_mod.FixedWindows(val_tokens, B, T, c.eval.eval_batches, name=val_path)
         extra = {}
-        if val is not None:
+        if val_shards is not None and c.eval.val_every > 0:
+            stream_mod.check_shards_range(val_shards, V)
+            val_name = _abspath(d.val) if d.val else train_path
+            val = stream_mod.ShardWindows(val_shards, B, T, c.eval.eval_batches, name=val_name)
             for L in c.eval.extra_lengths:
-                extra[L] = data_mod.FixedWindows(val_tokens, B, L, c.eval.eval_batches, name=val_path)
+                extra[L] = stream_mod.ShardWindows(val_shards, B, L, c.eval.eval_batches, name=val_name)
         return RunData(train=train, val=val, vocab_size=int(V), extra_val=extra)
 
     def _build_task_data(self) -> RunData:
@@ -138,8 +133,12 @@ class Trainer:
 
     def build_model(self, vocab_size: int):
         m = self.cfg.model
-        return MambaLiteStack(vocab_size, m.d_model, m.d_state, m.d_conv, m.dt_rank, m.base_layers,
-                              scan_chunk=m.scan_chunk, n_threads=self.n_threads)
+        R = resolve_dt_rank(m.layer, m.d_model, m.dt_rank)
+        if m.layer == "mamba":
+            return MambaStack(vocab_size, m.d_model, m.d_state, m.d_conv, R, m.base_layers, expand=m.expand,
+                              scan_chunk=m.scan_chunk, n_threads=self.n_threads, selective=m.selective)
+        return MambaLiteStack(vocab_size, m.d_model, m.d_state, m.d_conv, R, m.base_layers,
+                              scan_chunk=m.scan_chunk, n_threads=self.n_threads, selective=m.selective)
 
     def build_head(self, vocab_size: int):
         h = self.cfg.head
@@ -192,6 +191,10 @@ class Trainer:
             lock = getattr(self, "_lock", None)
             if lock is not None:
                 lock.close()
+            data = getattr(self, "data", None)
+            for src in (data.train, data.val) if data is not None else ():
+                if hasattr(src, "close"):
+                    src.close()  # stop the prefetch workers, unmap the shards
 
     def _on_signal(self, signum, frame):
         if self._stop_signal is not None:  # second Ctrl-C: stop now, without a checkpoint
@@ -290,6 +293,7 @@ class Trainer:
             ids, targets = self.data.train.next_batch()
             lr = lr_at(self.step, c.optim.lr, c.schedule.warmup_steps, total, c.schedule.min_lr_scale)
             loss = forward_backward(self.model, self.head, self.flat, ids, targets, dz)
+            loss = _inject_nan(self.step + 1, loss, self.flat)
             gnorm = self.optimizer.grad_norm()
             clipped = False
             if math.isfinite(loss) and math.isfinite(gnorm):
@@ -317,8 +321,9 @@ class Trainer:
                 t_last, step_last = now, self.step
                 self._say(f"step {self.step:>6}/{total}  loss {loss:.5f}  lr {lr:.3e}  grad_norm {gnorm:.4f}"
                           f"  {rec['tokens_per_s']:,.0f} tok/s  rss {rec['rss_mb']:.0f} MB")
-            improved = stop_early = False
+            improved = stop_early = validated = False
             if self.data.val is not None and (self.step % c.eval.val_every == 0 or last):
+                validated = True
                 improved = self._validate()
                 stop_early = c.eval.patience > 0 and self.bad_evals >= c.eval.patience
             saved = (c.checkpoint.save_every and self.step % c.checkpoint.save_every == 0) or last or stop_early
@@ -338,11 +343,13 @@ class Trainer:
                 if not saved:
                     self._save(elapsed0 + time.perf_counter() - t_start)
                 self._say(f"rtrainer: paused after step {self.step} (--stop-at); continue with --resume auto")
+                self._closing_validation(validated)
                 return self._finish("paused")
             if self._stop_signal is not None and not last:
                 if not saved:
                     self._save(elapsed0 + time.perf_counter() - t_start)
                 name = signal.Signals(self._stop_signal).name
+                self._closing_validation(validated)
                 self._finish("interrupted")
                 raise Interrupted(self._stop_signal, f"interrupted by {name} after step {self.step}; checkpoint "
                                   f"{self.paths['latest']} written; continue with --resume auto")
@@ -393,6 +400,19 @@ class Trainer:
         self._say(f"step {self.step:>6}  val_loss {r['val_loss']:.5f}  val_acc {r['val_acc']:.4f}"
                   f"  best {self.best_val_loss:.5f}")
         return improved
+
+    def _closing_validation(self, validated: bool) -> None:
+        """A run that stops between evaluations (signal, --stop-at) still reports where it stands:
+        one validation line marked "closing": true, written AFTER the checkpoint, so it changes
+        neither the best/patience state nor what a resumed run logs (resume cuts metrics.jsonl back
+        to the checkpoint's offset)."""
+        if self.data.val is None or validated:
+            return
+        r = self.evaluate()
+        rec = {"kind": "val", "step": self.step, **r, "best_val_loss": self.best_val_loss, "closing": True}
+        self.last_val = {k: _json_float(v) for k, v in rec.items() if k != "kind"}
+        self.metrics.write(rec)
+        self._say(f"step {self.step:>6}  val_loss {r['val_loss']:.5f}  val_acc {r['val_acc']:.4f}  (closing)")
 
     def _save(self, elapsed: float, latest: bool = True, best: bool = False) -> None:
         """Commit one checkpoint (RELIABILITY.md's protocol): parameters + moments + everything
@@ -508,6 +528,7 @@ class Trainer:
         d["run"]["out_dir"] = _abspath(d["run"]["out_dir"])
         d["run"]["threads"] = self.n_threads
         d["model"]["vocab_size"] = vocab_size
+        d["model"]["dt_rank"] = resolve_dt_rank(d["model"]["layer"], d["model"]["d_model"], d["model"]["dt_rank"])
         for k in ("train", "val"):
             if d["data"][k]:
                 d["data"][k] = _abspath(d["data"][k])
@@ -552,6 +573,18 @@ def _fault_point(step: int, flat: FlatParams) -> None:
         os.kill(os.getpid(), getattr(signal, "SIG" + (arg or "KILL").upper()))
     elif kind == "nan_param_after_step":
         flat.params[arg][...] = np.nan
+
+
+def _inject_nan(step: int, loss: float, flat: FlatParams) -> float:
+    """The transient faults of rtrainer.faults, on step N only (between backward and update):
+    nan_loss_at_step=N makes the loss NaN, nan_grad_at_step=N:TENSOR fills that gradient with NaN."""
+    kind, n, arg = faults.parse()
+    if kind not in ("nan_loss_at_step", "nan_grad_at_step") or not n.isdigit() or int(n) != step:
+        return loss
+    if kind == "nan_loss_at_step":
+        return math.nan
+    flat.grads[arg][...] = np.nan
+    return loss
 
 
 def _abspath(p: str) -> str:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli, tiny_config
-from rtrainer import data as data_mod
+from rtrainer import stream as stream_mod
 from rtrainer.probe import ParityMismatch, config_for_probe, first_tensor_difference, run_parity
 
 
@@ -18,7 +18,7 @@ def test_parity_command_passes_and_leaves_the_run_directory_alone(tmp_path):
 
 def test_parity_detects_a_resume_that_forgets_the_data_cursor(tmp_path, monkeypatch):
     cfg = config_for_probe(str(tiny_config(tmp_path, steps=16)), [])
-    monkeypatch.setattr(data_mod.PackedStream, "set_state", lambda self, d: None)
+    monkeypatch.setattr(stream_mod.TokenStream, "set_state", lambda self, d: None)
     with pytest.raises(ParityMismatch, match="straight vs resumed at step 16: tensor "):
         run_parity(cfg, steps=16, workdir=str(tmp_path), say=lambda *_: None)
 

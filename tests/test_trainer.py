@@ -302,6 +302,32 @@ def test_stop_at_pauses_with_a_checkpoint_and_resume_continues(tmp_path):
     summary = orjson.loads((tmp_path / "run" / "summary.json").read_bytes())
     assert summary["stop_reason"] == "paused" and summary["final_step"] == 7
     assert latest_checkpoint(tmp_path / "run").name == "step-00000007"
+    # a closing validation at the pause, after the checkpoint, reported in the summary
+    closing = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert closing["kind"] == "val" and closing["step"] == 7 and closing["closing"] is True
+    assert summary["last_val"]["step"] == 7 and summary["last_val"]["val_loss"] == closing["val_loss"]
     run_cli("run", cfg, "--resume", "auto", check=True)
-    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
-    assert steps == list(range(1, 21))
+    recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in recs if r["kind"] == "train"] == list(range(1, 21))
+    assert [r["step"] for r in recs if r["kind"] == "val"] == [10, 20]   # the closing line was cut on resume
+
+
+@pytest.mark.parametrize("fault", ["nan_loss_at_step=6", "nan_grad_at_step=6:layers.0.conv_w"])
+def test_transient_non_finite_loss_or_gradient_is_skipped_and_counted(tmp_path, fault):
+    cfg = tiny_config(tmp_path, steps=12)
+    run_cli("run", cfg, check=True, env_extra={"RTRAINER_FAULT": fault})
+    train = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["skipped"] for r in train] == [0] * 5 + [1] * 7
+    if fault.startswith("nan_loss"):
+        assert train[5]["loss"] is None and isinstance(train[5]["grad_norm"], float)
+    else:
+        assert train[5]["grad_norm"] is None and isinstance(train[5]["loss"], float)
+    assert all(isinstance(r["loss"], float) for r in train[6:])   # training went on
+    # the skipped step changed nothing: parameters and moments after step 6 (skipped) are bitwise
+    # those after step 5
+    for name, stop, env in (("a", 6, {"RTRAINER_FAULT": fault}), ("b", 5, {})):
+        run_cli("run", cfg, "--set", f'run.out_dir="{tmp_path / name}"', "--stop-at", stop, env_extra=env, check=True)
+    ta, tb = checkpoint_tensors(latest_checkpoint(tmp_path / "a")), checkpoint_tensors(latest_checkpoint(tmp_path / "b"))
+    assert ta.keys() == tb.keys() and all(np.array_equal(ta[k], tb[k]) for k in ta)
+    p = run_cli("run", cfg, "--overwrite", "--set", "train.fail_on_non_finite=true", env_extra={"RTRAINER_FAULT": fault})
+    assert p.returncode == 4 and "step 6: non-finite" in p.stderr, p.stderr
