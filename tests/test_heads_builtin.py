@@ -228,7 +228,7 @@ def test_simplex_needs_enough_dimensions():
 
 @pytest.mark.parametrize("V,D", [(40, 3), (200, 8), (1000, 32)])
 def test_optimised_spread_beats_random_unit_vectors(V, D):
-    steps = 150 if V == 1000 else None                              # default budget: 500 steps
+    steps = 150 if V == 1000 else None                              # default budget: 300 steps
     P = spread_prototypes(V, D, seed=1, steps=steps)
     np.testing.assert_allclose(np.linalg.norm(P, axis=1), 1.0, atol=1e-12)
     worst = max_cosine(P)[0]
