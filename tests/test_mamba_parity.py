@@ -75,3 +75,24 @@ def test_torch_module_matches_functional_oracle():
     l2 = m.train_step(ids, targets)
     assert abs(l1 - t_loss) <= 1e-6 * max(1, abs(t_loss)), (l1, t_loss)
     assert l2 != l1
+
+
+@pytest.mark.parametrize("layer,selective", [("mamba", True), ("mamba", False), ("mamba-lite", False)])
+def test_reference_matches_jax_float64(layer, selective):
+    """The second independent oracle (skipped without jax)."""
+    pytest.importorskip("jax")
+    pj = pytest.importorskip("rtrainer.parity_jax")
+    model, head, flat = build(V=13, D=6, N=4, K=3, R=2, E=2, L=2, chunk=3, layer=layer, selective=selective)
+    ids, targets = batch(model.V, B=2, T=9)
+    params = {k: v.astype(np.float64) for k, v in flat.params.items()}
+    kw = dict(n_layers=2, d_state=4, normalize_prototypes=True, learnable_prototypes=True, selective=selective)
+    if layer == "mamba":
+        loss, grads = mamba_model_loss_and_grads_ref(params, ids, targets, chunk=3, **kw)
+    else:
+        loss, grads = model_loss_and_grads_ref(params, ids, targets, dt_rank=2, chunk=3, **kw)
+    j_loss, j_grads = pj.mamba_loss_and_grads(params, ids, targets, layer=layer, dtype="float64", **kw)
+    assert abs(loss - j_loss) <= 1e-10 * max(1, abs(loss)), (loss, j_loss)
+    assert set(grads) == set(j_grads)
+    for name, g in grads.items():
+        err = np.abs(g - j_grads[name]).max()
+        assert err <= 1e-10 * max(1.0, np.abs(g).max()), f"{name}: max abs diff {err:.3e} vs jax"
