@@ -338,8 +338,12 @@ class JaxTrainStep:
     def __init__(self, params: Mapping[str, np.ndarray], *, n_layers: int, d_state: int,
                  dt_rank: int, normalize_prototypes: bool, learnable_prototypes: bool, lr: float,
                  betas: tuple[float, float], eps: float, weight_decay: float, decay_names,
-                 fast_compile: bool = False):
-        self.V, expected = _check_params(params, n_layers, d_state, dt_rank)
+                 fast_compile: bool = False, layer: str = "mamba-lite"):
+        if layer == "mamba":   # the full block: names and shapes as given (see mamba_layer)
+            self.V = int(np.shape(params["embedding"])[0])
+            expected = {n: tuple(np.shape(a)) for n, a in params.items()}
+        else:
+            self.V, expected = _check_params(params, n_layers, d_state, dt_rank)
         self.names = list(expected)
         train_names, fixed_names = _split(expected, learnable_prototypes)
         if decay_names is None:
@@ -360,6 +364,9 @@ class JaxTrainStep:
         eps_ = self.eps
 
         def loss_fn(train, fixed, ids, targets):
+            if layer == "mamba":
+                return mamba_forward_loss({**train, **fixed}, ids, targets, n_layers=n_layers,
+                                          d_state=d_state, normalize_prototypes=normalize_prototypes)
             return forward_loss({**train, **fixed}, ids, targets, n_layers=n_layers,
                                 d_state=d_state, normalize_prototypes=normalize_prototypes)
 
@@ -410,7 +417,7 @@ def build_jax_train_step(params: Mapping[str, np.ndarray], *, n_layers: int, d_s
                          learnable_prototypes: bool = False, lr: float = 1e-4,
                          betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                          weight_decay: float = 0.01, decay_names=None,
-                         fast_compile: bool = False) -> JaxTrainStep:
+                         fast_compile: bool = False, layer: str = "mamba-lite") -> JaxTrainStep:
     """The benchmark's JAX training step (float32): see JaxTrainStep.
 
     `params` are numpy arrays under the contract names (copied to float32 device arrays).
@@ -423,7 +430,7 @@ def build_jax_train_step(params: Mapping[str, np.ndarray], *, n_layers: int, d_s
                         normalize_prototypes=normalize_prototypes,
                         learnable_prototypes=learnable_prototypes, lr=lr, betas=betas, eps=eps,
                         weight_decay=weight_decay, decay_names=decay_names,
-                        fast_compile=fast_compile)
+                        fast_compile=fast_compile, layer=layer)
 
 
 # ============================================================================ the `mamba` block

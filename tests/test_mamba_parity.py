@@ -96,3 +96,29 @@ def test_reference_matches_jax_float64(layer, selective):
     for name, g in grads.items():
         err = np.abs(g - j_grads[name]).max()
         assert err <= 1e-10 * max(1.0, np.abs(g).max()), f"{name}: max abs diff {err:.3e} vs jax"
+
+
+def test_jax_mamba_train_step_matches_rtrainer_two_steps():
+    """bench/compare.py's JAX peer for --layer mamba: its first two losses (the second after one
+    AdamW update, so gradients and optimizer enter) equal rtrainer's float32 step."""
+    pytest.importorskip("jax")
+    pj = pytest.importorskip("rtrainer.parity_jax")
+    from rtrainer.optim import AdamW
+    from rtrainer.trainer import forward_backward
+
+    model, head, flat = build(V=30, D=16, N=4, K=4, R=1, E=2, L=2, chunk=8, learnable=False)
+    ids, targets = batch(30, B=2, T=10)
+    params = {k: v.copy() for k, v in flat.params.items()}
+    decay = [s.name for s in flat.specs if s.decay and s.trainable]
+    js = pj.build_jax_train_step(params, n_layers=2, d_state=4, dt_rank=1, learnable_prototypes=False,
+                                 lr=1e-2, decay_names=decay, fast_compile=True, layer="mamba")
+    opt = AdamW(flat, n_threads=1)
+    dz = np.empty((20, 16), np.float32)
+    for _ in range(2):
+        loss = forward_backward(model, head, flat, ids, targets, dz)
+        opt.step(1e-2, opt.clip_scale(opt.grad_norm()))
+        j_loss = js.step(ids, targets)
+        assert abs(loss - j_loss) <= 1e-6 * max(1.0, abs(loss)), (loss, j_loss)
+    jp = js.params()
+    for name in ("layers.0.in_proj_w", "layers.1.out_proj_w", "layers.0.A_log", "embedding"):
+        np.testing.assert_allclose(flat.params[name], jp[name], rtol=0, atol=2e-5, err_msg=name)
