@@ -89,7 +89,7 @@ def test_lite_non_selective_run(tmp_path):
     out = tmp_path / "run"
     resolved = tomllib.loads((out / "config.toml").read_text())["model"]
     assert resolved["layer"] == "mamba-lite" and resolved["selective"] is False
-    ckpt = load_file(str(out / "checkpoints" / "latest.safetensors"))
+    ckpt = checkpoint_tensors(latest_checkpoint(out))
     assert ckpt["param/layers.0.B_lti"].shape == (4,) and "param/layers.0.x_proj_w" not in ckpt
     train = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
     assert np.mean([r["loss"] for r in train[-5:]]) < np.mean([r["loss"] for r in train[:5]])
