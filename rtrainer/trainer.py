@@ -476,12 +476,15 @@ class Trainer:
             raise CheckpointError(f"{path}: checkpoint schema {state.get('schema')} is not {SCHEMA_VERSION}")
         saved = state.get("config", {})
         now = config_mod.config_to_dict(self.resolved)
+        defaults = config_mod.config_to_dict(config_mod.Config())
         for section in _FROZEN_SECTIONS:
             for key, value in now[section].items():
-                if saved.get(section, {}).get(key) != value:
+                # a key added after the checkpoint was written stands at its default there
+                was = saved.get(section, {}).get(key, defaults[section][key])
+                if was != value:
                     raise ConfigError(
-                        f"cannot resume from {path}: {section}.{key} is {saved.get(section, {}).get(key)!r} "
-                        f"in the checkpoint but {value!r} in this run")
+                        f"cannot resume from {path}: {section}.{key} is {was!r} in the checkpoint but {value!r} "
+                        "in this run")
         self.flat.load_state_tensors(tensors, source=path)
         if int(state.get("n_threads", self.n_threads)) != self.n_threads:
             self._say(f"rtrainer: warning: the checkpoint was written with {state['n_threads']} threads, this run "
