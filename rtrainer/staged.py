@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 
 import numpy as np
@@ -155,6 +156,8 @@ class Staged:
             raise ConfigError(f"train.ff = true but train.freeze = {t.freeze!r} freezes every layer: nothing "
                               "for Forward-Forward to train")
         self.expanding = m.target_layers != m.base_layers
+        if m.init_from and not os.path.isfile(m.init_from):
+            raise ConfigError(f"model.init_from = {m.init_from!r}: no such checkpoint file")
         self.active = bool(self.frozen or self.freeze_embedding or self.ff)
         self.bp_steps = self.ff_steps = self.conflicts = 0
         self.layer_init = getattr(model, "layer_init", None)
@@ -199,10 +202,7 @@ class Staged:
                               "expanded")
         if m.init_from:
             source = f"model.init_from = {m.init_from!r}"
-            try:
-                base, _state = ckpt.load_checkpoint(m.init_from)
-            except FileNotFoundError:
-                raise ConfigError(f"{source}: file not found") from None
+            base, _state = ckpt.load_checkpoint(m.init_from)
             names = [k.split("/", 1)[1] for k in base if k.startswith("param/")]
             n = count_layers(names)
             if n != m.base_layers:

@@ -417,6 +417,8 @@ class Trainer:
         d["run"]["out_dir"] = _abspath(d["run"]["out_dir"])
         d["run"]["threads"] = self.n_threads
         d["model"]["vocab_size"] = vocab_size
+        if d["model"]["init_from"]:
+            d["model"]["init_from"] = _abspath(d["model"]["init_from"])
         for k in ("train", "val"):
             if d["data"][k]:
                 d["data"][k] = _abspath(d["data"][k])
