@@ -177,7 +177,8 @@ class TrainConfig:
     freeze_embedding: bool = _f(False, "do not train the embedding")
     ff: bool = _f(False, "Forward-Forward local objective on each unfrozen layer's D_skip, every step")
     ff_margin: float = _f(1.0, "FF hinge margin: ff_loss = max(0, margin - goodness gap)", gt=0.0)
-    ff_lr: float = _f(1e-4, "learning rate of the plain-SGD FF update of D_skip on FF-only steps", ge=0.0)
+    ff_lr: float = _f(1e-4, "learning rate of the plain-SGD FF update of D_skip on FF-only steps; on BP "
+                      "steps the FF gradient is added to the backprop one with weight ff_lr / optim.lr", ge=0.0)
     bp_cadence: int = _f(1, "global backprop + AdamW every N steps (steps N, 2N, ...); the other steps "
                          "apply only the FF update (needs train.ff = true when > 1)", ge=1)
     surgery: str = _f("pcgrad", "how the FF gradient of D_skip is combined with its backprop gradient on BP "

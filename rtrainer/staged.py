@@ -211,6 +211,40 @@ class Staged:
             source = "the fresh base model"
             base = self._fresh_base(trainer)
         expand_state(trainer.flat, base, self.layout, self.layer_init, c.run.seed, m.init, source)
+        if self.expanding:
+            self.calibrate_new_layers(trainer)
+
+    def calibrate_new_layers(self, trainer) -> None:
+        """Scale each new layer's conv_w and conv_b by 1/max|input| over one training batch (when that
+        is > 1), so that the new block starts in its normal operating range.
+
+        Why: mamba-lite has no per-block norm, and a trained model's residual stream can be large
+        (the final LayerNorm does not care): in the example's 2-layer model the input of the layers
+        after base layer 1 has rms 336 and max 14,000. The block's output grows like the cube of its
+        input scale (u, Bt, Ct and delta are all linear in it), so a normally initialised new layer
+        there puts out ~1e15, overflows to inf on some windows (inf * 0 = nan through the zero
+        out_proj_w) and its first update makes the run non-finite. The max, not the rms, because
+        the residual stream has outliers (max/rms = 40 there). out_proj_w is still 0, so the
+        model's function does not change. The batch is read without moving the data stream."""
+        model = trainer.model
+        new = [j for j, b in enumerate(self.layout) if b is None]
+        p = trainer.flat.params
+        new = [j for j in new if f"layers.{j}.conv_w" in p and f"layers.{j}.norm_w" not in p]
+        if not new:
+            return
+        stream = trainer.data.train
+        st = stream.state()
+        ids, _ = stream.next_batch()
+        stream.set_state(st)
+        model.forward(ids)
+        if not hasattr(model, "r"):   # r[j]: the input of layer j (rtrainer.model.MambaLiteStack)
+            return
+        for j in new:
+            scale = float(np.max(np.abs(model.r[j])))
+            if scale > 1.0:
+                for name in ("conv_w", "conv_b"):
+                    v = p[f"layers.{j}.{name}"]
+                    v[...] = (v.astype(np.float64) / scale).astype(np.float32)
 
     def _fresh_base(self, trainer) -> dict:
         c = trainer.cfg
@@ -306,6 +340,9 @@ class Staged:
                     th[...] = (th.astype(np.float64) - t.ff_lr * gr).astype(np.float32)
                 self.ff_steps += 1
             return loss, gnorm, False, finite, extra
+        # the FF term enters with the constant weight ff_lr / optim.lr (the reference divides by the
+        # SCHEDULED lr, so its FF share grows 10x along a cosine schedule: reference §9.9)
+        w = t.ff_lr / self.cfg.optim.lr
         conflicts = 0
         for i, f in zip(self.ff_layers, ff_grads):
             gv = g[f"layers.{i}.D_skip"]
@@ -313,7 +350,7 @@ class Staged:
             f2, conflict = surgery_mod.combine(self.surgery, f, b, t.surgery_epsilon, t.gradnorm_alpha,
                                                t.cagrad_lambda)
             conflicts += conflict
-            gv[...] = (b + f2).astype(np.float32)
+            gv[...] = (b + w * f2).astype(np.float32)
         extra["conflict_layers"] = conflicts
         gnorm, clipped, finite = self._adam(trainer, loss if math.isfinite(ff_loss) else math.nan, lr)
         if finite:

@@ -181,3 +181,119 @@ def test_frozen_layers_are_not_differentiated_and_the_rest_is_unchanged():
             assert np.array_equal(full[k], top[k]), k
         else:
             assert not np.any(top[k]), k
+
+
+def test_expansion_is_generic_over_layer_kinds():
+    """Layers are groups of tensors `layers.{i}.*` moved by name; a kind with other tensors (here the
+    shapes of the full Mamba block: norm_w, in_proj_w, out_proj_w (E*D, D)) expands the same way."""
+    from rtrainer.params import ParamSpec
+
+    E = 2
+
+    def specs(L):
+        out = [ParamSpec("embedding", (V, D))]
+        for i in range(L):
+            out += [ParamSpec(f"layers.{i}.norm_w", (D,)), ParamSpec(f"layers.{i}.in_proj_w", (D, 2 * E * D)),
+                    ParamSpec(f"layers.{i}.D_skip", (E * D,)), ParamSpec(f"layers.{i}.out_proj_w", (E * D, D))]
+        return out
+
+    def init(views, i, rng, init, n_layers):
+        for k, v in views.items():
+            if k.startswith(f"layers.{i}."):
+                v[...] = rng.normal(size=v.shape)
+
+    base = FlatParams(specs(2))
+    rng = np.random.default_rng(0)
+    for buf in (base.data, base.m, base.v):
+        buf[:] = rng.normal(size=base.size)
+    flat = FlatParams(specs(5))
+    expand_state(flat, base.state_tensors(), expansion_layout("insert:1", 2, 5), init, 1, "mamba", "test")
+    for j, b in enumerate([0, None, None, None, 1]):
+        for n in ("norm_w", "in_proj_w", "D_skip", "out_proj_w"):
+            a = flat.params[f"layers.{j}.{n}"]
+            if b is None:
+                assert (not np.any(a)) if n == "out_proj_w" else np.any(a)
+                assert not np.any(flat.m[slice(*flat.offsets[f"layers.{j}.{n}"])])
+            else:
+                assert np.array_equal(a, base.params[f"layers.{b}.{n}"])
+                assert np.array_equal(flat.m[slice(*flat.offsets[f"layers.{j}.{n}"])],
+                                      base.m[slice(*base.offsets[f"layers.{b}.{n}"])])
+
+
+@pytest.mark.parametrize("surgery", ["none", "pcgrad", "orthograd", "gradnorm", "cagrad"])
+def test_bp_step_combines_ff_and_bp_gradients_of_d_skip(tmp_path, surgery):
+    """On a BP step the D_skip gradient that AdamW receives is b + (ff_lr/lr)·surgery(f, b), with f
+    the FF gradient (rtrainer.ff) and b the backprop gradient; frozen layers get neither."""
+    from types import SimpleNamespace
+
+    from conftest import tiny_config
+    from rtrainer import ff, surgery as surg
+    from rtrainer.config import load_config
+    from rtrainer.optim import AdamW
+    from rtrainer.staged import Staged
+
+    cfg = load_config(tiny_config(tmp_path), [f"train.surgery={surgery}", "train.ff=true", "train.ff_lr=3e-3",
+                                              "model.target_layers=3", "train.freeze=indices:1"])
+    model = MambaLiteStack(V, 16, 4, 4, 1, 3, scan_chunk=8)
+    head = HPNHead(V, 16)
+    st = Staged(cfg, model)
+    flat = FlatParams(st.apply_freeze(model.param_specs() + head.param_specs()))
+    st.bind(flat)
+    model.bind(flat.params, flat.grads)
+    head.bind(flat.params, flat.grads)
+    model.init_params(1, "mamba")
+    head.init_params(1, "mamba")
+    rng = np.random.default_rng(0)
+    ids, targets = rng.integers(0, V, size=(2, 10)), rng.integers(0, V, size=(2, 10))
+    dz = np.empty((20, 16), np.float32)
+    st._forward_backward(SimpleNamespace(model=model, head=head, flat=flat), ids, targets, dz)
+    expect = {}
+    for i in (0, 2):
+        b = flat.grads[f"layers.{i}.D_skip"].astype(np.float64)
+        hp, hn = ff.ff_vectors(model.r[i])
+        _, f = ff.ff_loss_grad(flat.params[f"layers.{i}.D_skip"], hp, hn)
+        f2, _ = surg.combine(surgery, f, b)
+        expect[i] = (b + (3e-3 / cfg.optim.lr) * f2).astype(np.float32)
+    tr = SimpleNamespace(model=model, head=head, flat=flat, optimizer=AdamW(flat), step=0, cfg=cfg)
+    before = flat.data.copy()
+    loss, gnorm, clipped, finite, extra = st.train_step(tr, ids, targets, 1e-3, dz)
+    assert finite and extra["bp_applied"] and tr.optimizer.t == 1
+    for i in (0, 2):
+        assert np.array_equal(flat.grads[f"layers.{i}.D_skip"], expect[i]), i
+    a, b = flat.offsets["layers.1.conv_w"][0], flat.offsets["layers.1.out_proj_w"][1]
+    assert np.array_equal(flat.data[a:b], before[a:b]) and not np.any(flat.grad[a:b])
+
+
+def test_calibration_keeps_the_function_and_bounds_new_layer_inputs():
+    """Staged.initialise on a fresh expanded run: the new layers' conv is scaled to their input's
+    max (on one training batch, read without moving the stream); the function is unchanged."""
+    from types import SimpleNamespace
+
+    from rtrainer.config import Config, ModelConfig, TrainConfig
+    from rtrainer.data import PackedStream
+    from rtrainer.staged import Staged
+
+    cfg = Config(model=ModelConfig(d_model=D, d_state=N, base_layers=2, target_layers=4, placement="append"),
+                 train=TrainConfig(steps=1))
+    rng = np.random.default_rng(0)
+    stream = PackedStream(rng.integers(0, V, size=500), 3, 7)
+    bmodel, bhead, bflat = _build(2)
+    bmodel.init_params(cfg.run.seed, "mamba")
+    bmodel.p["layers.1.out_proj_w"][...] *= 300.0        # a base model with a large residual stream
+    model, head, flat = _build(4)
+    st = Staged(cfg, model)
+    st.bind(flat)
+    expand_state(flat, bflat.state_tensors(), st.layout, init_layer, cfg.run.seed, "mamba", "test")
+    before = {k: v.copy() for k, v in flat.params.items()}
+    st.calibrate_new_layers(SimpleNamespace(model=model, flat=flat, data=SimpleNamespace(train=stream)))
+    assert stream.state()["pos"] == 0
+    ids, _ = stream.next_batch()
+    assert np.array_equal(model.forward(ids), bmodel.forward(ids))
+    for j in (2, 3):
+        scale = float(np.abs(model.r[j]).max())
+        assert scale > 100
+        for k in before:
+            if k.startswith(f"layers.{j}.conv_"):
+                np.testing.assert_allclose(flat.params[k], before[k] / scale, rtol=1e-6)
+            elif k.startswith(f"layers.{j}."):
+                assert np.array_equal(flat.params[k], before[k])
