@@ -192,3 +192,28 @@ def test_resume_refuses_another_freeze(tmp_path):
     run_cli("run", cfg, *sets(train__freeze="first:1"), check=True)
     p = run_cli("run", cfg, "--resume", "auto", *sets(train__freeze="none", train__steps=8))
     assert p.returncode == 2 and "frozen_layers is [0] in the checkpoint but [] in this run" in p.stderr, p.stderr
+
+
+def test_fresh_expansion_starts_from_the_fresh_base_model(tmp_path):
+    """Without init_from, the base layers are initialised exactly as a base_layers run's."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    frozen = sets(train__freeze="first:2", train__freeze_embedding="true")
+    run_cli("run", tiny_config(a, steps=1), *frozen, check=True)
+    run_cli("run", tiny_config(b, steps=1), *frozen, *sets(model__target_layers=4, model__placement="prepend"),
+            check=True)
+    ta, _ = ckpt(a / "run")
+    tb, sb = ckpt(b / "run")
+    assert sb["staged"]["layout"] == [None, None, 0, 1]
+    # prepend + first:2 froze the two NEW layers; compare the base layers (now 2, 3) before training
+    run_cli("run", tiny_config(b, steps=1), *sets(model__target_layers=4, model__placement="prepend",
+                                                  train__freeze="indices:2,3", train__freeze_embedding="true",
+                                                  run__out_dir=f'"{b / "run2"}"'), check=True)
+    tc, _ = load_checkpoint(str(b / "run2" / "checkpoints" / "latest.safetensors"))
+    for k in ta:
+        kind, name = k.split("/", 1)
+        if kind == "param" and (name.startswith("layers.") or name == "embedding"):
+            j = name.split(".")[1] if name.startswith("layers.") else None
+            kb = k if j is None else k.replace(f"layers.{j}.", f"layers.{int(j) + 2}.")
+            assert np.array_equal(ta[k], tc[kb]), k
