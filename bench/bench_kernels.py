@@ -355,3 +355,104 @@ def test_torch_compile_forward_backward(bench, torch_setup, n_threads, request):
     with _TorchThreads(torch, n_threads):
         model.forward_backward(ids, tg)  # compile outside the timed region
         bench(lambda: model.forward_backward(ids, tg), threads=n_threads, rounds=10, warmup=2)
+
+
+# ----------------------------------------------------------------------------- the `mamba` block
+# The kernels only the full block uses (pre-norm RMSNorm with a weight, the y*silu(z) gate) and the
+# scan at the block's C = E*D channels (E = 2), at the same B, T, N.
+
+E_MAMBA = 2
+
+
+@pytest.fixture(scope="module")
+def mamba_inputs(shape):
+    s = shape
+    C = E_MAMBA * s.D
+    n = s.B * s.T
+    rng = np.random.default_rng(99)
+    f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
+    d = dict(C=C, n=n)
+    d["x"] = f32(rng.standard_normal((n, s.D)) * 2.0 + 0.3)
+    d["w"] = f32(1.0 + 0.1 * rng.standard_normal(s.D))
+    d["dout_d"] = f32(0.01 * rng.standard_normal((n, s.D)))
+    d["y"], d["zg"] = f32(rng.standard_normal((n, C))), f32(2.0 * rng.standard_normal((n, C)))
+    d["dout_c"] = f32(0.01 * rng.standard_normal((n, C)))
+    d["u"] = f32(rng.standard_normal((s.B, s.T, C)))
+    d["dt_bias"] = f32(np.log(np.expm1(np.exp(rng.uniform(math.log(1e-3), math.log(1e-1), C)))))
+    d["A_log"] = f32(np.broadcast_to(np.log(np.arange(1, s.N + 1)), (C, s.N)))
+    d["D_skip"] = f32(np.ones(C))
+    R = -(-s.D // 16)
+    xdbl = rng.standard_normal((s.B, s.T, 2 * s.N + R))
+    d["xdbl"] = f32(xdbl)
+    d["dt"] = f32(xdbl[..., 2 * s.N:] @ (0.1 * rng.standard_normal((R, C)) / math.sqrt(R)))
+    d["dy"] = f32(0.01 * rng.standard_normal((s.B, s.T, C)))
+    return d
+
+
+def test_rmsnorm_forward(bench, shape, mamba_inputs, n_threads):
+    k = _kernel("rmsnorm")
+    m = mamba_inputs
+    out = np.empty_like(m["x"])
+    rstd = np.empty(m["n"], np.float32)
+    bench(lambda: k.rmsnorm_forward(out, rstd, m["x"], m["w"], 1e-5, n_threads), threads=n_threads)
+    x = m["x"].astype(np.float64)
+    _close(out, x / np.sqrt((x * x).mean(1, keepdims=True) + 1e-5) * m["w"], 1e-5, "rmsnorm_forward")
+
+
+def test_rmsnorm_backward(bench, shape, mamba_inputs, n_threads):
+    k = _kernel("rmsnorm")
+    m = mamba_inputs
+    out = np.empty_like(m["x"])
+    rstd = np.empty(m["n"], np.float32)
+    k.rmsnorm_forward(out, rstd, m["x"], m["w"], 1e-5, 1)
+    dx, dw = np.zeros_like(m["x"]), np.zeros_like(m["w"])
+    bench(lambda: k.rmsnorm_backward(dx, dw, m["dout_d"], m["x"], rstd, m["w"], n_threads),
+          setup=_zero(dx, dw), threads=n_threads)
+    x, r = m["x"].astype(np.float64), rstd.astype(np.float64)[:, None]
+    _close(dw, (m["dout_d"] * x * r).sum(0), 1e-4, "rmsnorm_backward dw")
+
+
+def test_gate_forward(bench, shape, mamba_inputs, n_threads):
+    k = _kernel("gate")
+    m = mamba_inputs
+    out = np.empty_like(m["y"])
+    bench(lambda: k.gate_forward(out, m["y"], m["zg"], n_threads), threads=n_threads)
+    z = m["zg"].astype(np.float64)
+    _close(out, m["y"] * z / (1 + np.exp(-z)), 1e-5, "gate_forward")
+
+
+def test_gate_backward(bench, shape, mamba_inputs, n_threads):
+    k = _kernel("gate")
+    m = mamba_inputs
+    dy, dz, out = np.zeros_like(m["y"]), np.zeros_like(m["y"]), np.empty_like(m["y"])
+    bench(lambda: k.gate_backward(dy, dz, out, m["dout_c"], m["y"], m["zg"], n_threads),
+          setup=_zero(dy, dz), threads=n_threads)
+    z = m["zg"].astype(np.float64)
+    _close(dy, m["dout_c"] * z / (1 + np.exp(-z)), 1e-5, "gate_backward dy")
+
+
+def test_mamba_scan_forward(bench, shape, mamba_inputs, n_threads):
+    """The existing scan kernel at the block's E*D channels."""
+    k = _kernel("scan")
+    m, s = mamba_inputs, shape
+    y = np.empty((s.B, s.T, m["C"]), np.float32)
+    hs = np.empty((s.B, s.n_chunks, m["C"], s.N), np.float32)
+    bench(lambda: k.scan_forward(y, hs, m["u"], m["dt"], m["dt_bias"], m["A_log"], m["xdbl"], m["D_skip"],
+                                 s.chunk, n_threads), threads=n_threads)
+    assert np.isfinite(y).all()
+
+
+def test_mamba_scan_backward(bench, shape, mamba_inputs, n_threads):
+    k = _kernel("scan")
+    m, s = mamba_inputs, shape
+    C = m["C"]
+    y = np.empty((s.B, s.T, C), np.float32)
+    hs = np.empty((s.B, s.n_chunks, C, s.N), np.float32)
+    k.scan_forward(y, hs, m["u"], m["dt"], m["dt_bias"], m["A_log"], m["xdbl"], m["D_skip"], s.chunk, 1)
+    du, ddt = np.zeros_like(m["u"]), np.zeros_like(m["u"])
+    ddt_bias, dA_log, dD = np.zeros(C, np.float32), np.zeros((C, s.N), np.float32), np.zeros(C, np.float32)
+    dxdbl = np.zeros_like(m["xdbl"])
+    bench(lambda: k.scan_backward(du, ddt, ddt_bias, dA_log, dxdbl, dD, m["dy"], m["u"], m["dt"], m["dt_bias"],
+                                  m["A_log"], m["xdbl"], m["D_skip"], hs, s.chunk, n_threads),
+          setup=_zero(du, ddt, ddt_bias, dA_log, dxdbl, dD), threads=n_threads)
+    assert np.isfinite(du).all()

@@ -10,13 +10,16 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from rtrainer.heads import HPNHead
-from rtrainer.model import MambaLiteStack
+from rtrainer.model import MambaLiteStack, MambaStack
 from rtrainer.optim import AdamW
 from rtrainer.params import FlatParams
 from rtrainer.trainer import forward_backward
 
-def make_step(n_threads, B, T, D, N, K, R, L, V, learnable=False):
-    model = MambaLiteStack(V, D, N, K, R, L, scan_chunk=64, n_threads=n_threads)
+def make_step(n_threads, B, T, D, N, K, R, L, V, learnable=False, layer="mamba-lite", expand=2):
+    if layer == "mamba":
+        model = MambaStack(V, D, N, K, R, L, expand=expand, scan_chunk=64, n_threads=n_threads)
+    else:
+        model = MambaLiteStack(V, D, N, K, R, L, scan_chunk=64, n_threads=n_threads)
     head = HPNHead(V, D, normalize=True, learnable=learnable, n_threads=n_threads)
     flat = FlatParams(model.param_specs() + head.param_specs())
     model.bind(flat.params, flat.grads)
@@ -42,6 +45,16 @@ def test_train_step(bench, shape, n_threads):
     with threadpool_limits(limits=n_threads, user_api="blas"):
         step, model = make_step(n_threads, B=shape.B, T=shape.T, D=shape.D, N=shape.N, K=shape.K, R=shape.R,
                                 L=shape.L, V=shape.V)
+        step()  # allocates the workspace
+        bench(step, threads=n_threads, rounds=15,
+              note_fn=lambda m: f"activations {model.activation_bytes() / 2**20:.1f} MB")
+
+
+def test_train_step_mamba(bench, shape, n_threads):
+    """The same step with the full `mamba` block (E 2, dt_rank ceil(D/16)) instead of mamba-lite."""
+    with threadpool_limits(limits=n_threads, user_api="blas"):
+        step, model = make_step(n_threads, B=shape.B, T=shape.T, D=shape.D, N=shape.N, K=shape.K,
+                                R=-(-shape.D // 16), L=shape.L, V=shape.V, layer="mamba", expand=2)
         step()  # allocates the workspace
         bench(step, threads=n_threads, rounds=15,
               note_fn=lambda m: f"activations {model.activation_bytes() / 2**20:.1f} MB")

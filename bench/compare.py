@@ -7,7 +7,9 @@
         --threads 1,2 --steps 10 --json runs/compare.json
     .venv/bin/python bench/compare.py --shapes tiny --threads 1 --steps 3    # smoke test, seconds
 
-Options: --shapes baseline | all | tiny | "B,T,D,N,L,V;B,T,D,N,L,V" (K 4, R 1 always);
+Options: --layer mamba-lite | mamba (the full block: E 2, R = ceil(D/16); JAX has no mamba
+model, so it reports "not implemented"); --shapes baseline | all | tiny |
+"B,T,D,N,L,V;B,T,D,N,L,V" (K 4, R 1 always for mamba-lite);
 --threads 1,2; --frameworks rtrainer,torch,torch-compile,jax (torch-compile is opt-in: it compiles
 for minutes); --steps N timed steps (median; a measurement stops early after --max-seconds once
 3 steps are timed); --warmup N untimed steps after the two parity steps; --timeout S per
@@ -106,7 +108,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KB on Linux
 
 
-def rtrainer_init(shape, flat_params: bool):
+def rtrainer_init(shape, flat_params: bool, layer: str = "mamba-lite"):
     """rtrainer's initial weights at `shape`. flat_params=True: (model, head, flat) bound to a
     FlatParams exactly as bench_step.make_step; False: a plain name -> array dict with the same
     values (peers: no gradient/moment buffers in their RSS)."""
@@ -116,12 +118,25 @@ def rtrainer_init(shape, flat_params: bool):
     from rtrainer.params import FlatParams
 
     B, T, D, N, L, V = shape
-    return _build(np, MambaLiteStack, HPNHead, FlatParams, shape, flat_params)
+    return _build(np, MambaLiteStack, HPNHead, FlatParams, shape, flat_params, layer=layer)
 
 
-def _build(np, MambaLiteStack, HPNHead, FlatParams, shape, flat_params, n_threads=1):
+def mamba_dt_rank(D: int) -> int:
+    return -(-D // 16)
+
+
+E_MAMBA = 2
+
+
+def _build(np, MambaLiteStack, HPNHead, FlatParams, shape, flat_params, n_threads=1, layer="mamba-lite"):
     B, T, D, N, L, V = shape
-    model = MambaLiteStack(V, D, N, K_CONV, DT_RANK, L, scan_chunk=64, n_threads=n_threads)
+    if layer == "mamba":
+        from rtrainer.model import MambaStack
+
+        model = MambaStack(V, D, N, K_CONV, mamba_dt_rank(D), L, expand=E_MAMBA, scan_chunk=64,
+                           n_threads=n_threads)
+    else:
+        model = MambaLiteStack(V, D, N, K_CONV, DT_RANK, L, scan_chunk=64, n_threads=n_threads)
     head = HPNHead(V, D, normalize=True, learnable=False, n_threads=n_threads)
     specs = model.param_specs() + head.param_specs()
     if flat_params:
@@ -222,6 +237,8 @@ def instrument_rtrainer(acc: _Acc):
     proxy(rm, "_conv", {"conv_forward": "conv", "conv_backward": "conv"})
     proxy(rm, "_embed", {"embed_forward": "embed", "embed_backward": "embed"})
     proxy(rm, "_norm", {"layernorm_forward": "layernorm", "layernorm_backward": "layernorm"})
+    proxy(rm, "_rmsnorm", {"rmsnorm_forward": "rmsnorm", "rmsnorm_backward": "rmsnorm"})
+    proxy(rm, "_gate", {"gate_forward": "gate", "gate_backward": "gate"})
     proxy(rh, "_hpn", {"hpn_forward": "hpn", "hpn_backward": "hpn"})
     proxy(ro, "_optim", {"sumsq": "optimizer", "adamw_step": "optimizer"})
 
@@ -248,10 +265,12 @@ def instrument_rtrainer(acc: _Acc):
     return restore
 
 
-def _replay_elementwise(np, shape, reps: int = 5) -> float:
+def _replay_elementwise(np, shape, reps: int = 5, layer: str = "mamba-lite") -> float:
     """Seconds per step of the in-place numpy element-wise ops rtrainer/model.py runs outside any
     kernel or matmul (replayed on arrays of the same shapes; median of `reps`)."""
     B, T, D, N, L, V = shape
+    if layer == "mamba":
+        return _replay_elementwise_mamba(np, shape, reps)
     BT, W = B * T, 2 * N + DT_RANK
     f = np.float32
     r = np.ones((BT, D), f); x = np.ones((BT, D), f)
@@ -274,7 +293,34 @@ def _replay_elementwise(np, shape, reps: int = 5) -> float:
     return statistics.median(out[1:])
 
 
-def _breakdown(np, shape, n_threads, model, head, flat, opt, steps: int) -> dict:
+def _replay_elementwise_mamba(np, shape, reps: int = 5) -> float:
+    """As _replay_elementwise, for MambaStack's forward/backward (C = E*D inner channels)."""
+    B, T, D, N, L, V = shape
+    BT, C, R = B * T, E_MAMBA * D, mamba_dt_rank(D)
+    W = 2 * N + R
+    f = np.float32
+    r, x, dz, dr, dxn, tmpD = (np.ones((BT, D), f) for _ in range(6))
+    sA, sC, dzg, du, sB = (np.ones((BT, C), f) for _ in range(5))
+    dxdbl = np.empty((BT, W), f)
+    gw = [(np.zeros(s, f), np.ones(s, f)) for s in ((C, D), (R, C), (C, W), (D, C), (D, C))]
+    out = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        dz.fill(0.0)
+        for _ in range(L):
+            r += x
+        dr.fill(0.0)
+        for _ in range(L):
+            sC.fill(0.0); dzg.fill(0.0); du.fill(0.0); sA.fill(0.0); dxdbl.fill(0.0); sC.fill(0.0)
+            for g, w in gw:
+                g += w
+            du += sB
+            dxn += tmpD
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out[1:])
+
+
+def _breakdown(np, shape, n_threads, model, head, flat, opt, steps: int, layer: str = "mamba-lite") -> dict:
     from rtrainer.data import PackedStream
 
     B, T, D, N, L, V = shape
@@ -310,8 +356,8 @@ def _breakdown(np, shape, n_threads, model, head, flat, opt, steps: int) -> dict
     n = len(walls)
     wall = sum(walls) / n
     per = {k: v / n for k, v in acc.t.items()}
-    ew = _replay_elementwise(np, shape)
-    other = sum(per.get(k, 0.0) for k in ("conv", "embed", "layernorm", "hpn"))
+    ew = _replay_elementwise(np, shape, layer=layer)
+    other = sum(per.get(k, 0.0) for k in ("conv", "embed", "layernorm", "hpn", "rmsnorm", "gate"))
     rows = {
         "matmul": per.get("matmul", 0.0),
         "scan_fwd": per.get("scan_fwd", 0.0),
@@ -323,7 +369,8 @@ def _breakdown(np, shape, n_threads, model, head, flat, opt, steps: int) -> dict
     }
     rows["python_overhead"] = wall - sum(rows.values())
     return dict(wall_s=wall, steps=n, parts_s=rows,
-                other_kernels_s={k: per.get(k, 0.0) for k in ("conv", "embed", "layernorm", "hpn")})
+                other_kernels_s={k: per.get(k, 0.0) for k in ("conv", "embed", "layernorm", "hpn", "rmsnorm",
+                                                              "gate")})
 
 
 def _child_gemm(spec) -> dict:
@@ -361,7 +408,8 @@ def _child_rtrainer(spec) -> dict:
     shape, nt = tuple(spec["shape"]), spec["threads"]
     B, T, D, N, L, V = shape
     with threadpool_limits(limits=nt, user_api="blas"):
-        model, head, flat, _, _ = _build(np, MambaLiteStack, HPNHead, FlatParams, shape, True, nt)
+        layer = spec.get("layer", "mamba-lite")
+        model, head, flat, _, _ = _build(np, MambaLiteStack, HPNHead, FlatParams, shape, True, nt, layer=layer)
         opt = AdamW(flat, betas=BETAS, eps=EPS, weight_decay=WD, n_threads=nt)
         ids, targets = _batch(np, shape)
         dz = np.empty((B * T, D), np.float32)
@@ -370,7 +418,8 @@ def _child_rtrainer(spec) -> dict:
         res.update(status="ok", peak_rss_mb=_peak_rss_mb(),
                    activation_mb=model.activation_bytes() / 2 ** 20)
         if spec.get("breakdown"):
-            res["breakdown"] = _breakdown(np, shape, nt, model, head, flat, opt, spec.get("bd_steps", 5))
+            res["breakdown"] = _breakdown(np, shape, nt, model, head, flat, opt, spec.get("bd_steps", 5),
+                                          layer=layer)
     return res
 
 
@@ -388,12 +437,19 @@ def _child_torch(spec, compile_: bool) -> dict:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
-    from rtrainer.parity_torch import build_torch_model
+    from rtrainer.parity_torch import build_torch_mamba_model, build_torch_model
 
     shape = tuple(spec["shape"])
     B, T, D, N, L, V = shape
-    _, _, _, params, decay = rtrainer_init(shape, flat_params=False)
-    model = build_torch_model(vocab_size=V, d_model=D, n_layers=L, d_state=N, d_conv=K_CONV,
+    layer = spec.get("layer", "mamba-lite")
+    _, _, _, params, decay = rtrainer_init(shape, flat_params=False, layer=layer)
+    if layer == "mamba":
+        model = build_torch_mamba_model(params, n_layers=L, d_state=N, normalize_prototypes=True,
+                                        learnable_prototypes=False, lr=LR, betas=BETAS, eps=EPS,
+                                        weight_decay=WD, decay_names=decay, scan="vectorised",
+                                        compile=compile_)
+    else:
+        model = build_torch_model(vocab_size=V, d_model=D, n_layers=L, d_state=N, d_conv=K_CONV,
                               dt_rank=DT_RANK, params=params, normalize_prototypes=True,
                               learnable_prototypes=False, lr=LR, betas=BETAS, eps=EPS,
                               weight_decay=WD, decay_names=decay, scan="vectorised",
@@ -421,6 +477,8 @@ def _child_jax(spec) -> dict:
         return dict(status="not installed", detail=str(e))
     shape = tuple(spec["shape"])
     B, T, D, N, L, V = shape
+    if spec.get("layer", "mamba-lite") != "mamba-lite":
+        return dict(status=f"not implemented for layer {spec['layer']} (rtrainer/parity_jax.py)")
     _, _, _, params, decay = rtrainer_init(shape, flat_params=False)
     obj = mod.build_jax_train_step(params, n_layers=L, d_state=N, dt_rank=DT_RANK,
                                    normalize_prototypes=True, learnable_prototypes=False, lr=LR,
@@ -539,12 +597,15 @@ def evaluate(results: list, gemm: dict, baseline=BASELINE) -> list:
     """Fill derived columns in place (GFLOP/s, % GEMM, speed-up, target) and return the issue's
     target checks as rows {target, value, pass}."""
     sys.path.insert(0, str(HERE))
-    from flops import step_flops
+    from flops import mamba_step_flops, step_flops
 
     for r in results:
         B, T, D, N, L, V = r["shape"]
         r["tokens"] = B * T
-        r["model_gflop"] = step_flops(B, T, D, N, K_CONV, DT_RANK, L, V)["total"] / 1e9
+        if r.get("layer", "mamba-lite") == "mamba":
+            r["model_gflop"] = mamba_step_flops(B, T, D, N, K_CONV, mamba_dt_rank(D), L, V, E_MAMBA)["total"] / 1e9
+        else:
+            r["model_gflop"] = step_flops(B, T, D, N, K_CONV, DT_RANK, L, V)["total"] / 1e9
         if r.get("status") == "ok":
             r["tokens_per_s"] = B * T / r["median_s"]
             r["ms_per_step"] = r["median_s"] * 1e3
@@ -681,7 +742,7 @@ def format_breakdown(results: list) -> str:
         cells = " ".join(f"{1e3 * bd['parts_s'][c]:>5.2f}({100 * bd['parts_s'][c] / w:>3.0f}%)"
                          for c in BD_COLS)
         lines.append(f"{','.join(map(str, r['shape'])):<22} {r['threads']:>3} {1e3 * w:>8.2f} {cells}")
-    lines.append("other_kernels = conv + embed + layernorm + hpn; optimizer = zero_grad + grad norm + "
+    lines.append("other_kernels = conv + embed + layernorm + hpn (+ rmsnorm + gate for mamba); optimizer = zero_grad + grad norm + "
                  "AdamW; numpy_elementwise = model.py's in-place adds/fills (replayed); "
                  "python_overhead = step wall - all of the above")
     return "\n".join(lines)
@@ -735,6 +796,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="baseline")
+    ap.add_argument("--layer", default="mamba-lite", choices=("mamba-lite", "mamba"),
+                    help="layer kind of every framework's model (mamba: E 2, dt_rank ceil(D/16))")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--frameworks", default="rtrainer,torch,jax")
     ap.add_argument("--steps", type=int, default=10)
@@ -784,7 +847,7 @@ def main(argv=None) -> int:
         if not a.quiet:
             print(msg, file=sys.stderr, flush=True)
 
-    base = dict(steps=a.steps, warmup=a.warmup, max_seconds=a.max_seconds, pin=not a.no_pin)
+    base = dict(steps=a.steps, warmup=a.warmup, max_seconds=a.max_seconds, pin=not a.no_pin, layer=a.layer)
     gemm = {}
     for t in threads:
         log(f"[compare] numpy GEMM, {t} thread(s)")
@@ -802,13 +865,13 @@ def main(argv=None) -> int:
             for fw in fws:
                 why = framework_available(fw)
                 if why:
-                    results.append(dict(framework=fw, shape=list(shape), threads=t, status=why))
+                    results.append(dict(framework=fw, shape=list(shape), threads=t, status=why, layer=a.layer))
                     continue
                 log(f"[compare] {fw} {shape_str(shape)} {t} thread(s)")
                 spec = dict(base, kind=fw, shape=list(shape), threads=t,
                             breakdown=(fw == "rtrainer" and not a.no_breakdown), bd_steps=a.bd_steps)
                 r = run_child(spec, a.timeout * (3 if fw == "torch-compile" else 1))
-                r.update(framework=fw, shape=list(shape), threads=t)
+                r.update(framework=fw, shape=list(shape), threads=t, layer=a.layer)
                 if fw == "rtrainer" and r.get("status") == "ok" and ref is None:
                     ref = r["losses"]
                     r["parity"] = dict(ok=True, text="reference")
@@ -824,6 +887,7 @@ def main(argv=None) -> int:
                     log(f"          {r.get('status')}")
 
     checks = evaluate(results, gemm)
+    print(f"layer: {a.layer}")
     print(format_table(results, gemm))
     mism = [r for r in results if r.get("parity", {}).get("ok") is False]
     if mism:

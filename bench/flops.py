@@ -158,6 +158,80 @@ def step_flops(B: int, T: int, D: int, N: int, K: int, R: int, L: int, V: int,
                 params_trainable=n_train, params_decay=n_decay, matmul_shapes=shapes)
 
 
+def mamba_step_flops(B: int, T: int, D: int, N: int, K: int, R: int, L: int, V: int, E: int = 2,
+                     learnable_prototypes: bool = False) -> dict:
+    """The same count for a stack of `mamba` blocks (SPEC §2.4, rtrainer/model.py MambaStack), with
+    C = E*D inner channels: embedding, final LayerNorm, HPN head and the optimizer's embedding part
+    come from step_flops(L=0); each block adds RMSNorm, in_proj, conv/x_proj/dt_proj/scan at C
+    channels, the gate, out_proj, and its tensors to the optimizer. Same conventions as above; the
+    gate backward's recompute of y*silu(z) and the scan recompute are in `not_counted`."""
+    base = step_flops(B, T, D, N, K, R, 0, V, learnable_prototypes)
+    c = dict(base["components"])
+    shapes = list(base["matmul_shapes"])
+    BT, C, W = B * T, E * D, 2 * N + R
+
+    def add(key: str, flops: int) -> None:
+        c[key] = c.get(key, 0) + int(flops)
+
+    def mm(key: str, m: int, k: int, n: int) -> None:
+        add(key, _mm(m, k, n))
+        shapes.append((m, k, n))
+
+    for _ in range(L):
+        # forward. RMSNorm per row: sum x^2 2D, /D, +eps, sqrt, reciprocal 4, x*rstd*w 2D -> 4D + 4
+        add("fwd.rmsnorm", BT * (4 * D + 4))
+        mm("fwd.matmul.in_proj", BT, D, C)          # xin = xn @ W_in[:, :C]
+        mm("fwd.matmul.in_proj", BT, D, C)          # zg  = xn @ W_in[:, C:]
+        add("fwd.conv", BT * C * (2 * K + 4))
+        mm("fwd.matmul.x_proj", BT, C, W)
+        mm("fwd.matmul.dt_proj", BT, R, C)
+        add("fwd.scan", C * N + BT * C * 6 + BT * C * N * 7)
+        # gate: sigmoid 3, z*s 1, y*(.) 1 -> 5
+        add("fwd.gate", BT * C * 5)
+        mm("fwd.matmul.out_proj", BT, C, D)
+        add("fwd.residual", BT * D)
+        # backward
+        mm("bwd.matmul.out_proj", C, BT, D)
+        add("bwd.grad_accum", C * D)
+        mm("bwd.matmul.out_proj", BT, D, C)
+        # gate: s 3, z*s 1, dy += g*zs 2, dz += g*y*s*(1 + z*(1-s)) 7 -> 13
+        add("bwd.gate", BT * C * 13)
+        add("bwd.scan", BT * C * N * 15 + BT * C * 17 + C * N * 2)
+        mm("bwd.matmul.dt_proj", R, BT, C)
+        add("bwd.grad_accum", R * C)
+        mm("bwd.matmul.dt_proj", BT, C, R)
+        mm("bwd.matmul.x_proj", C, BT, W)
+        add("bwd.grad_accum", C * W)
+        mm("bwd.matmul.x_proj", BT, W, C)
+        add("bwd.grad_accum", BT * C)
+        add("bwd.conv", BT * C * (9 + 4 * K))
+        # in_proj: dW = xn^T [dxin | dzg] (two (D,BT)@(BT,C)), g += dW; dxn = dxin Wx^T + dzg Wz^T
+        mm("bwd.matmul.in_proj", D, BT, C)
+        mm("bwd.matmul.in_proj", D, BT, C)
+        add("bwd.grad_accum", D * 2 * C)
+        mm("bwd.matmul.in_proj", BT, C, D)
+        mm("bwd.matmul.in_proj", BT, C, D)
+        add("bwd.grad_accum", BT * D)
+        # RMSNorm backward per row: s = sum dout*w*x 3D, rstd^3*s/D 4, dx += rstd*w*dout - x*c 5D;
+        # dw += dout*x*rstd 3 per element -> 11D + 4
+        add("bwd.rmsnorm", BT * (11 * D + 4))
+    sizes = [(D, False), (D * 2 * C, True), (C * K, True), (C, False), (C * W, True), (R * C, True),
+             (C, False), (C * N, False), (C, False), (C * D, True)]
+    n_layer = L * sum(s for s, _ in sizes)
+    n_layer_decay = L * sum(s for s, d in sizes if d)
+    add("opt.grad_norm", 2 * n_layer)
+    add("opt.adamw", 15 * n_layer + n_layer_decay)
+    fwd = sum(v for k, v in c.items() if k.startswith("fwd."))
+    bwd = sum(v for k, v in c.items() if k.startswith("bwd."))
+    opt = sum(v for k, v in c.items() if k.startswith("opt."))
+    matmul = sum(v for k, v in c.items() if ".matmul." in k)
+    not_counted = {"scan_bwd_recompute": L * BT * C * (3 + 5 * N), "gate_bwd_recompute": L * BT * C}
+    return dict(forward=fwd, backward=bwd, optimizer=opt, total=fwd + bwd + opt, matmul=matmul,
+                components=dict(sorted(c.items())), not_counted=not_counted,
+                params_trainable=base["params_trainable"] + n_layer,
+                params_decay=base["params_decay"] + n_layer_decay, matmul_shapes=shapes)
+
+
 def model_flops(B, T, D, N, K, R, L, V, learnable_prototypes=False) -> int:
     """The total: model FLOPs of one training step."""
     return step_flops(B, T, D, N, K, R, L, V, learnable_prototypes)["total"]

@@ -81,19 +81,26 @@ cdef inline float _ssm_update(float h_prev, float delta, float A, float delta_u,
     return fmaf(rt_expf(delta * A), h_prev, delta_u * Bn)
 
 
+cdef inline void _ssm_lanes8(rf h_out, rcf h_prev, rf dA, rcf A, rcf Bt, float delta, float delta_u,
+                             Py_ssize_t nl) noexcept nogil:
+    cdef Py_ssize_t l
+    for l in range(nl):
+        dA[l] = rt_expf(delta * A[l])                   # dA = expf(delta_t * A)
+        h_out[l] = fmaf(dA[l], h_prev[l], delta_u * Bt[l])
+
+
 cdef inline void _ssm_step(float* h_out, const float* h_prev, float* dA, const float* A,
                            const float* Bt, float delta, float delta_u,
                            Py_ssize_t N) noexcept nogil:
     """One step of the recurrence for one channel (the backward's recompute): the same operations
-    as _ssm_update, keeping exp(delta*A) in dA.  h_out, h_prev, dA, A, Bt: (N,); h_out may alias
-    h_prev."""
-    cdef Py_ssize_t n
-    # dA[n] = expf(delta_t * A[n])
-    for n in range(N):
-        dA[n] = rt_expf(delta * A[n])
-    # h_t[n] = dA[n]*h_{t-1}[n] + delta_t*u_t*Bt_t[n]
-    for n in range(N):
-        h_out[n] = fmaf(dA[n], h_prev[n], delta_u * Bt[n])
+    as _ssm_update, keeping exp(delta*A) in dA.  h_out, h_prev, dA, A, Bt: (N,), not overlapping.
+    In blocks of 8 state indices (a constant trip count gcc turns into one vector)."""
+    cdef Py_ssize_t n0 = 0
+    while n0 + 8 <= N:
+        _ssm_lanes8(h_out + n0, h_prev + n0, dA + n0, A + n0, Bt + n0, delta, delta_u, 8)
+        n0 += 8
+    if n0 < N:
+        _ssm_lanes8(h_out + n0, h_prev + n0, dA + n0, A + n0, Bt + n0, delta, delta_u, N - n0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,8 +159,12 @@ cdef inline void _scan_fwd_item(float* y, float* hs, const float* u, const float
             dlu[j] = dl[j] * u[row * D + d0 + j]
             acc[j] = 0
         # h_t[n] = exp(delta*A[n]) * h_{t-1}[n] + delta*u*Bt[n] ;  acc += h_t[n]*Ct[n]
-        for n in range(N):
-            _fwd_lanes(nb, h + n * DB, acc, A + n * DB, dl, dlu, Bt[n], Ct[n])
+        if nb == DB_MAX:   # the common case: a constant trip count, one vector register of lanes
+            for n in range(N):
+                _fwd_lanes(DB_MAX, h + n * DB, acc, A + n * DB, dl, dlu, Bt[n], Ct[n])
+        else:
+            for n in range(N):
+                _fwd_lanes(nb, h + n * DB, acc, A + n * DB, dl, dlu, Bt[n], Ct[n])
         # y_t = sum_n h_t*Ct_t + D_skip*u_t
         for j in range(nb):
             y[row * D + d0 + j] = fmaf(D_skip[d0 + j], u[row * D + d0 + j], acc[j])
@@ -209,6 +220,44 @@ def scan_forward(float[:, :, ::1] y not None,             # OUT (B,T,D)
 # backward
 # ----------------------------------------------------------------------------------------------
 
+cdef inline void _bwd_lanes8(rf g, rf pB, rf pC, rf sB, rf sA, double* dA, rcf Ct, rcf Bt,
+                             rcf hcur, rcf hprev, rcf Ek, rcf A, float dyv, float delta,
+                             float delta_u, Py_ssize_t nl) noexcept nogil:
+    """nl <= 8 consecutive state indices of one backward step (lane l = n mod 8); restrict and
+    a constant lane count let gcc keep the lane sums in one vector register."""
+    cdef Py_ssize_t l
+    cdef float gl, ql
+    for l in range(nl):
+        gl = fmaf(dyv, Ct[l], g[l])                 # g += dy*Ct            (dL/dh_t)
+        pC[l] = fmaf(dyv, hcur[l], pC[l])           # dCt += dy*h_t
+        pB[l] = fmaf(gl, delta_u, pB[l])            # dBt += g*delta*u
+        ql = gl * Ek[l] * hprev[l]                  # q = g*E*h_{t-1}
+        dA[l] += <double>(delta * ql)               # dA += delta*q
+        sB[l] = fmaf(gl, Bt[l], sB[l])              # gB lanes
+        sA[l] = fmaf(A[l], ql, sA[l])               # gAq lanes
+        g[l] = gl * Ek[l]                           # g <- dL/dh_{t-1}
+
+
+cdef inline void _bwd_state_pass(float* g, float* pB, float* pC, float* sB, float* sA, double* dA,
+                                 const float* Ct, const float* Bt, const float* hcur,
+                                 const float* hprev, const float* Ek, const float* A, float dyv,
+                                 float delta, float delta_u, Py_ssize_t N) noexcept nogil:
+    """Every state index of one backward step, in blocks of 8 (the last one may be shorter);
+    leaves the 8 lane sums of g*Bt in sB and of A*q in sA."""
+    cdef Py_ssize_t n0, l
+    for l in range(8):
+        sB[l] = 0
+        sA[l] = 0
+    n0 = 0
+    while n0 + 8 <= N:
+        _bwd_lanes8(g + n0, pB + n0, pC + n0, sB, sA, dA + n0, Ct + n0, Bt + n0, hcur + n0,
+                    hprev + n0, Ek + n0, A + n0, dyv, delta, delta_u, 8)
+        n0 += 8
+    if n0 < N:
+        _bwd_lanes8(g + n0, pB + n0, pC + n0, sB, sA, dA + n0, Ct + n0, Bt + n0, hcur + n0,
+                    hprev + n0, Ek + n0, A + n0, dyv, delta, delta_u, N - n0)
+
+
 cdef inline void _scan_bwd_item(float* du, float* ddt, float* ddt_bias, float* dA_log,
                                 float* dBC, float* dD_skip, const float* dy, const float* u,
                                 const float* dt, const float* dt_bias, const float* A_log,
@@ -242,6 +291,8 @@ cdef inline void _scan_bwd_item(float* du, float* ddt, float* ddt_bias, float* d
     cdef float* pB
     cdef float* pC
     cdef float delta, uu, dyv, delta_u, gB, gAq, ddelta, dtv
+    cdef float sB[8]
+    cdef float sA[8]
     for i in range(nb * N):
         A[i] = -expf(A_log[d0 * N + i])
         dA_acc[i] = 0
@@ -281,25 +332,13 @@ cdef inline void _scan_bwd_item(float* du, float* ddt, float* ddt_bias, float* d
                     Ek = E + k * N
                     pB = dBC + row * 2 * N
                     pC = pB + N
-                    # y_t = h_t.Ct_t + D_skip*u_t:  g += dy*Ct ;  dCt += dy*h_t
-                    for n in range(N):
-                        g[n] = g[n] + dyv * Ct[n]
-                        pC[n] = pC[n] + dyv * hcur[n]
-                    # h_t = E*h_{t-1} + delta*u*Bt:  dBt += g*delta*u ; q = g*E*h_{t-1} ; dA += delta*q
                     delta_u = delta * uu
-                    for n in range(N):
-                        pB[n] = pB[n] + g[n] * delta_u
-                        q[n] = g[n] * Ek[n] * hprev[n]
-                        dA_acc[j * N + n] += <double>(delta * q[n])
-                    # gB = sum_n g*Bt ; gAq = sum_n A*q   (serial, fixed order)
-                    gB = 0
-                    gAq = 0
-                    for n in range(N):
-                        gB = gB + g[n] * Bt[n]
-                        gAq = gAq + Aj[n] * q[n]
-                    # g <- dL/dh_{t-1} = g*E
-                    for n in range(N):
-                        g[n] = g[n] * Ek[n]
+                    # one fused pass over n (see _bwd_state_pass); gB = sum_n g*Bt, gAq = sum_n A*q
+                    # are summed in 8 lanes (n mod 8), then the lanes in a fixed tree
+                    _bwd_state_pass(g, pB, pC, sB, sA, dA_acc + j * N, Ct, Bt, hcur, hprev, Ek, Aj,
+                                    dyv, delta, delta_u, N)
+                    gB = ((sB[0] + sB[4]) + (sB[1] + sB[5])) + ((sB[2] + sB[6]) + (sB[3] + sB[7]))
+                    gAq = ((sA[0] + sA[4]) + (sA[1] + sA[5])) + ((sA[2] + sA[6]) + (sA[3] + sA[7]))
                     # du_t += dy*D_skip + delta*gB ;  ddelta = sum A*q + u*gB
                     du[row * D + d] += dyv * D_skip[d] + delta * gB
                     ddelta = gAq + uu * gB

@@ -1,6 +1,20 @@
-"""Checkpoint files and small JSON files, written atomically and verified on load.
+"""Checkpoints and small JSON files, written atomically and durably, verified on load.
 
-A checkpoint is ONE safetensors file (no pickle: loading never runs code) holding named tensors
+A run's checkpoints are step directories committed by a manifest (RELIABILITY.md's protocol)::
+
+    checkpoints/step-00000200/model.safetensors   tensors + the JSON state (below)
+    checkpoints/step-00000200/MANIFEST.json       written LAST: each file's size and sha256, the
+                                                  step, the thread count, and a hash of itself
+
+:func:`write_step_checkpoint` writes both into ``checkpoints/.tmp-step-N-<random>/`` (each file
+fsynced), fsyncs that directory, renames it to ``step-N`` and fsyncs ``checkpoints/``: the rename
+is the commit, so a directory named ``step-N`` is complete, and the manifest lets a reader prove
+it. :func:`find_checkpoints` lists them newest first, :func:`verify_step_dir` checks one,
+:func:`sweep` removes what a killed writer left (``.tmp-*``, ``.trash-*``), :func:`retire` deletes
+one by renaming it to ``.trash-*`` first (a crash mid-delete never leaves a half-deleted directory
+that looks valid).
+
+The tensor file is ONE safetensors file (no pickle: loading never runs code) holding named tensors
 (float32 parameters and moments, integer buffers) and, in the safetensors header metadata::
 
     format       "rtrainer-checkpoint"
@@ -28,12 +42,15 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
+import shutil
 from typing import Any, Mapping
 
 import numpy as np
 import orjson
 
+from . import faults
 from .errors import CheckpointError, RunIOError
 
 __all__ = [
@@ -46,6 +63,14 @@ __all__ = [
     "read_json",
     "atomic_write_bytes",
     "fsync_dir",
+    "TENSOR_FILE",
+    "MANIFEST_FILE",
+    "step_dir_name",
+    "write_step_checkpoint",
+    "verify_step_dir",
+    "find_checkpoints",
+    "sweep",
+    "retire",
 ]
 
 FORMAT = "rtrainer-checkpoint"
@@ -192,7 +217,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
         return CheckpointError(f"{path}: not a valid rtrainer checkpoint ({reason})")
 
     if os.path.isdir(path):
-        raise invalid("it is a directory")
+        verify_step_dir(path)
+        return load_checkpoint(os.path.join(path, TENSOR_FILE))
     try:
         with safe_open(path, framework="numpy") as fh:
             meta = fh.metadata() or {}
@@ -235,6 +261,187 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
         if _digest(_le_contiguous(name, arr)) != sums[name]:
             raise CheckpointError(f"{path}: tensor '{name}' is corrupt (checksum mismatch)")
     return tensors, state
+
+
+# --------------------------------------------------------------------------------------------
+# Step directories committed by a manifest
+# --------------------------------------------------------------------------------------------
+
+TENSOR_FILE = "model.safetensors"
+MANIFEST_FILE = "MANIFEST.json"
+MANIFEST_FORMAT = "rtrainer-checkpoint-manifest"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{int(step):08d}"
+
+
+def _file_digest(path: str) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(1 << 20)
+            if not block:
+                break
+            size += len(block)
+            h.update(block)
+    return size, h.hexdigest()
+
+
+def _manifest_hash(manifest: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _write_durable(path: str, data: bytes) -> None:
+    with open(path, "xb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_step_checkpoint(
+    ckpt_dir: str | os.PathLike, step: int, tensors: Mapping[str, np.ndarray], state: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """Commit one checkpoint as ``ckpt_dir/step-N`` (see the module docstring); returns its path.
+
+    ``extra`` goes into the manifest (e.g. the thread count). If ``step-N`` exists already (a
+    superseded attempt at the same step), it is retired after the new one is complete. On OSError
+    the temporary directory is removed and RunIOError is raised; every earlier checkpoint is intact.
+    """
+    ckpt_dir = os.fspath(ckpt_dir)
+    tmp = os.path.join(ckpt_dir, f".tmp-{step_dir_name(step)}-{secrets.token_hex(4)}")
+    final = os.path.join(ckpt_dir, step_dir_name(step))
+    try:
+        os.mkdir(tmp)
+        save_checkpoint(os.path.join(tmp, TENSOR_FILE), tensors, state)
+        faults.point("ckpt.after_tensors", tmp)
+        size, digest = _file_digest(os.path.join(tmp, TENSOR_FILE))
+        manifest = {"format": MANIFEST_FORMAT, "schema": int(SCHEMA), "step": int(step),
+                    "files": {TENSOR_FILE: {"size": size, "sha256": digest}}, **dict(extra or {})}
+        manifest["manifest_sha256"] = _manifest_hash(manifest)
+        faults.point("ckpt.before_manifest", tmp)
+        _write_durable(os.path.join(tmp, MANIFEST_FILE),
+                       json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
+        faults.point("ckpt.after_manifest", tmp)
+        fsync_dir(tmp)
+        faults.point("ckpt.before_rename", tmp)
+        if os.path.lexists(final):
+            retire(final)
+        os.rename(tmp, final)
+        tmp = None
+        fsync_dir(ckpt_dir)
+        faults.point("ckpt.after_rename", final)
+        return final
+    except (OSError, RunIOError) as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, RunIOError):
+            raise
+        reason = f"{e.strerror} [errno {e.errno}]" if e.strerror else str(e)
+        raise RunIOError(f"cannot write checkpoint {final}: {reason}") from None
+
+
+def verify_step_dir(path: str | os.PathLike) -> dict[str, Any]:
+    """Check a step directory against its manifest (present, self-consistent, every file's size
+    and sha256); returns the manifest. Raises CheckpointError naming the directory and the fault."""
+    path = os.fspath(path)
+    mpath = os.path.join(path, MANIFEST_FILE)
+
+    def bad(reason: str) -> CheckpointError:
+        return CheckpointError(f"{path}: not a valid checkpoint ({reason})")
+
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with open(mpath, "rb") as fh:
+            manifest = json.loads(fh.read())
+    except FileNotFoundError:
+        raise bad(f"{MANIFEST_FILE} is missing: the write never committed") from None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise bad(f"{MANIFEST_FILE} is unreadable: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise bad(f"{MANIFEST_FILE} is not an rtrainer manifest")
+    if manifest.get("manifest_sha256") != _manifest_hash(manifest):
+        raise bad(f"{MANIFEST_FILE} checksum mismatch")
+    if manifest.get("schema") != int(SCHEMA):
+        raise CheckpointError(f"{path}: checkpoint schema {manifest.get('schema')!r} is not supported "
+                              f"(this rtrainer reads schema {SCHEMA})")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or TENSOR_FILE not in files:
+        raise bad(f"{MANIFEST_FILE} lists no {TENSOR_FILE}")
+    for name, entry in files.items():
+        # names come from a file on disk: they must stay inside the directory
+        if not isinstance(name, str) or name != os.path.basename(name) or name in ("", ".", ".."):
+            raise bad(f"{MANIFEST_FILE} names a file outside the directory: {name!r}")
+        fpath = os.path.join(path, name)
+        if os.path.islink(fpath):
+            raise bad(f"{name} is a symbolic link")
+        try:
+            size, digest = _file_digest(fpath)
+        except FileNotFoundError:
+            raise bad(f"{name} is missing") from None
+        except OSError as e:
+            raise bad(f"{name} is unreadable: {e.strerror or e}") from None
+        if size != entry.get("size"):
+            raise bad(f"{name} is {size} bytes, the manifest says {entry.get('size')}")
+        if digest != entry.get("sha256"):
+            raise bad(f"{name} checksum mismatch")
+    return manifest
+
+
+def find_checkpoints(ckpt_dir: str | os.PathLike) -> list[tuple[int, str]]:
+    """Committed step directories in ``ckpt_dir`` as (step, path), newest first (not verified)."""
+    ckpt_dir = os.fspath(ckpt_dir)
+    try:
+        names = os.listdir(ckpt_dir)
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        m = _STEP_RE.match(name)
+        if m and os.path.isdir(os.path.join(ckpt_dir, name)):
+            out.append((int(m.group(1)), os.path.join(ckpt_dir, name)))
+    return sorted(out, reverse=True)
+
+
+def sweep(ckpt_dir: str | os.PathLike) -> list[str]:
+    """Remove what an interrupted writer left in ``ckpt_dir`` (``.tmp-*`` and ``.trash-*``);
+    returns their names. Call it only while holding the run-directory lock."""
+    ckpt_dir = os.fspath(ckpt_dir)
+    removed = []
+    try:
+        names = sorted(os.listdir(ckpt_dir))
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if name.startswith((".tmp-", ".trash-")):
+            p = os.path.join(ckpt_dir, name)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
+            removed.append(name)
+    if removed:
+        fsync_dir(ckpt_dir)
+    return removed
+
+
+def retire(path: str | os.PathLike) -> None:
+    """Delete a checkpoint directory safely: rename to ``.trash-*`` (atomic; fsynced), then remove."""
+    path = os.fspath(path)
+    parent, name = os.path.split(path)
+    trash = os.path.join(parent, f".trash-{name}-{secrets.token_hex(4)}")
+    os.rename(path, trash)
+    fsync_dir(parent)
+    faults.point("ckpt.mid_retention", trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Command line: `rtrainer run CONFIG [--set section.key=value ...] [--resume PATH|auto] [--headless]`.
+"""Command line: `rtrainer run CONFIG [--set section.key=value ...] [--resume PATH|auto] [--headless]`,
+`rtrainer parity CONFIG [--steps N]`, `rtrainer prepare DIR` (index a shard directory),
+`rtrainer info`, `rtrainer keys`.
 
 Every error is one line on stderr starting `rtrainer: error:` and a non-zero exit code:
 2 configuration or usage, 3 data or checkpoint integrity, 4 non-finite stop, 5 I/O error (disk full, permission),
@@ -14,13 +16,15 @@ from . import __version__
 EPILOG = """\
 exit codes: 0 finished, 2 configuration/usage error, 3 data or checkpoint integrity error,
 4 non-finite loss/gradient stop, 5 I/O error (disk full, permission denied), 6 run directory in use by another run,
-130/143 interrupted by SIGINT/SIGTERM (after a checkpoint).
+130/143 interrupted by SIGINT/SIGTERM (after a checkpoint). `rtrainer parity` exits 1 on a mismatch.
 
 examples:
   rtrainer run examples/quickstart.toml
   rtrainer run examples/quickstart.toml --set train.steps=50 --set run.out_dir='"runs/try"'
   rtrainer run examples/quickstart.toml --resume auto      # continue from out_dir's latest checkpoint
+  rtrainer parity examples/quickstart.toml --steps 20       # straight == paused + resumed, bitwise?
   rtrainer keys                                            # every run-file key with its default
+  rtrainer prepare data/shards                             # index (and check) a shard directory once
 """
 
 
@@ -43,10 +47,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a run-file key; VALUE is a TOML literal (repeatable)")
     r.add_argument("--resume", metavar="PATH|auto", default=None,
-                   help="continue from a checkpoint file or run directory; 'auto' = out_dir's latest if any")
+                   help="continue from a checkpoint (a checkpoints/step-N directory) or a run directory's newest "
+                        "valid one; 'auto' = out_dir's newest valid checkpoint if any (corrupt ones are skipped "
+                        "with a warning)")
     r.add_argument("--overwrite", action="store_true",
                    help="start from scratch even if out_dir already holds a run (its checkpoint is replaced)")
     r.add_argument("--headless", action="store_true", help="no console progress (metrics.jsonl only)")
+    r.add_argument("--stop-at", type=int, metavar="STEP", default=None,
+                   help="pause after STEP with a checkpoint (exit 0, stop_reason 'paused'); continue with --resume")
+    q = sub.add_parser("parity", help="probe: N steps straight == N/2 + checkpoint + resume + N/2, bitwise",
+                       description="Train the run file's model twice in a scratch directory: N steps straight, "
+                       "and N/2 steps + checkpoint + a new trainer resuming to N. Parameters, moments, optimizer "
+                       "state, data cursor, RNG and metrics must agree bitwise; then a checkpoint round trip must "
+                       "too. Prints the first difference and exits 1 on a mismatch.")
+    q.add_argument("config", metavar="CONFIG", help="the TOML run file (its out_dir is not touched)")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a run-file key (repeatable)")
+    q.add_argument("--steps", type=int, default=None, help="N (default: min(train.steps, 20))")
+    q.add_argument("--workdir", default=None, help="where the scratch directory is made (default: the system's)")
+    pr = sub.add_parser("prepare", help="index a shard directory: build and verify its data manifest, convert "
+                        "text shards to their binary cache")
+    pr.add_argument("dir", metavar="DIR", help="the shard directory")
+    pr.add_argument("--format", default="auto", choices=("auto", "txt", "u8", "u16", "u32", "npy"),
+                    help="shard format (as data.format); auto = by extension")
+    pr.add_argument("--glob", default="", help="file name pattern of the shards (as data.shard_glob)")
+    pr.add_argument("--rebuild", action="store_true", help="rebuild the manifest from scratch")
     sub.add_parser("info", help="build and machine information (OpenMP, threads, BLAS)")
     sub.add_parser("keys", help="list every run-file key with its default and meaning")
     return p
@@ -64,7 +89,18 @@ def main(argv=None) -> int:
             from .trainer import Trainer
 
             Trainer.from_file(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite,
-                              console=not args.headless).fit()
+                              console=not args.headless, stop_at=args.stop_at).fit()
+        elif args.command == "parity":
+            from .probe import ParityMismatch, config_for_probe, run_parity
+
+            try:
+                run_parity(config_for_probe(args.config, args.overrides), steps=args.steps, workdir=args.workdir)
+            except ParityMismatch as e:
+                print(f"parity: FAILED: {e}", file=sys.stderr)
+                return 1
+            print("parity: OK")
+        elif args.command == "prepare":
+            _prepare(args)
         elif args.command == "info":
             _info()
         elif args.command == "keys":
@@ -79,6 +115,16 @@ def main(argv=None) -> int:
         print("rtrainer: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _prepare(args) -> None:
+    from .stream import prepare_dir
+
+    m = prepare_dir(args.dir, args.format, args.glob, rebuild=args.rebuild, verify="full",
+                    say=lambda msg: print(msg, file=sys.stderr))
+    n = sum(e["tokens"] for e in m["shards"])
+    top = max(e["max_id"] for e in m["shards"])
+    print(f"{args.dir}: {len(m['shards'])} shards, {n:,} tokens, max token id {top}; manifest verified")
 
 
 def _info() -> None:

@@ -13,7 +13,7 @@ the key as ``section.key`` and where the value came from (the file, or the ``--s
 * wrong type (``bool`` is not an integer; an integer is accepted for a float field and converted;
   lists are checked element by element); non-finite floats (``nan``, ``inf``);
 * out of range / not one of the allowed values (the message gives the allowed range or values);
-* options that are validated but not implemented yet (``model.layer = 'mamba'``, layer expansion,
+* options that are validated but not implemented yet (layer expansion,
   ``head.prototype_separation > 0``);
 * TOML syntax errors (with tomllib's line and column), a missing or unreadable file.
 
@@ -98,13 +98,16 @@ class ModelConfig:
     """[model]: the layer stack."""
 
     layer: str = _f(
-        "mamba-lite", "layer kind: 'mamba-lite' (reference layer) or 'mamba' (not implemented yet)",
+        "mamba-lite", "layer kind: 'mamba-lite' (reference layer) or 'mamba' (full Mamba-1 block)",
         choices=("mamba-lite", "mamba"),
     )
     d_model: int = _f(512, "model width D", ge=1)
     d_state: int = _f(16, "SSM state size N", ge=1)
     d_conv: int = _f(4, "causal depthwise conv width K", ge=1)
-    dt_rank: int = _f(1, "rank R of the delta projection (reference: 1)", ge=1)
+    dt_rank: int = _f(
+        0, "rank R of the delta projection; 0 = auto: 1 for mamba-lite (reference), ceil(d_model/16) for mamba",
+        ge=0,
+    )
     expand: int = _f(2, "inner expansion E (only used by layer = 'mamba')", ge=1)
     base_layers: int = _f(2, "layers at the start of the run (fresh or from a checkpoint)", ge=1)
     target_layers: int = _f(2, "layers after expansion (new layers placed by model.placement)", ge=1)
@@ -118,6 +121,9 @@ class ModelConfig:
     )
     vocab_size: int = _f(0, "vocabulary size V; 0 = max token id in the data + 1", ge=0)
     scan_chunk: int = _f(64, "scan checkpoint interval in steps (memory/speed knob only)", ge=1)
+    selective: bool = _f(
+        True, "false = ablation: delta, B, C input-independent learned values (an LTI SSM)"
+    )
     init_from: str = _f("", "checkpoint of a base_layers model to start from (then expanded to "
                         "target_layers); empty = fresh initialisation")
 
@@ -192,8 +198,9 @@ class TrainConfig:
 class DataConfig:
     """[data]: token sources."""
 
-    train: str = _f("", "training token file (required)")
-    val: str = _f("", "validation token file; empty = split off the end of data.train")
+    train: str = _f("", "training token file or shard directory (required)")
+    val: str = _f("", "validation token file or shard directory; empty = split off the end of data.train "
+                  "(of each shard)")
     val_ratio: float = _f(
         0.05, "fraction of data.train held out for validation when data.val is empty",
         ge=0.0, lt=1.0,
@@ -202,6 +209,18 @@ class DataConfig:
         "auto", "token file format: auto (by extension) | txt | u8 | u16 | u32 | npy",
         choices=("auto", "txt", "u8", "u16", "u32", "npy"),
     )
+    packed: bool = _f(True, "packed windows (row b's last target = row b+1's first input); false = "
+                      "independent windows of seq_len+1 tokens that share no token")
+    shuffle_shards: bool = _f(True, "shard directory: reshuffle the shard order every epoch (seeded by run.seed)")
+    prefetch_workers: int = _f(0, "background threads reading batches ahead; 0 = read on the training thread "
+                               "(the batches are the same for every value)", ge=0)
+    prefetch_buffer: int = _f(16, "batches read ahead at most (with prefetch_workers > 0)", ge=1)
+    random_windows: bool = _f(False, "every row a window at a uniformly random position of a random shard "
+                              "(nanoGPT style) instead of streaming the shards in order")
+    shard_glob: str = _f("", "shard directory: file name pattern of the shards; empty = by format "
+                         "(*.bin, *.npy, *.txt)")
+    verify: str = _f("quick", "shard directory: 'quick' = check sizes, and block checksums of shards whose "
+                     "mtime changed; 'full' = every checksum at every start", choices=("quick", "full"))
 
 
 @dataclass(frozen=True)
@@ -220,6 +239,7 @@ class CheckpointConfig:
     """[checkpoint]: how often to save and what to keep."""
 
     save_every: int = _f(200, "checkpoint every N steps; 0 = only at the end", ge=0)
+    keep_last: int = _f(3, "step checkpoints to keep (the newest N, plus the best one); 0 = keep all", ge=0)
 
 
 @dataclass(frozen=True)
@@ -374,11 +394,6 @@ def _cross_checks(
     """Checks that involve more than one value, and options not implemented yet."""
     m = cfg.model
     _check_placement(m.placement, _where(origins, "model", "placement"))
-    if m.layer == "mamba":
-        raise ConfigError(
-            "model.layer = 'mamba' is not implemented yet; use 'mamba-lite'"
-            + _where(origins, "model", "layer")
-        )
     from . import staged
 
     try:  # placement against the layer counts, freeze against the expanded model (rtrainer/staged.py)

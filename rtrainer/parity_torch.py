@@ -464,3 +464,215 @@ def build_torch_model(*, vocab_size: int, d_model: int, n_layers: int, d_state: 
     if compile:
         model._loss_fn = torch.compile(model._loss)
     return model
+
+
+# ============================================================================ the `mamba` block
+#
+# SPEC §2.4, written with torch ops and autograd only (F.rms_norm, F.linear-free matmuls, F.silu,
+# F.softplus, conv1d), independent of rtrainer's kernels and of rtrainer/reference.py. Names:
+#
+#     layers.{i}.norm_w     (D,)        RMSNorm weight (eps 1e-5)
+#     layers.{i}.in_proj_w  (D, 2C)     xn @ in_proj_w = [xin | zg], C = E*D
+#     layers.{i}.conv_w     (C, K)   conv_b (C,)
+#     layers.{i}.x_proj_w   (C, 2N+R)   u @ x_proj_w = [Bt | Ct | draw]
+#     layers.{i}.dt_proj_w  (R, C)   dt_proj_b (C,)   A_log (C, N)   D_skip (C,)
+#     layers.{i}.out_proj_w (C, D)
+#
+#     xn = rms_norm(r) * norm_w ; [xin | zg] = xn @ in_proj_w ; u = silu(conv(xin))
+#     y = scan(u, delta, A, Bt, Ct, D_skip) ; r = r + (y * silu(zg)) @ out_proj_w
+#
+# selective=False (the LTI ablation, either layer kind): B_lti (N,), C_lti (N,) replace x_proj_w and
+# dt_proj_w; Bt_t = B_lti, Ct_t = C_lti for every token and delta = softplus(dt_proj_b).
+
+MAMBA_LAYER_PARAM_NAMES = ("norm_w", "in_proj_w", "conv_w", "conv_b", "x_proj_w", "dt_proj_w",
+                           "dt_proj_b", "A_log", "D_skip", "out_proj_w")
+RMS_EPS = 1e-5
+
+
+def _lti_shapes(shapes: dict, prefix: str, N: int, selective: bool) -> dict:
+    if selective:
+        return shapes
+    out = {}
+    for k, v in shapes.items():
+        if k == prefix + "x_proj_w":
+            out[prefix + "B_lti"] = (N,)
+        elif k == prefix + "dt_proj_w":
+            out[prefix + "C_lti"] = (N,)
+        else:
+            out[k] = v
+    return out
+
+
+def mamba_param_shapes(*, vocab_size: int, d_model: int, n_layers: int, d_state: int, d_conv: int,
+                       dt_rank: int, expand: int, layer: str = "mamba",
+                       selective: bool = True) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter of a `mamba` (or, with layer="mamba-lite", a mamba-lite)
+    stack, with the LTI replacement when selective is False."""
+    V, D, N, K, R = vocab_size, d_model, d_state, d_conv, dt_rank
+    if layer == "mamba-lite":
+        shapes = param_shapes(vocab_size=V, d_model=D, n_layers=n_layers, d_state=N, d_conv=K,
+                              dt_rank=R)
+        for i in range(n_layers):
+            shapes = _lti_shapes(shapes, f"layers.{i}.", N, selective)
+        return shapes
+    C = expand * D
+    shapes: dict[str, tuple[int, ...]] = {"embedding": (V, D)}
+    for i in range(n_layers):
+        p = f"layers.{i}."
+        layer_shapes = {p + "norm_w": (D,), p + "in_proj_w": (D, 2 * C), p + "conv_w": (C, K),
+                        p + "conv_b": (C,), p + "x_proj_w": (C, 2 * N + R), p + "dt_proj_w": (R, C),
+                        p + "dt_proj_b": (C,), p + "A_log": (C, N), p + "D_skip": (C,),
+                        p + "out_proj_w": (C, D)}
+        shapes.update(_lti_shapes(layer_shapes, p, N, selective))
+    shapes["head.prototypes"] = (V, D)
+    return shapes
+
+
+def _ssm(u: torch.Tensor, p: Mapping[str, torch.Tensor], prefix: str, *, d_state: int,
+         selective: bool, scan: str, chunk: int) -> torch.Tensor:
+    """delta, Bt, Ct from u (B,T,C) (selective) or from the LTI parameters, then the scan."""
+    N = d_state
+    if selective:
+        xdbl = u @ p[prefix + "x_proj_w"]                                     # (B,T,2N+R)
+        Bt, Ct, draw = xdbl[..., :N], xdbl[..., N:2 * N], xdbl[..., 2 * N:]
+        delta = F.softplus(draw @ p[prefix + "dt_proj_w"] + p[prefix + "dt_proj_b"],
+                           beta=1.0, threshold=SOFTPLUS_THRESHOLD)
+    else:
+        Bt = p[prefix + "B_lti"].expand(u.shape[0], u.shape[1], N)
+        Ct = p[prefix + "C_lti"].expand(u.shape[0], u.shape[1], N)
+        delta = F.softplus(p[prefix + "dt_proj_b"], beta=1.0,
+                           threshold=SOFTPLUS_THRESHOLD).expand_as(u)
+    A = -torch.exp(p[prefix + "A_log"])
+    return selective_scan(u, delta, A, Bt, Ct, p[prefix + "D_skip"], scan=scan, chunk=chunk)
+
+
+def mamba_layer(x: torch.Tensor, p: Mapping[str, torch.Tensor], prefix: str, *, d_state: int,
+                selective: bool = True, scan: str = "loop", chunk: int = 8) -> torch.Tensor:
+    """SPEC §2.4 for x (B,T,D): the residual branch (y * silu(zg)) @ out_proj_w (B,T,D)."""
+    C = p[prefix + "conv_w"].shape[0]
+    xn = F.rms_norm(x, (x.shape[-1],), p[prefix + "norm_w"], eps=RMS_EPS)
+    xz = xn @ p[prefix + "in_proj_w"]                                         # (B,T,2C)
+    xin, zg = xz[..., :C], xz[..., C:]
+    u = F.silu(causal_conv(xin, p[prefix + "conv_w"], p[prefix + "conv_b"]))
+    y = _ssm(u, p, prefix, d_state=d_state, selective=selective, scan=scan, chunk=chunk)
+    return (y * F.silu(zg)) @ p[prefix + "out_proj_w"]
+
+
+def _lite_layer(x, p, prefix, *, d_state, selective, scan, chunk):
+    u = F.silu(causal_conv(x, p[prefix + "conv_w"], p[prefix + "conv_b"]))
+    y = _ssm(u, p, prefix, d_state=d_state, selective=selective, scan=scan, chunk=chunk)
+    return y @ p[prefix + "out_proj_w"]
+
+
+def mamba_forward_loss(p: Mapping[str, torch.Tensor], ids: torch.Tensor, targets: torch.Tensor, *,
+                       n_layers: int, d_state: int, layer: str = "mamba", selective: bool = True,
+                       normalize_prototypes: bool = True, scan: str = "loop", chunk: int = 8):
+    """Embedding -> layers -> LayerNorm (no affine) -> HPN loss, for either layer kind."""
+    fn = mamba_layer if layer == "mamba" else _lite_layer
+    r = p["embedding"][ids]
+    for i in range(n_layers):
+        r = r + fn(r, p, f"layers.{i}.", d_state=d_state, selective=selective, scan=scan, chunk=chunk)
+    z = F.layer_norm(r, (r.shape[-1],), eps=LN_EPS)
+    loss, _ = hpn_loss(z.reshape(-1, z.shape[-1]), p["head.prototypes"], targets.reshape(-1),
+                       normalize_prototypes=normalize_prototypes)
+    return loss
+
+
+def mamba_loss_and_grads(params: Mapping[str, np.ndarray], ids: np.ndarray, targets: np.ndarray, *,
+                         n_layers: int, d_state: int, dt_rank: int, expand: int = 2,
+                         layer: str = "mamba", selective: bool = True,
+                         normalize_prototypes: bool = True, learnable_prototypes: bool = True,
+                         dtype: str = "float64", scan: str = "loop", chunk: int = 8,
+                         ) -> tuple[float, dict[str, np.ndarray]]:
+    """Loss and autograd gradients of the `mamba` stack (or of an LTI mamba-lite stack), as numpy
+    arrays of `dtype`; the same contract as `loss_and_grads`."""
+    tdt = _torch_dtype(dtype)
+    V, D = np.shape(params["embedding"])
+    K = np.shape(params["layers.0.conv_w"])[1] if n_layers else 1
+    expected = mamba_param_shapes(vocab_size=V, d_model=D, n_layers=n_layers, d_state=d_state,
+                                  d_conv=K, dt_rank=dt_rank, expand=expand, layer=layer,
+                                  selective=selective)
+    for name, shape in expected.items():
+        if name not in params:
+            raise ValueError(f"missing parameter {name!r}")
+        if tuple(np.shape(params[name])) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {np.shape(params[name])}")
+    ids_t = _check_ids("ids", ids, V)
+    tg_t = _check_ids("targets", targets, V)
+    p = {}
+    for name in expected:
+        t = torch.tensor(np.asarray(params[name]), dtype=tdt)
+        t.requires_grad_(name != "head.prototypes" or learnable_prototypes)
+        p[name] = t
+    loss = mamba_forward_loss(p, ids_t, tg_t, n_layers=n_layers, d_state=d_state, layer=layer,
+                              selective=selective, normalize_prototypes=normalize_prototypes,
+                              scan=scan, chunk=chunk)
+    names = [n for n in expected if p[n].requires_grad]
+    grads = torch.autograd.grad(loss, [p[n] for n in names], allow_unused=True)
+    np_dtype = np.float64 if tdt == torch.float64 else np.float32
+    out = {n: (np.zeros(expected[n], dtype=np_dtype) if g is None
+               else g.detach().numpy().astype(np_dtype, copy=True)) for n, g in zip(names, grads)}
+    return float(loss.item()), out
+
+
+class TorchMambaStackHPN(torch.nn.Module):
+    """nn.Module over mamba_forward_loss (PyTorch eager peer of bench/compare.py --layer mamba);
+    parameters are created from a name -> numpy dict and keep the contract names (dots -> '__')."""
+
+    def __init__(self, params: Mapping[str, np.ndarray], *, n_layers: int, d_state: int,
+                 normalize_prototypes: bool = True, learnable_prototypes: bool = False,
+                 scan: str = "vectorised", chunk: int = 8, dtype=torch.float32):
+        super().__init__()
+        self.n_layers, self.d_state = n_layers, d_state
+        self.normalize_prototypes, self.scan, self.chunk = normalize_prototypes, scan, chunk
+        self.names = list(params)
+        for name, a in params.items():
+            t = torch.tensor(np.asarray(a), dtype=dtype)
+            if name == "head.prototypes" and not learnable_prototypes:
+                self.register_buffer(name.replace(".", "__"), t)
+            else:
+                self.register_parameter(name.replace(".", "__"), torch.nn.Parameter(t))
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._loss_fn = self._loss
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n.replace(".", "__")) for n in self.names}
+
+    def _loss(self, ids, targets):
+        return mamba_forward_loss(self.named_tensors(), ids, targets, n_layers=self.n_layers,
+                                  d_state=self.d_state, normalize_prototypes=self.normalize_prototypes,
+                                  scan=self.scan, chunk=self.chunk)
+
+    def train_step(self, ids, targets) -> float:
+        ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        targets = torch.as_tensor(np.asarray(targets, dtype=np.int64))
+        for q in self.parameters():
+            q.grad = None
+        loss = self._loss_fn(ids, targets)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+
+def build_torch_mamba_model(params: Mapping[str, np.ndarray], *, n_layers: int, d_state: int,
+                            normalize_prototypes: bool = True, learnable_prototypes: bool = False,
+                            lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8,
+                            weight_decay: float = 0.01, decay_names=(), scan: str = "vectorised",
+                            compile: bool = False) -> TorchMambaStackHPN:
+    """The `mamba` stack as an nn.Module with AdamW (weight decay on `decay_names`)."""
+    model = TorchMambaStackHPN(params, n_layers=n_layers, d_state=d_state,
+                               normalize_prototypes=normalize_prototypes,
+                               learnable_prototypes=learnable_prototypes, scan=scan)
+    decay_names = set(decay_names)
+    named = dict(model.named_parameters())
+    groups = [
+        {"params": [q for n, q in named.items() if n.replace("__", ".") in decay_names],
+         "weight_decay": weight_decay},
+        {"params": [q for n, q in named.items() if n.replace("__", ".") not in decay_names],
+         "weight_decay": 0.0},
+    ]
+    model.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas,
+                                        eps=eps, foreach=False)
+    if compile:
+        model._loss_fn = torch.compile(model._loss)
+    return model

@@ -360,12 +360,18 @@ LN_EPS = 1e-5
 
 
 def model_loss_and_grads_ref(params, ids, targets, *, n_layers, d_state, dt_rank,
-                             normalize_prototypes=True, learnable_prototypes=True, chunk=4):
+                             normalize_prototypes=True, learnable_prototypes=True, chunk=4,
+                             selective=True):
     """Loss and gradients of the mamba-lite stack + final LayerNorm + HPN head, in float64.
 
     params: name -> array (see rtrainer.model.layer_param_specs; "embedding", "head.prototypes")
     ids, targets: (B,T) int64. Returns (loss, {name: grad}); head.prototypes only if learnable.
+    selective=False: the LTI ablation (B_lti, C_lti (N,) instead of x_proj_w, dt_proj_w; dt = 0).
     """
+    if not selective:
+        return _lti_model_loss_and_grads_ref(params, ids, targets, "mamba-lite", n_layers=n_layers,
+                                             d_state=d_state, normalize_prototypes=normalize_prototypes,
+                                             learnable_prototypes=learnable_prototypes, chunk=chunk)
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     B, T = ids.shape
     V, D = p["embedding"].shape
@@ -413,6 +419,205 @@ def model_loss_and_grads_ref(params, ids, targets, *, n_layers, d_state, dt_rank
         dx = np.zeros((B, T, D))
         conv_backward_ref(dx, g[q + "conv_w"], g[q + "conv_b"], du, r[i], pre, p[q + "conv_w"], 1)
         dr = dr + dx
+    embed_backward_ref(g["embedding"], ids, dr, 1)
+    if not learnable_prototypes:
+        del g["head.prototypes"]
+    return float(loss), g
+
+
+# ============================================================ the `mamba` block: RMSNorm, gate
+
+def rmsnorm_forward_ref(out, rstd, x, w, eps, n_threads):
+    """out (n,D) OUT = x·rstd·w;  rstd (n) OUT = 1/sqrt(mean(x²) + eps);  x (n,D), w (D) IN."""
+    x = np.asarray(x, np.float64)
+    r = 1.0 / np.sqrt((x * x).mean(axis=1) + eps)
+    rstd[...] = r
+    out[...] = x * r[:, None] * w
+
+
+def rmsnorm_backward_ref(dx, dw, dout, x, rstd, w, n_threads):
+    """Backward of rmsnorm_forward_ref; ADDS into dx (n,D) and dw (D).
+
+        dx += rstd·w·dout - x·rstd³·Σ_j(dout·w·x)/D ;  dw += Σ_i dout·x·rstd
+    dout, x (n,D), rstd (n), w (D) IN.
+    """
+    x = np.asarray(x, np.float64)
+    r = np.asarray(rstd, np.float64)[:, None]
+    D = x.shape[1]
+    s = (dout * w * x).sum(axis=1, keepdims=True)
+    dx += r * w * dout - x * r ** 3 * s / D
+    dw += (dout * x * r).sum(axis=0)
+
+
+def gate_forward_ref(out, y, z, n_threads):
+    """out (n,C) OUT = y·silu(z);  y, z (n,C) IN."""
+    out[...] = np.asarray(y, np.float64) * silu_ref(z)
+
+
+def gate_backward_ref(dy, dz, out, dout, y, z, n_threads):
+    """Backward of gate_forward_ref: ADDS dout·silu(z) into dy and dout·y·silu'(z) into dz (n,C);
+    writes out = y·silu(z) again (the kernel recomputes it for the out_proj weight gradient).
+    silu'(z) = s·(1 + z·(1-s)), s = sigmoid(z).  dout, y, z (n,C) IN."""
+    z = np.asarray(z, np.float64)
+    s = sigmoid_ref(z)
+    dy += dout * z * s
+    dz += dout * y * s * (1.0 + z * (1.0 - s))
+    out[...] = y * z * s
+
+
+# ============================================================ the whole `mamba` model (SPEC §2.4)
+
+RMS_EPS = 1e-5
+
+
+def _ssm_in_forward(p, q, u, N, selective):
+    """(xdbl (B,T,2N+R), dt (B,T,C)) of layer prefix q from u (B,T,C)."""
+    if selective:
+        xdbl = u @ p[q + "x_proj_w"]
+        return xdbl, xdbl[..., 2 * N:] @ p[q + "dt_proj_w"]
+    Bsz, T, C = u.shape
+    xdbl = np.concatenate([np.broadcast_to(p[q + "B_lti"], (Bsz, T, N)),
+                           np.broadcast_to(p[q + "C_lti"], (Bsz, T, N))], axis=-1)
+    return xdbl, np.zeros((Bsz, T, C))
+
+
+def _ssm_in_backward(p, g, q, u, xdbl, dxdbl, ddt, du, N, selective):
+    """Gradients of _ssm_in_forward: adds into g[...] and du; dxdbl (B,T,2N+R) holds [dBt | dCt | .]."""
+    if not selective:
+        g[q + "B_lti"] += dxdbl[..., :N].sum(axis=(0, 1))
+        g[q + "C_lti"] += dxdbl[..., N:2 * N].sum(axis=(0, 1))
+        return
+    C = u.shape[-1]
+    W = xdbl.shape[-1]
+    R = W - 2 * N
+    g[q + "dt_proj_w"] += xdbl[..., 2 * N:].reshape(-1, R).T @ ddt.reshape(-1, C)
+    dxdbl[..., 2 * N:] = ddt @ p[q + "dt_proj_w"].T
+    g[q + "x_proj_w"] += u.reshape(-1, C).T @ dxdbl.reshape(-1, W)
+    du += dxdbl @ p[q + "x_proj_w"].T
+
+
+def _head_and_final_norm(p, g, r_last, targets, normalize_prototypes):
+    """LayerNorm + HPN head: (loss, dL/dr_last (B,T,D)); adds dP into g["head.prototypes"]."""
+    B, T, D = r_last.shape
+    z, rstd = np.zeros((B * T, D)), np.zeros(B * T)
+    layernorm_forward_ref(z, rstd, r_last.reshape(B * T, D), LN_EPS, 1)
+    t = targets.reshape(-1).astype(np.int64)
+    cos = np.zeros(B * T)
+    P = p["head.prototypes"]
+    loss = hpn_forward_ref(cos, z, P, t, normalize_prototypes, 1)
+    dz = np.zeros((B * T, D))
+    hpn_backward_ref(dz, g["head.prototypes"], z, P, t, cos, normalize_prototypes, True, 1.0, 1)
+    dr = np.zeros((B * T, D))
+    layernorm_backward_ref(dr, dz, z, rstd, 1)
+    return loss, dr.reshape(B, T, D)
+
+
+def _lti_model_loss_and_grads_ref(params, ids, targets, layer, *, n_layers, d_state,
+                                  normalize_prototypes, learnable_prototypes, chunk):
+    if layer == "mamba":
+        return mamba_model_loss_and_grads_ref(params, ids, targets, n_layers=n_layers, d_state=d_state,
+                                              normalize_prototypes=normalize_prototypes,
+                                              learnable_prototypes=learnable_prototypes, chunk=chunk,
+                                              selective=False)
+    # mamba-lite without selectivity
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    B, T = ids.shape
+    V, D = p["embedding"].shape
+    N = d_state
+    nc = -(-T // chunk)
+    r = [np.zeros((B, T, D))]
+    embed_forward_ref(r[0], ids, p["embedding"], 1)
+    cache = []
+    for i in range(n_layers):
+        q = f"layers.{i}."
+        pre, u = np.zeros((B, T, D)), np.zeros((B, T, D))
+        conv_forward_ref(pre, u, r[i], p[q + "conv_w"], p[q + "conv_b"], 1)
+        xdbl, dt = _ssm_in_forward(p, q, u, N, False)
+        y, hs = np.zeros((B, T, D)), np.zeros((B, nc, D, N))
+        scan_forward_ref(y, hs, u, dt, p[q + "dt_proj_b"], p[q + "A_log"], xdbl, p[q + "D_skip"], chunk, 1)
+        r.append(r[i] + y @ p[q + "out_proj_w"])
+        cache.append((pre, u, xdbl, dt, y, hs))
+    g = {k: np.zeros_like(v) for k, v in p.items()}
+    loss, dr = _head_and_final_norm(p, g, r[-1], targets, normalize_prototypes)
+    for i in reversed(range(n_layers)):
+        q = f"layers.{i}."
+        pre, u, xdbl, dt, y, hs = cache[i]
+        g[q + "out_proj_w"] += y.reshape(-1, D).T @ dr.reshape(-1, D)
+        dy = dr @ p[q + "out_proj_w"].T
+        du, ddt, dxdbl = np.zeros((B, T, D)), np.zeros((B, T, D)), np.zeros(xdbl.shape)
+        scan_backward_ref(du, ddt, g[q + "dt_proj_b"], g[q + "A_log"], dxdbl, g[q + "D_skip"], dy, u, dt,
+                          p[q + "dt_proj_b"], p[q + "A_log"], xdbl, p[q + "D_skip"], hs, chunk, 1)
+        _ssm_in_backward(p, g, q, u, xdbl, dxdbl, ddt, du, N, False)
+        dx = np.zeros((B, T, D))
+        conv_backward_ref(dx, g[q + "conv_w"], g[q + "conv_b"], du, r[i], pre, p[q + "conv_w"], 1)
+        dr = dr + dx
+    embed_backward_ref(g["embedding"], ids, dr, 1)
+    if not learnable_prototypes:
+        del g["head.prototypes"]
+    return float(loss), g
+
+
+def mamba_model_loss_and_grads_ref(params, ids, targets, *, n_layers, d_state,
+                                   normalize_prototypes=True, learnable_prototypes=True, chunk=4,
+                                   selective=True):
+    """Loss and gradients of the `mamba` stack + final LayerNorm + HPN head, in float64.
+
+    Per layer (C = E*D; shapes are read from params, see rtrainer.model.mamba_layer_param_specs):
+        xn = x·rstd·norm_w ; [xin | zg] = xn @ in_proj_w ; pre, u = conv(xin), silu
+        [Bt|Ct|draw] = u @ x_proj_w ; dt = draw @ dt_proj_w ; y = scan(...)
+        r += (y·silu(zg)) @ out_proj_w
+    selective=False: B_lti, C_lti (N,) replace x_proj_w, dt_proj_w and dt = 0.
+    Returns (loss, {name: grad}); head.prototypes only if learnable.
+    """
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    B, T = ids.shape
+    V, D = p["embedding"].shape
+    N = d_state
+    nc = -(-T // chunk)
+    BT = B * T
+    r = [np.zeros((B, T, D))]
+    embed_forward_ref(r[0], ids, p["embedding"], 1)
+    cache = []
+    for i in range(n_layers):
+        q = f"layers.{i}."
+        C = p[q + "conv_w"].shape[0]
+        xn, rstd = np.zeros((BT, D)), np.zeros(BT)
+        rmsnorm_forward_ref(xn, rstd, r[i].reshape(BT, D), p[q + "norm_w"], RMS_EPS, 1)
+        xz = (xn @ p[q + "in_proj_w"]).reshape(B, T, 2 * C)
+        xin, zg = xz[..., :C], xz[..., C:]
+        pre, u = np.zeros((B, T, C)), np.zeros((B, T, C))
+        conv_forward_ref(pre, u, xin, p[q + "conv_w"], p[q + "conv_b"], 1)
+        xdbl, dt = _ssm_in_forward(p, q, u, N, selective)
+        y, hs = np.zeros((B, T, C)), np.zeros((B, nc, C, N))
+        scan_forward_ref(y, hs, u, dt, p[q + "dt_proj_b"], p[q + "A_log"], xdbl, p[q + "D_skip"], chunk, 1)
+        yg = np.zeros((BT, C))
+        gate_forward_ref(yg, y.reshape(BT, C), zg.reshape(BT, C), 1)
+        r.append(r[i] + (yg @ p[q + "out_proj_w"]).reshape(B, T, D))
+        cache.append((xn, rstd, xin, zg, pre, u, xdbl, dt, y, hs))
+    g = {k: np.zeros_like(v) for k, v in p.items()}
+    loss, dr = _head_and_final_norm(p, g, r[-1], targets, normalize_prototypes)
+    for i in reversed(range(n_layers)):
+        q = f"layers.{i}."
+        xn, rstd, xin, zg, pre, u, xdbl, dt, y, hs = cache[i]
+        C = u.shape[-1]
+        dr2 = dr.reshape(BT, D)
+        dyg = dr2 @ p[q + "out_proj_w"].T
+        dy, dzg, yg = np.zeros((BT, C)), np.zeros((BT, C)), np.zeros((BT, C))
+        gate_backward_ref(dy, dzg, yg, dyg, y.reshape(BT, C), zg.reshape(BT, C), 1)
+        g[q + "out_proj_w"] += yg.T @ dr2
+        du, ddt, dxdbl = np.zeros((B, T, C)), np.zeros((B, T, C)), np.zeros(xdbl.shape)
+        scan_backward_ref(du, ddt, g[q + "dt_proj_b"], g[q + "A_log"], dxdbl, g[q + "D_skip"],
+                          dy.reshape(B, T, C), u, dt, p[q + "dt_proj_b"], p[q + "A_log"], xdbl,
+                          p[q + "D_skip"], hs, chunk, 1)
+        _ssm_in_backward(p, g, q, u, xdbl, dxdbl, ddt, du, N, selective)
+        dxin = np.zeros((B, T, C))
+        conv_backward_ref(dxin, g[q + "conv_w"], g[q + "conv_b"], du, xin, pre, p[q + "conv_w"], 1)
+        dxz = np.concatenate([dxin.reshape(BT, C), dzg], axis=1)
+        g[q + "in_proj_w"] += xn.T @ dxz
+        dxn = dxz @ p[q + "in_proj_w"].T
+        dx = np.zeros((BT, D))
+        rmsnorm_backward_ref(dx, g[q + "norm_w"], dxn, r[i].reshape(BT, D), rstd, p[q + "norm_w"], 1)
+        dr = dr + dx.reshape(B, T, D)
     embed_backward_ref(g["embedding"], ids, dr, 1)
     if not learnable_prototypes:
         del g["head.prototypes"]

@@ -138,6 +138,20 @@ def expand_state(flat: FlatParams, base: dict, layout: list, new_layer_init, rng
                     view[...] = 0.0
 
 
+def _checkpoint_in(path: str) -> str:
+    """model.init_from: a checkpoint (file or step directory) as it is; a run directory or its
+    checkpoints/ directory: the newest step checkpoint in it."""
+    from . import checkpoint as ckpt
+
+    d = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    if os.path.isdir(d) and not os.path.exists(os.path.join(d, ckpt.MANIFEST_FILE)):
+        found = ckpt.find_checkpoints(d)
+        if not found:
+            raise ConfigError(f"model.init_from = {path!r}: no step checkpoint in {d}")
+        return found[0][1]
+    return path
+
+
 # ------------------------------------------------------------------------------------ runtime
 class Staged:
     """Freezing, FF/BP cadence and surgery for one run (built from the resolved Config)."""
@@ -156,8 +170,9 @@ class Staged:
             raise ConfigError(f"train.ff = true but train.freeze = {t.freeze!r} freezes every layer: nothing "
                               "for Forward-Forward to train")
         self.expanding = m.target_layers != m.base_layers
-        if m.init_from and not os.path.isfile(m.init_from):
-            raise ConfigError(f"model.init_from = {m.init_from!r}: no such checkpoint file")
+        if m.init_from and not os.path.exists(m.init_from):
+            raise ConfigError(f"model.init_from = {m.init_from!r}: no such checkpoint, step directory or run "
+                              "directory")
         self.active = bool(self.frozen or self.freeze_embedding or self.ff)
         self.bp_steps = self.ff_steps = self.conflicts = 0
         self.layer_init = getattr(model, "layer_init", None)
@@ -202,7 +217,7 @@ class Staged:
                               "expanded")
         if m.init_from:
             source = f"model.init_from = {m.init_from!r}"
-            base, _state = ckpt.load_checkpoint(m.init_from)
+            base, _state = ckpt.load_checkpoint(_checkpoint_in(m.init_from))
             names = [k.split("/", 1)[1] for k in base if k.startswith("param/")]
             n = count_layers(names)
             if n != m.base_layers:

@@ -2,7 +2,7 @@
 
 Public hooks (override them in a subclass; everything with a leading underscore is internal):
     build_data()               -> RunData(train, val, vocab_size)
-    build_model(vocab_size)    -> the sequence model (MambaLiteStack)
+    build_model(vocab_size)    -> the sequence model (MambaLiteStack or MambaStack, by model.layer)
     build_head(vocab_size)     -> the head, which owns the loss (see rtrainer.heads)
     build_optimizer(flat)      -> the optimizer (AdamW over the flat buffer)
     evaluate()                 -> {"val_loss": ..., "val_acc": ...} over the fixed validation windows
@@ -25,12 +25,14 @@ from threadpoolctl import threadpool_limits
 
 from . import checkpoint as ckpt
 from . import config as config_mod
-from . import data as data_mod
+from . import data as data_mod  # noqa: F401 - subclasses use it
+from . import faults
 from . import staged as staged_mod
+from . import stream as stream_mod
 from .errors import CheckpointError, ConfigError, NonFiniteError, RtrainerError, RunIOError, RunLockedError
 from .heads import HPNHead
 from .metrics import MetricsWriter
-from .model import MambaLiteStack
+from .model import MambaLiteStack, MambaStack, resolve_dt_rank
 from .optim import AdamW, lr_at
 from .params import FlatParams
 from .threads import resolve_threads
@@ -70,10 +72,12 @@ class RunData:
 class Trainer:
     """Trains the model described by a Config. `Trainer.from_file(path, overrides).fit()`."""
 
-    def __init__(self, config, *, resume: str | None = None, overwrite: bool = False, console: bool = True):
+    def __init__(self, config, *, resume: str | None = None, overwrite: bool = False, console: bool = True,
+                 stop_at: int | None = None):
         self.cfg = config
         self.resume = resume
         self.overwrite = overwrite
+        self.stop_at = stop_at     # pause after this step with a checkpoint (stop_reason "paused")
         self.console = console
         self.n_threads = resolve_threads(config.run.threads)
 
@@ -83,36 +87,35 @@ class Trainer:
 
     # ================================================================ public hooks
     def build_data(self) -> RunData:
-        c = self.cfg
-        fmt = c.data.format
-        train_path = _abspath(c.data.train)
-        tokens = data_mod.load_tokens(train_path, fmt)
-        if c.data.val:
-            val_path = _abspath(c.data.val)
-            val_tokens = data_mod.load_tokens(val_path, fmt)
-        elif c.data.val_ratio > 0:
-            val_path = train_path
-            tokens, val_tokens = data_mod.split_tokens(tokens, c.data.val_ratio)
-        else:
-            val_path, val_tokens = None, None
+        c, d = self.cfg, self.cfg.data
+        train_path = _abspath(d.train)
+        shards = stream_mod.open_source(train_path, d.format, d.shard_glob, d.verify)
+        val_shards = stream_mod.open_source(_abspath(d.val), d.format, d.shard_glob, d.verify) if d.val else None
         V = c.model.vocab_size
-        if V == 0:
-            V = data_mod.max_token(tokens) + 1
-            if val_tokens is not None and len(val_tokens):
-                V = max(V, data_mod.max_token(val_tokens) + 1)
-        data_mod.check_token_range(tokens, V, train_path)
+        if V == 0:  # whole shards: the manifest knows their largest id
+            V = stream_mod.shards_max_token(shards + (val_shards or [])) + 1
+        if not d.val and d.val_ratio > 0:
+            shards, val_shards = stream_mod.split_shards(shards, d.val_ratio)
+        stream_mod.check_shards_range(shards, V)
         B, T = c.train.batch_size, c.train.seq_len
-        train = data_mod.PackedStream(tokens, B, T, name=train_path)
+        train = stream_mod.TokenStream(shards, B, T, packed=d.packed, random_windows=d.random_windows,
+                                       shuffle=d.shuffle_shards, seed=c.run.seed, prefetch_workers=d.prefetch_workers,
+                                       prefetch_buffer=d.prefetch_buffer, name=train_path)
         val = None
-        if val_tokens is not None and c.eval.val_every > 0:
-            data_mod.check_token_range(val_tokens, V, val_path)
-            val = data_mod.FixedWindows(val_tokens, B, T, c.eval.eval_batches, name=val_path)
+        if val_shards is not None and c.eval.val_every > 0:
+            stream_mod.check_shards_range(val_shards, V)
+            val = stream_mod.ShardWindows(val_shards, B, T, c.eval.eval_batches,
+                                          name=_abspath(d.val) if d.val else train_path)
         return RunData(train=train, val=val, vocab_size=int(V))
 
     def build_model(self, vocab_size: int):
         m = self.cfg.model
-        return MambaLiteStack(vocab_size, m.d_model, m.d_state, m.d_conv, m.dt_rank, m.target_layers,
-                              scan_chunk=m.scan_chunk, n_threads=self.n_threads)
+        R = resolve_dt_rank(m.layer, m.d_model, m.dt_rank)
+        if m.layer == "mamba":
+            return MambaStack(vocab_size, m.d_model, m.d_state, m.d_conv, R, m.target_layers, expand=m.expand,
+                              scan_chunk=m.scan_chunk, n_threads=self.n_threads, selective=m.selective)
+        return MambaLiteStack(vocab_size, m.d_model, m.d_state, m.d_conv, R, m.target_layers,
+                              scan_chunk=m.scan_chunk, n_threads=self.n_threads, selective=m.selective)
 
     def build_head(self, vocab_size: int):
         h = self.cfg.head
@@ -155,6 +158,10 @@ class Trainer:
             lock = getattr(self, "_lock", None)
             if lock is not None:
                 lock.close()
+            data = getattr(self, "data", None)
+            for src in (data.train, data.val) if data is not None else ():
+                if hasattr(src, "close"):
+                    src.close()  # stop the prefetch workers, unmap the shards
 
     def _on_signal(self, signum, frame):
         if self._stop_signal is not None:  # second Ctrl-C: stop now, without a checkpoint
@@ -177,12 +184,14 @@ class Trainer:
         self.rng = np.random.default_rng([c.run.seed, 2])   # for subclasses (sampling, dropout, ...)
         self.resolved = self._resolved_config(V)
         out_dir = Path(self.resolved.run.out_dir)
+        self.ckpt_dir = out_dir / "checkpoints"
         self.paths = {
             "out_dir": str(out_dir),
             "config": str(out_dir / "config.toml"),
             "metrics": str(out_dir / "metrics.jsonl"),
-            "latest": str(out_dir / "checkpoints" / "latest.safetensors"),
-            "best": str(out_dir / "checkpoints" / "best.safetensors"),
+            "checkpoints": str(self.ckpt_dir),
+            "latest": None,     # the newest committed step directory, once there is one
+            "best": None,       # the step directory of the best validation, once there is one
             "run_state": str(out_dir / "run_state.json"),
             "summary": str(out_dir / "summary.json"),
         }
@@ -190,14 +199,22 @@ class Trainer:
         # never leaves the directory locked
         out_dir.mkdir(parents=True, exist_ok=True)
         self._lock = _lock_run_dir(out_dir)
+        swept = ckpt.sweep(self.ckpt_dir)   # what a killed writer left: .tmp-* and .trash-*
+        if swept:
+            self._say(f"rtrainer: removed {len(swept)} leftover temporary checkpoint file(s) in {self.ckpt_dir}: "
+                      + ", ".join(swept))
         state = self._load_resume_state()
-        if state is None and not self.overwrite and Path(self.paths["latest"]).exists():
-            raise ConfigError(f"{out_dir} already holds a run (checkpoints/latest.safetensors): continue it with "
-                              "--resume auto, start it over with --overwrite, or set another run.out_dir")
+        existing = ckpt.find_checkpoints(self.ckpt_dir)
+        if state is None and existing:
+            if not self.overwrite:
+                raise ConfigError(f"{out_dir} already holds a run ({existing[0][1]}): continue it with "
+                                  "--resume auto, start it over with --overwrite, or set another run.out_dir")
+            for _, path in existing:   # --overwrite: the old run's checkpoints must not be resumed later
+                ckpt.retire(path)
         if state is None:
             self.staged.initialise(self)   # init_params, or the base model (model.init_from) expanded
             self.step, self.skipped, self.best_val_loss, elapsed0 = 0, 0, math.inf, 0.0
-            self.bad_evals = 0
+            self.bad_evals, self.best_step = 0, None
             metrics_offset = None
         else:
             self.step = int(state["step"])
@@ -205,17 +222,23 @@ class Trainer:
             self.skipped = int(state["skipped"])
             self.best_val_loss = _from_json_float(state["best_val_loss"])
             self.bad_evals = int(state.get("bad_evals", 0))
+            self.best_step = state.get("best_step")
             self.data.train.set_state(state["data"]["train"])
             self.staged.load_state(state.get("staged"), self._resume_path)
             self.rng.bit_generator.state = state["rng"]
             elapsed0 = float(state["elapsed_s"])
             # continuing this run: cut metrics.jsonl back to the checkpoint; a checkpoint from
             # another run directory starts this directory's metrics afresh
-            same_run = Path(self._resume_path).resolve().parent.parent == out_dir
+            same_run = self.ckpt_dir.resolve() in Path(self._resume_path).resolve().parents
             metrics_offset = int(state["metrics_offset"]) if same_run else None
+            if same_run:
+                self._set_aside_newer(existing)
+                self.paths["latest"] = self._resume_path
+                best_dir = self.ckpt_dir / ckpt.step_dir_name(self.best_step) if self.best_step is not None else None
+                self.paths["best"] = str(best_dir) if best_dir is not None and best_dir.is_dir() else None
 
         # 2. the run directory
-        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_text_atomic(self.paths["config"], config_mod.config_to_toml(self.resolved))
         self.metrics = MetricsWriter(self.paths["metrics"], truncate_to=metrics_offset)
         import rtrainer
@@ -243,6 +266,7 @@ class Trainer:
                 loss, gnorm, clipped, finite, extra = self.staged.train_step(self, ids, targets, lr, dz)
             else:
                 loss = forward_backward(self.model, self.head, self.flat, ids, targets, dz)
+                loss = _inject_nan(self.step + 1, loss, self.flat)
                 gnorm = self.optimizer.grad_norm()
                 clipped = False
                 finite = math.isfinite(loss) and math.isfinite(gnorm)
@@ -276,8 +300,9 @@ class Trainer:
                 ff = f"  ff_loss {extra['ff_loss']:.5f}" if extra else ""
                 self._say(f"step {self.step:>6}/{total}  {what}{ff}  lr {lr:.3e}  grad_norm {gnorm:.4f}"
                           f"  {rec['tokens_per_s']:,.0f} tok/s  rss {rec['rss_mb']:.0f} MB")
-            improved = stop_early = False
+            improved = stop_early = validated = False
             if self.data.val is not None and (self.step % c.eval.val_every == 0 or last):
+                validated = True
                 improved = self._validate()
                 stop_early = c.eval.patience > 0 and self.bad_evals >= c.eval.patience
             saved = (c.checkpoint.save_every and self.step % c.checkpoint.save_every == 0) or last or stop_early
@@ -293,10 +318,17 @@ class Trainer:
                                      "loss or gradient and were skipped (train.max_consecutive_skips = "
                                      f"{c.train.max_consecutive_skips}); stopping")
             _fault_point(self.step, self.flat)
+            if self.stop_at is not None and self.step >= self.stop_at and not last:
+                if not saved:
+                    self._save(elapsed0 + time.perf_counter() - t_start)
+                self._say(f"rtrainer: paused after step {self.step} (--stop-at); continue with --resume auto")
+                self._closing_validation(validated)
+                return self._finish("paused")
             if self._stop_signal is not None and not last:
                 if not saved:
                     self._save(elapsed0 + time.perf_counter() - t_start)
                 name = signal.Signals(self._stop_signal).name
+                self._closing_validation(validated)
                 self._finish("interrupted")
                 raise Interrupted(self._stop_signal, f"interrupted by {name} after step {self.step}; checkpoint "
                                   f"{self.paths['latest']} written; continue with --resume auto")
@@ -348,9 +380,26 @@ class Trainer:
                   f"  best {self.best_val_loss:.5f}")
         return improved
 
+    def _closing_validation(self, validated: bool) -> None:
+        """A run that stops between evaluations (signal, --stop-at) still reports where it stands:
+        one validation line marked "closing": true, written AFTER the checkpoint, so it changes
+        neither the best/patience state nor what a resumed run logs (resume cuts metrics.jsonl back
+        to the checkpoint's offset)."""
+        if self.data.val is None or validated:
+            return
+        r = self.evaluate()
+        rec = {"kind": "val", "step": self.step, **r, "best_val_loss": self.best_val_loss, "closing": True}
+        self.last_val = {k: _json_float(v) for k, v in rec.items() if k != "kind"}
+        self.metrics.write(rec)
+        self._say(f"step {self.step:>6}  val_loss {r['val_loss']:.5f}  val_acc {r['val_acc']:.4f}  (closing)")
+
     def _save(self, elapsed: float, latest: bool = True, best: bool = False) -> None:
-        """One checkpoint = parameters + moments + everything the loop needs to continue; written
-        as `latest` and/or, after an improving validation, as `best`."""
+        """Commit one checkpoint (RELIABILITY.md's protocol): parameters + moments + everything
+        the loop needs to continue, as checkpoints/step-N committed by its manifest; then
+        run_state.json and best.json (hints: the truth is the newest step-N that verifies); then
+        retention. `latest`/`best` say why it is written (a due save, an improving validation)."""
+        if best:
+            self.best_step = self.step
         state = {
             "schema": SCHEMA_VERSION,
             "step": self.step,
@@ -358,6 +407,7 @@ class Trainer:
             "skipped": self.skipped,
             "best_val_loss": _json_float(self.best_val_loss),
             "bad_evals": self.bad_evals,
+            "best_step": self.best_step,
             "data": {"train": self.data.train.state()},
             "rng": self.rng.bit_generator.state,
             "metrics_offset": self.metrics.offset(),
@@ -366,35 +416,76 @@ class Trainer:
             "config": config_mod.config_to_dict(self.resolved),
             "staged": self.staged.state(),
         }
+        path = ckpt.write_step_checkpoint(self.ckpt_dir, self.step, self.flat.state_tensors(), state,
+                                          extra={"n_threads": self.n_threads})
+        self.paths["latest"] = path
+        ckpt.write_json_atomic(self.paths["run_state"], {
+            "step": self.step, "checkpoint": path, "data": state["data"],
+            "best_val_loss": state["best_val_loss"], "best_step": self.best_step, "bad_evals": self.bad_evals})
         if best:
-            ckpt.save_checkpoint(self.paths["best"], self.flat.state_tensors(), state)
-        if latest:
-            ckpt.save_checkpoint(self.paths["latest"], self.flat.state_tensors(), state)
-            ckpt.write_json_atomic(self.paths["run_state"], {
-                "step": self.step, "checkpoint": self.paths["latest"], "data": state["data"],
-                "best_val_loss": state["best_val_loss"], "bad_evals": self.bad_evals})
+            self.paths["best"] = path
+            ckpt.write_json_atomic(self.ckpt_dir / "best.json", {
+                "step": self.step, "checkpoint": path, "val_loss": state["best_val_loss"]})
+        faults.point("ckpt.after_run_state", path)
+        self._apply_retention()
 
-    def _checkpoint_path(self) -> str | None:
+    def _apply_retention(self) -> None:
+        """Keep the newest `checkpoint.keep_last` step checkpoints and the best one; delete the rest
+        (each renamed to .trash-* before removal, so a crash mid-delete leaves nothing that looks valid)."""
+        keep_last = self.cfg.checkpoint.keep_last
+        if keep_last == 0:
+            return
+        for i, (step, path) in enumerate(ckpt.find_checkpoints(self.ckpt_dir)):
+            if i >= keep_last and step != self.best_step:
+                ckpt.retire(path)
+
+    def _set_aside_newer(self, existing) -> None:
+        """Resuming at step S of this run: step directories newer than S belong to a timeline that
+        is being replaced (corrupt ones skipped by --resume auto, or later ones when an older
+        checkpoint was named explicitly). They are renamed to `superseded-step-N-<time>` (kept for
+        inspection, never resumed by `auto`, never deleted by retention)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for step, path in existing:
+            if step > self.step:
+                new = self.ckpt_dir / f"superseded-{Path(path).name}-{stamp}"
+                os.rename(path, new)
+                ckpt.fsync_dir(str(self.ckpt_dir))
+                self._say(f"rtrainer: warning: {path} is newer than the checkpoint this run resumes from; "
+                          f"moved to {new}")
+
+    def _load_newest_valid(self, ckpt_dir: Path):
+        """--resume auto: the newest step checkpoint that verifies; corrupt or partial ones are
+        skipped with a warning naming them. (None, None) if there is none at all."""
+        found = ckpt.find_checkpoints(ckpt_dir)
+        problems = []
+        for _, path in found:
+            try:
+                return path, ckpt.load_checkpoint(path)
+            except CheckpointError as e:
+                problems.append(str(e))
+                self._say(f"rtrainer: warning: skipping {path}: {e}")
+        if found:
+            raise CheckpointError(f"no valid checkpoint in {ckpt_dir}: " + "; ".join(problems))
+        return None, None
+
+    def _load_resume_state(self) -> dict | None:
         r = self.resume
         if not r:
             return None
         if r == "auto":
-            p = Path(self.paths["latest"])
-            return str(p) if p.exists() else None
-        p = Path(r)
-        if p.is_dir():
-            cand = p / "checkpoints" / "latest.safetensors"
-            p = cand if cand.exists() else p / "latest.safetensors"
-        return str(p)
-
-    def _load_resume_state(self) -> dict | None:
-        path = self._checkpoint_path()
+            path, loaded = self._load_newest_valid(self.ckpt_dir)
+        elif Path(r).is_dir() and not (Path(r) / ckpt.MANIFEST_FILE).exists() and not Path(r).name.startswith("step-"):
+            run_ckpts = Path(r) / "checkpoints"     # a run directory: its newest valid checkpoint
+            path, loaded = self._load_newest_valid(run_ckpts if run_ckpts.is_dir() else Path(r))
+            if path is None:
+                raise CheckpointError(f"no checkpoint found in {r}")
+        else:
+            path, loaded = r, ckpt.load_checkpoint(r)
         if path is None:
-            if self.resume == "auto":
-                self._say("rtrainer: --resume auto: no checkpoint yet, starting fresh")
+            self._say("rtrainer: --resume auto: no checkpoint yet, starting fresh")
             return None
-        self._resume_path = path
-        tensors, state = ckpt.load_checkpoint(path)
+        self._resume_path = path = str(path)
+        tensors, state = loaded
         if state.get("schema") != SCHEMA_VERSION:
             raise CheckpointError(f"{path}: checkpoint schema {state.get('schema')} is not {SCHEMA_VERSION}")
         saved = state.get("config", {})
@@ -419,6 +510,7 @@ class Trainer:
         d["model"]["vocab_size"] = vocab_size
         if d["model"]["init_from"]:
             d["model"]["init_from"] = _abspath(d["model"]["init_from"])
+        d["model"]["dt_rank"] = resolve_dt_rank(d["model"]["layer"], d["model"]["d_model"], d["model"]["dt_rank"])
         for k in ("train", "val"):
             if d["data"][k]:
                 d["data"][k] = _abspath(d["data"][k])
@@ -453,19 +545,28 @@ def _lock_run_dir(out_dir: Path):
 
 
 def _fault_point(step: int, flat: FlatParams) -> None:
-    """Fault injection for the crash tests, once step N is complete (and its checkpoint, if due,
-    written), from the environment variable RTRAINER_FAULT:
-      after_step=N:SIGNAL                the process sends itself SIGNAL (TERM, INT or KILL): a real
-                                         signal delivered by the kernel, not a simulated exception
-      nan_param_after_step=N:TENSOR      the named parameter is filled with NaN"""
-    kind, _, rest = os.environ.get("RTRAINER_FAULT", "").partition("=")
-    n, _, arg = rest.partition(":")
+    """The step faults of rtrainer.faults (RTRAINER_FAULT), once step N is complete and its
+    checkpoint, if due, written: after_step=N:SIGNAL sends a real signal to this process,
+    nan_param_after_step=N:TENSOR fills a parameter with NaN."""
+    kind, n, arg = faults.parse()
     if not n.isdigit() or int(n) != step:
         return
     if kind == "after_step":
         os.kill(os.getpid(), getattr(signal, "SIG" + (arg or "KILL").upper()))
     elif kind == "nan_param_after_step":
         flat.params[arg][...] = np.nan
+
+
+def _inject_nan(step: int, loss: float, flat: FlatParams) -> float:
+    """The transient faults of rtrainer.faults, on step N only (between backward and update):
+    nan_loss_at_step=N makes the loss NaN, nan_grad_at_step=N:TENSOR fills that gradient with NaN."""
+    kind, n, arg = faults.parse()
+    if kind not in ("nan_loss_at_step", "nan_grad_at_step") or not n.isdigit() or int(n) != step:
+        return loss
+    if kind == "nan_loss_at_step":
+        return math.nan
+    flat.grads[arg][...] = np.nan
+    return loss
 
 
 def _abspath(p: str) -> str:

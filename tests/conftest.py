@@ -79,3 +79,22 @@ def strip_timing(records):
 @pytest.fixture
 def corpus_bytes():
     return CORPUS.read_bytes()
+
+
+def step_dirs(run_dir):
+    """The committed step checkpoints of a run directory, oldest first."""
+    return sorted(p for p in (Path(run_dir) / "checkpoints").glob("step-*") if p.is_dir())
+
+
+def latest_checkpoint(run_dir):
+    dirs = step_dirs(run_dir)
+    assert dirs, f"no step checkpoint in {run_dir}"
+    return dirs[-1]
+
+
+def checkpoint_tensors(path):
+    """Tensors of a step directory (or of a checkpoint file), read with safetensors directly."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    return load_file(str(path / "model.safetensors" if path.is_dir() else path))

@@ -43,7 +43,8 @@ def test_defaults_load(tmp_path):
     assert cfg.run.out_dir == "runs/default" and cfg.run.seed == 42 and cfg.run.threads == 0
     m = cfg.model
     assert (m.layer, m.d_model, m.d_state, m.d_conv, m.dt_rank, m.expand) == (
-        "mamba-lite", 512, 16, 4, 1, 2)
+        "mamba-lite", 512, 16, 4, 0, 2)        # dt_rank 0 = auto (resolved to 1 for mamba-lite)
+    assert m.selective is True
     assert (m.base_layers, m.target_layers, m.placement, m.init, m.vocab_size, m.scan_chunk) == (
         2, 2, "append", "mamba", 0, 64)
     h = cfg.head
@@ -200,8 +201,10 @@ def test_placement_valid(tmp_path):
 
 
 def test_not_implemented_options(tmp_path):
-    msg, _ = err(tmp_path, MIN + '[model]\nlayer = "mamba"\n')
-    assert "model.layer = 'mamba' is not implemented yet; use 'mamba-lite'" in msg
+    cfg = load_config(write(tmp_path, MIN + '[model]\nlayer = "mamba"\nselective = false\n'))
+    assert cfg.model.layer == "mamba" and cfg.model.selective is False      # implemented now
+    msg, _ = err(tmp_path, MIN + "[model]\ndt_rank = -1\n")
+    assert "model.dt_rank" in msg
     msg, _ = err(tmp_path, MIN + '[head]\nkind = "softmax"\n')
     assert "head.kind" in msg and "'softmax'" in msg and "Trainer subclass" in msg
     msg, _ = err(tmp_path, MIN + "[head]\nprototype_separation = 0.5\n")

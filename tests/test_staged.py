@@ -297,3 +297,31 @@ def test_calibration_keeps_the_function_and_bounds_new_layer_inputs():
                 np.testing.assert_allclose(flat.params[k], before[k] / scale, rtol=1e-6)
             elif k.startswith(f"layers.{j}."):
                 assert np.array_equal(flat.params[k], before[k])
+
+
+@pytest.mark.parametrize("placement", ["append", "specific:0,2"])
+def test_full_mamba_block_expands_to_the_same_function(placement):
+    """model.layer = 'mamba' (MambaStack, init_mamba_layer, norm_w / in_proj_w / out_proj_w (E*D, D))
+    expands through the same code: bitwise the base model's output, new layers' out_proj_w = 0."""
+    from rtrainer.model import MambaStack
+
+    def build(L):
+        model = MambaStack(V, D, N, K, 1, L, expand=2, scan_chunk=3)
+        head = HPNHead(V, D)
+        flat = FlatParams(model.param_specs() + head.param_specs())
+        model.bind(flat.params, flat.grads)
+        head.bind(flat.params, flat.grads)
+        return model, head, flat
+
+    bmodel, bhead, bflat = build(2)
+    bmodel.init_params(5, "mamba")
+    bhead.init_params(5, "mamba")
+    model, head, flat = build(4)
+    layout = expansion_layout(placement, 2, 4)
+    expand_state(flat, bflat.state_tensors(), layout, MambaStack.layer_init, 5, "mamba", "test")
+    ids = np.random.default_rng(1).integers(0, V, size=(2, 7))
+    assert np.array_equal(model.forward(ids), bmodel.forward(ids))
+    for j, b in enumerate(layout):
+        if b is None:
+            assert not np.any(flat.params[f"layers.{j}.out_proj_w"])
+            assert np.any(flat.params[f"layers.{j}.in_proj_w"]) and np.any(flat.params[f"layers.{j}.norm_w"])

@@ -5,7 +5,7 @@ import signal
 import numpy as np
 import pytest
 
-from conftest import read_metrics, run_cli, strip_timing, tiny_config
+from conftest import latest_checkpoint, read_metrics, run_cli, strip_timing, tiny_config
 from rtrainer.checkpoint import load_checkpoint
 from rtrainer.model import init_layer
 
@@ -20,7 +20,7 @@ def sets(**kw):
 
 
 def ckpt(run_dir):
-    return load_checkpoint(str(run_dir / "checkpoints" / "latest.safetensors"))
+    return load_checkpoint(str(latest_checkpoint(run_dir)))
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def base_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("base")
     cfg = tiny_config(tmp, steps=20)
     run_cli("run", cfg, check=True)
-    return tmp / "run" / "checkpoints" / "latest.safetensors"
+    return tmp / "run"     # a run directory: init_from takes its newest step checkpoint
 
 
 def test_cadence_and_ff_metrics(tmp_path):
@@ -76,7 +76,7 @@ def test_expand_from_checkpoint_with_frozen_layers(tmp_path, base_run):
     cfg = tiny_config(tmp_path, steps=15)
     run_cli("run", cfg, *sets(model__init_from=f'"{base_run}"', model__target_layers=6,
                               model__placement="specific:1,3,4,5", train__freeze="first:2"), check=True)
-    base, _ = load_checkpoint(str(base_run))
+    base, _ = ckpt(base_run)
     t, state = ckpt(tmp_path / "run")
     assert state["staged"]["layout"] == [0, None, 1, None, None, None]
     assert state["staged"]["frozen_layers"] == [0, 1]
@@ -210,7 +210,7 @@ def test_fresh_expansion_starts_from_the_fresh_base_model(tmp_path):
     run_cli("run", tiny_config(b, steps=1), *sets(model__target_layers=4, model__placement="prepend",
                                                   train__freeze="indices:2,3", train__freeze_embedding="true",
                                                   run__out_dir=f'"{b / "run2"}"'), check=True)
-    tc, _ = load_checkpoint(str(b / "run2" / "checkpoints" / "latest.safetensors"))
+    tc, _ = ckpt(b / "run2")
     for k in ta:
         kind, name = k.split("/", 1)
         if kind == "param" and (name.startswith("layers.") or name == "embedding"):

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
-from conftest import REPO, read_metrics, run_cli, strip_timing, tiny_config
+from conftest import REPO, checkpoint_tensors, latest_checkpoint, read_metrics, run_cli, strip_timing, tiny_config
 
 TRAIN_KEYS = {"step", "loss", "lr", "grad_norm", "clipped", "skipped", "tokens_per_s", "elapsed_s", "rss_mb"}
 VAL_KEYS = {"step", "val_loss", "val_acc", "best_val_loss"}
@@ -18,8 +17,12 @@ def test_cli_trains_writes_outputs_and_loss_falls(tmp_path):
     cfg = tiny_config(tmp_path, steps=60)
     p = run_cli("run", cfg, check=True)
     out = tmp_path / "run"
-    for name in ("config.toml", "metrics.jsonl", "run_state.json", "summary.json", "checkpoints/latest.safetensors"):
+    for name in ("config.toml", "metrics.jsonl", "run_state.json", "summary.json",
+                 "checkpoints/step-00000060/model.safetensors", "checkpoints/step-00000060/MANIFEST.json"):
         assert (out / name).exists(), name
+    # keep_last 3: steps 40, 50, 60 remain; 10, 20, 30 were retired (best is the newest here)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "best.json", "step-00000040", "step-00000050", "step-00000060"]
     recs = read_metrics(out / "metrics.jsonl")
     train = [r for r in recs if r["kind"] == "train"]
     val = [r for r in recs if r["kind"] == "val"]
@@ -54,8 +57,8 @@ def _straight_and_interrupted(tmp_path, fault, expect_code, threads=1):
     ra = strip_timing(read_metrics(a / "run" / "metrics.jsonl"))
     rb = strip_timing(read_metrics(b / "run" / "metrics.jsonl"))
     assert ra == rb  # every loss, lr, grad_norm, val_loss: bitwise, and no step appears twice
-    ta = load_file(str(a / "run" / "checkpoints" / "latest.safetensors"))
-    tb = load_file(str(b / "run" / "checkpoints" / "latest.safetensors"))
+    ta = checkpoint_tensors(latest_checkpoint(a / "run"))
+    tb = checkpoint_tensors(latest_checkpoint(b / "run"))
     assert ta.keys() == tb.keys()
     for k in ta:
         assert np.array_equal(ta[k], tb[k]), k
@@ -144,7 +147,7 @@ def test_uint16_bin_data_trains(tmp_path):
 def test_existing_run_is_not_overwritten_without_asking(tmp_path):
     cfg = tiny_config(tmp_path, steps=10)
     run_cli("run", cfg, check=True)
-    ck = tmp_path / "run" / "checkpoints" / "latest.safetensors"
+    ck = tmp_path / "run" / "checkpoints" / "step-00000010" / "model.safetensors"
     before = ck.read_bytes()
     metrics_before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
     p = run_cli("run", cfg, "--set", "run.seed=8")
@@ -157,7 +160,7 @@ def test_existing_run_is_not_overwritten_without_asking(tmp_path):
 def test_resume_from_another_run_directory_starts_fresh_metrics(tmp_path):
     cfg = tiny_config(tmp_path, steps=10)
     run_cli("run", cfg, check=True)
-    ck = tmp_path / "run" / "checkpoints" / "latest.safetensors"
+    ck = latest_checkpoint(tmp_path / "run")
     run_cli("run", cfg, "--resume", ck, "--set", f'run.out_dir="{tmp_path / "b"}"', "--set", "train.steps=15",
             check=True)
     steps = [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if r["kind"] == "train"]
@@ -198,7 +201,7 @@ def test_fail_on_non_finite_exits_4_with_a_diagnostic_checkpoint(tmp_path):
                 env_extra={"RTRAINER_FAULT": "nan_param_after_step=5:layers.0.D_skip"})
     assert p.returncode == 4, p.stderr
     assert "step 6: non-finite loss" in p.stderr and "non-finite-step-6.safetensors" in p.stderr
-    diag = load_file(str(tmp_path / "run" / "checkpoints" / "non-finite-step-6.safetensors"))
+    diag = checkpoint_tensors((tmp_path / "run" / "checkpoints" / "non-finite-step-6.safetensors"))
     assert np.isnan(diag["param/layers.0.D_skip"]).all() and "grad/layers.0.x_proj_w" in diag
     summary = orjson.loads((tmp_path / "run" / "summary.json").read_bytes())
     assert summary["stop_reason"] == "non_finite" and summary["final_step"] == 5
@@ -228,9 +231,14 @@ def test_early_stopping_and_best_checkpoint(tmp_path):
     val = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "val"]
     assert [r["step"] for r in val] == [5, 10, 15]
     assert all(r["best_val_loss"] == val[0]["val_loss"] for r in val)
-    best = load_file(str(tmp_path / "run" / "checkpoints" / "best.safetensors"))
-    latest = load_file(str(tmp_path / "run" / "checkpoints" / "latest.safetensors"))
+    best_dir = Path(summary["paths"]["best"])
+    assert best_dir.name == "step-00000005" and Path(summary["paths"]["latest"]).name == "step-00000015"
+    best = checkpoint_tensors(best_dir)
+    latest = checkpoint_tensors(summary["paths"]["latest"])
     assert not np.array_equal(best["param/embedding"], latest["param/embedding"])  # step 5 vs step 15
+    # retention (keep_last 3) never removed the best checkpoint
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == [
+        "step-00000005", "step-00000010", "step-00000015"]
     # without min_delta the loss keeps improving and the run completes
     p = run_cli("run", cfg, "--overwrite", "--set", "eval.val_every=5", "--set", "eval.patience=2", check=True)
     summary = orjson.loads((tmp_path / "run" / "summary.json").read_bytes())
@@ -247,12 +255,13 @@ def test_resume_refuses_a_different_model(tmp_path):
 def test_corrupt_checkpoint_is_a_named_error(tmp_path):
     cfg = tiny_config(tmp_path, steps=10)
     run_cli("run", cfg, check=True)
-    ck = tmp_path / "run" / "checkpoints" / "latest.safetensors"
-    raw = bytearray(ck.read_bytes())
+    ck = latest_checkpoint(tmp_path / "run")
+    f = ck / "model.safetensors"
+    raw = bytearray(f.read_bytes())
     raw[-10] ^= 0xFF
-    ck.write_bytes(bytes(raw))
+    f.write_bytes(bytes(raw))
     p = run_cli("run", cfg, "--resume", str(ck), "--set", "train.steps=20")
-    assert p.returncode == 3 and "latest.safetensors" in p.stderr, p.stderr
+    assert p.returncode == 3 and "step-00000010" in p.stderr and "checksum mismatch" in p.stderr, p.stderr
 
 
 def test_softmax_head_example_subclass(tmp_path):
@@ -267,7 +276,7 @@ def test_softmax_head_example_subclass(tmp_path):
     val = [r for r in recs if r["kind"] == "val"]
     # cross-entropy starts near ln(128) ~ 4.85 and must fall clearly below it
     assert train[0]["loss"] > 4.0 and val[-1]["val_loss"] < 3.6, (train[0]["loss"], val[-1])
-    ck = load_file(str(tmp_path / "run" / "checkpoints" / "latest.safetensors"))
+    ck = checkpoint_tensors(latest_checkpoint(tmp_path / "run"))
     assert "param/head.W" in ck and "param/head.prototypes" not in ck
 
 
@@ -282,3 +291,43 @@ def test_help_and_info():
     assert "model.d_model" in p.stdout and "optim.lr" in p.stdout
     p = run_cli()
     assert p.returncode == 2
+
+
+def test_stop_at_pauses_with_a_checkpoint_and_resume_continues(tmp_path):
+    import orjson
+
+    cfg = tiny_config(tmp_path, steps=20)
+    p = run_cli("run", cfg, "--stop-at", "7", check=True)
+    assert "paused after step 7" in p.stderr
+    summary = orjson.loads((tmp_path / "run" / "summary.json").read_bytes())
+    assert summary["stop_reason"] == "paused" and summary["final_step"] == 7
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000007"
+    # a closing validation at the pause, after the checkpoint, reported in the summary
+    closing = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert closing["kind"] == "val" and closing["step"] == 7 and closing["closing"] is True
+    assert summary["last_val"]["step"] == 7 and summary["last_val"]["val_loss"] == closing["val_loss"]
+    run_cli("run", cfg, "--resume", "auto", check=True)
+    recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in recs if r["kind"] == "train"] == list(range(1, 21))
+    assert [r["step"] for r in recs if r["kind"] == "val"] == [10, 20]   # the closing line was cut on resume
+
+
+@pytest.mark.parametrize("fault", ["nan_loss_at_step=6", "nan_grad_at_step=6:layers.0.conv_w"])
+def test_transient_non_finite_loss_or_gradient_is_skipped_and_counted(tmp_path, fault):
+    cfg = tiny_config(tmp_path, steps=12)
+    run_cli("run", cfg, check=True, env_extra={"RTRAINER_FAULT": fault})
+    train = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["skipped"] for r in train] == [0] * 5 + [1] * 7
+    if fault.startswith("nan_loss"):
+        assert train[5]["loss"] is None and isinstance(train[5]["grad_norm"], float)
+    else:
+        assert train[5]["grad_norm"] is None and isinstance(train[5]["loss"], float)
+    assert all(isinstance(r["loss"], float) for r in train[6:])   # training went on
+    # the skipped step changed nothing: parameters and moments after step 6 (skipped) are bitwise
+    # those after step 5
+    for name, stop, env in (("a", 6, {"RTRAINER_FAULT": fault}), ("b", 5, {})):
+        run_cli("run", cfg, "--set", f'run.out_dir="{tmp_path / name}"', "--stop-at", stop, env_extra=env, check=True)
+    ta, tb = checkpoint_tensors(latest_checkpoint(tmp_path / "a")), checkpoint_tensors(latest_checkpoint(tmp_path / "b"))
+    assert ta.keys() == tb.keys() and all(np.array_equal(ta[k], tb[k]) for k in ta)
+    p = run_cli("run", cfg, "--overwrite", "--set", "train.fail_on_non_finite=true", env_extra={"RTRAINER_FAULT": fault})
+    assert p.returncode == 4 and "step 6: non-finite" in p.stderr, p.stderr

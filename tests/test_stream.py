@@ -1,0 +1,582 @@
+"""rtrainer.stream: shard directories, the manifest and its named errors, coverage of every token,
+shard order, prefetch = no prefetch, exact resume, validation windows, flat memory, and an end-to-end
+run on a shard directory killed with SIGKILL and resumed."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, checkpoint_tensors, latest_checkpoint, read_metrics, run_cli, strip_timing, tiny_config
+from rtrainer import stream as S
+from rtrainer.data import FixedWindows
+from rtrainer.errors import DataError
+
+LENGTHS = [300, 451, 129, 800, 97, 640]
+
+
+def _unique_dir(path, lengths=LENGTHS, fmt="bin"):
+    """Shards whose tokens are their global position: token value = base_i + j (u32 / npy)."""
+    path.mkdir(parents=True, exist_ok=True)
+    base, bases = 0, []
+    for i, n in enumerate(lengths):
+        a = np.arange(base, base + n, dtype="<u4")
+        if fmt == "npy":
+            np.save(path / f"s{i:02d}.npy", a.astype(np.int64))
+        else:
+            a.tofile(path / f"s{i:02d}.bin")
+        bases.append(base)
+        base += n
+    return bases
+
+
+def _random_dir(path, lengths=LENGTHS, V=500, seed=0):
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, n in enumerate(lengths):
+        rng.integers(0, V, n).astype("<u2").tofile(path / f"s{i:02d}.bin")
+
+
+def _stream(d, B=4, T=32, fmt="auto", **kw):
+    kw.setdefault("seed", 5)
+    return S.TokenStream(S.open_source(str(d), fmt), B, T, **kw)
+
+
+def _take(s, k):
+    return [s.next_batch() for _ in range(k)]
+
+
+def _same(xs, ys):
+    assert len(xs) == len(ys)
+    for (a, b), (c, d) in zip(xs, ys):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)
+
+
+# ------------------------------------------------------------------------------ sources
+
+
+def test_dir_formats_glob_and_text_cache(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    np.arange(10, 20, dtype="<u2").tofile(d / "a.bin")
+    np.save(d / "b.npy", np.arange(20, 25, dtype=np.int32))
+    (d / "c.txt").write_text("25 26\n27\t28 29\n")
+    (d / "README.md").write_text("not a shard")
+    (d / ".hidden.bin").write_bytes(b"\x00\x00")
+    sh = S.open_source(str(d))
+    assert [os.path.basename(s.name) for s in sh] == ["a.bin", "b.npy", "c.txt"]
+    assert [len(s) for s in sh] == [10, 5, 5]
+    assert [s.max_id for s in sh] == [19, 24, 29]
+    assert (d / ".rtrainer" / "c.txt.u32").read_bytes() == np.arange(25, 30, dtype="<u4").tobytes()
+    allv = np.concatenate([np.concatenate([c for _, c in s.chunks()]) for s in sh])
+    np.testing.assert_array_equal(allv, np.arange(10, 30))
+    only = S.open_source(str(d), glob="*.npy")
+    assert [os.path.basename(s.name) for s in only] == ["b.npy"]
+    with pytest.raises(DataError, match="no shard files matching"):
+        S.open_source(str(d), glob="*.u16")
+
+
+def test_manifest_built_once(tmp_path):
+    d = tmp_path / "d"
+    _random_dir(d)
+    S.open_source(str(d))
+    m = d / ".rtrainer" / "manifest.json"
+    t0 = m.stat().st_mtime_ns
+    man = json.loads(m.read_text())
+    assert [e["tokens"] for e in man["shards"]] == LENGTHS
+    assert all(e["dtype"] == "<u2" and e["checksums"] for e in man["shards"])
+    S.open_source(str(d))
+    assert m.stat().st_mtime_ns == t0  # verified, not rebuilt
+    np.arange(200, dtype="<u2").tofile(d / "s99.bin")  # a new shard is indexed and added
+    assert len(S.open_source(str(d))) == len(LENGTHS) + 1
+
+
+# ------------------------------------------------------------------------------ bad shards
+
+
+def test_size_changed(tmp_path):
+    d = tmp_path / "d"
+    _random_dir(d)
+    S.open_source(str(d))
+    with open(d / "s01.bin", "ab") as f:
+        f.write(b"\x01\x00")
+    with pytest.raises(DataError, match=r"s01\.bin: size is 904 bytes but the manifest records 902 "
+                                        r"\(changed at byte offset 902\)"):
+        S.open_source(str(d))
+
+
+def test_content_changed_names_the_offset(tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "_BLOCK", 64)
+    d = tmp_path / "d"
+    _random_dir(d)
+    S.open_source(str(d))
+    p = d / "s03.bin"
+    b = bytearray(p.read_bytes())
+    st = os.stat(p)
+    b[200] ^= 0xFF
+    p.write_bytes(bytes(b))
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: quick misses it
+    S.open_source(str(d))
+    with pytest.raises(DataError, match=r"s03\.bin: content no longer matches the manifest at byte offset 192"):
+        S.open_source(str(d), verify="full")
+    os.utime(p)  # a new mtime: the quick check re-hashes it
+    with pytest.raises(DataError, match=r"s03\.bin: content no longer matches the manifest at byte offset 192"):
+        S.open_source(str(d))
+
+
+def test_odd_byte_count(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    np.arange(10, dtype="<u2").tofile(d / "a.bin")
+    (d / "b.bin").write_bytes(b"\x01" * 7)
+    with pytest.raises(DataError, match=r"b\.bin: size 7 bytes is not a multiple of 2 \(format u16\); a partial "
+                                        r"token at byte offset 6"):
+        S.open_source(str(d))
+    with pytest.raises(DataError, match=r"b\.bin: size 7 bytes is not a multiple of 4"):
+        S.open_source(str(d), "u32")
+
+
+def test_token_id_out_of_range_names_shard_and_offset(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    np.arange(50, dtype="<u2").tofile(d / "a.bin")
+    b = np.arange(60, dtype="<u2")
+    b[37] = 300
+    b.tofile(d / "b.bin")
+    sh = S.open_source(str(d))
+    S.check_shards_range(sh, 301)
+    assert S.shards_max_token(sh) == 300
+    with pytest.raises(DataError, match=r"b\.bin: token id 300 at offset 37 is outside \[0, 256\)"):
+        S.check_shards_range(sh, 256)
+    tr, va = S.split_shards(sh, 0.5)  # a part of a shard: still the file offset
+    with pytest.raises(DataError, match=r"b\.bin: token id 300 at offset 37"):
+        S.check_shards_range(va, 256)
+
+
+def test_path_escaping_the_directory(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    np.arange(50, dtype="<u2").tofile(d / "a.bin")
+    outside = tmp_path / "secret.bin"
+    np.arange(50, dtype="<u2").tofile(outside)
+    os.symlink(outside, d / "link.bin")
+    with pytest.raises(DataError, match=r"shard link\.bin -> .*secret\.bin escapes the directory"):
+        S.open_source(str(d))
+    os.unlink(d / "link.bin")
+    with pytest.raises(DataError, match=r"data.shard_glob '\.\./\*\.bin' names a path outside the directory"):
+        S.open_source(str(d), glob="../*.bin")
+    S.open_source(str(d))
+    m = d / ".rtrainer" / "manifest.json"
+    man = json.loads(m.read_text())
+    man["shards"][0]["path"] = "../secret.bin"
+    m.write_text(json.dumps(man))
+    with pytest.raises(DataError, match=r"shard path '\.\./secret\.bin' escapes the directory"):
+        S.open_source(str(d))
+
+
+def test_missing_shard_corrupt_manifest_bad_text_bad_npy(tmp_path):
+    d = tmp_path / "d"
+    _random_dir(d)
+    S.open_source(str(d))
+    os.unlink(d / "s02.bin")
+    with pytest.raises(DataError, match=r"s02\.bin: shard listed in the data manifest is missing"):
+        S.open_source(str(d))
+    assert len(S.prepare_dir(str(d), rebuild=True)["shards"]) == len(LENGTHS) - 1
+    (d / ".rtrainer" / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"manifest\.json: unreadable data manifest"):
+        S.open_source(str(d))
+    t = tmp_path / "t"
+    t.mkdir()
+    (t / "a.txt").write_text("1 2 3\n4 x5 6\n")
+    with pytest.raises(DataError, match=r"a\.txt: token #4 \('x5'\) is not an integer"):
+        S.open_source(str(t))
+    (t / "a.txt").write_text("1 2 3\n4 -5 6\n")
+    with pytest.raises(DataError, match=r"a\.txt: token id -5 at offset 4 is outside"):
+        S.open_source(str(t))
+    n = tmp_path / "n"
+    n.mkdir()
+    np.save(n / "a.npy", np.arange(100, dtype=np.int64))
+    raw = (n / "a.npy").read_bytes()
+    (n / "a.npy").write_bytes(raw[:-12])
+    with pytest.raises(DataError, match=r"a\.npy: holds 788 data bytes but its header says 100 tokens"):
+        S.open_source(str(n))
+
+
+def test_shard_too_short_for_a_window(tmp_path):
+    d = tmp_path / "d"
+    _random_dir(d, [300, 20])
+    with pytest.raises(DataError, match=r"s01\.bin: 20 tokens .* too few for one window of seq_len 32 "
+                                        r"\(needs at least 33\)"):
+        _stream(d)
+
+
+# ------------------------------------------------------------------------------ coverage and order
+
+
+def _epoch_rows(s, bases, lengths):
+    """Token windows of one epoch (B = 1 batches), as (shard, start) from the token values."""
+    out = []
+    epoch0 = s.state()["epoch"]
+    while s.state()["epoch"] == epoch0:
+        ids, tg = s.next_batch()
+        w = np.concatenate([ids[0], tg[0, -1:]])
+        i = int(np.searchsorted(bases, w[0], side="right") - 1)
+        assert np.array_equal(w, np.arange(w[0], w[0] + len(w))), "a window is not consecutive tokens"
+        assert w[-1] < bases[i] + lengths[i], "a window spans two shards"
+        out.append((i, int(w[0] - bases[i])))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["bin", "npy"])
+def test_packed_every_token_once_per_epoch(tmp_path, fmt):
+    T = 32
+    bases = _unique_dir(tmp_path / "d", fmt=fmt)
+    s = _stream(tmp_path / "d", B=1, T=T, fmt="u32" if fmt == "bin" else "auto")
+    for epoch in range(3):
+        rows = _epoch_rows(s, bases, LENGTHS)
+        for i, L in enumerate(LENGTHS):
+            starts = sorted(r for si, r in rows if si == i)
+            count = np.zeros(L, int)  # times each token is a target
+            for r in starts:
+                count[r + 1:r + T + 1] += 1
+            assert count[0] == 0 and (count[1:] >= 1).all(), (epoch, i)  # no token dropped
+            extra = (T - (L - 1) % T) % T  # the documented overlap of the end-aligned last row
+            assert count.sum() == L - 1 + extra, (epoch, i)
+            assert (count[1:L - T] == 1).all() and (count[L - T:L - T + extra] == 2).all()
+            assert (count[L - T + extra:] == 1).all()
+            if (L - 1) % T:
+                assert starts[-1] == L - T - 1
+            # packed: row r's last target is row r+1's first input
+            assert all(b - a == T for a, b in zip(starts[:-2], starts[1:-1]))
+
+
+def test_independent_windows_share_no_token(tmp_path):
+    T = 32
+    bases = _unique_dir(tmp_path / "d")
+    s = _stream(tmp_path / "d", B=1, T=T, fmt="u32", packed=False)
+    rows = _epoch_rows(s, bases, LENGTHS)
+    for i, L in enumerate(LENGTHS):
+        count = np.zeros(L, int)
+        for si, r in rows:
+            if si == i:
+                count[r:r + T + 1] += 1
+        extra = (T + 1 - L % (T + 1)) % (T + 1)
+        assert (count >= 1).all() and count.sum() == L + extra, i
+
+
+def test_shard_order_reshuffled_each_epoch_and_batches_cross_shards(tmp_path):
+    _unique_dir(tmp_path / "d")
+    s = _stream(tmp_path / "d", B=4, T=32, fmt="u32")
+    orders = []
+    for _ in range(200):
+        s.next_batch()
+        o = s.state()["shard_order"]
+        if not orders or o != orders[-1]:
+            orders.append(o)
+    assert len(orders) >= 4
+    assert all(sorted(o) == list(range(len(LENGTHS))) for o in orders)
+    assert len({tuple(o) for o in orders}) >= 3  # reshuffled
+    s2 = _stream(tmp_path / "d", B=4, T=32, fmt="u32", shuffle=False)
+    for _ in range(100):
+        s2.next_batch()
+        assert s2.state()["shard_order"] == list(range(len(LENGTHS)))
+    # the same seed gives the same orders; another seed others
+    s3 = _stream(tmp_path / "d", B=4, T=32, fmt="u32", seed=6)
+    assert s3.state()["shard_order"] != orders[0] or _stream(tmp_path / "d", fmt="u32", seed=7).state()[
+        "shard_order"] != orders[0]
+
+
+def test_single_file_matches_the_old_packed_stream(tmp_path):
+    from rtrainer.data import PackedStream
+
+    p = tmp_path / "t.bin"
+    np.random.default_rng(1).integers(0, 1000, 2000).astype("<u2").tofile(p)
+    tokens = np.fromfile(p, "<u2")
+    old = PackedStream(tokens, 4, 16)
+    new = S.TokenStream(S.open_source(str(p)), 4, 16, seed=1)
+    _same(_take(old, old.batches_per_epoch()), _take(new, old.batches_per_epoch()))
+
+
+# ------------------------------------------------------------------------------ prefetch and resume
+
+
+@pytest.mark.parametrize("mode", [{}, {"packed": False}, {"random_windows": True}])
+def test_prefetch_delivers_the_same_stream(tmp_path, mode):
+    _random_dir(tmp_path / "d")
+    ref = _take(_stream(tmp_path / "d", **mode), 150)  # several epochs
+    for workers, buf in ((2, 3), (2, 16), (1, 1)):
+        s = _stream(tmp_path / "d", prefetch_workers=workers, prefetch_buffer=buf, **mode)
+        _same(ref, _take(s, 150))
+        s.close()
+
+
+def test_state_is_the_last_consumed_batch_not_the_read_ahead(tmp_path):
+    _random_dir(tmp_path / "d")
+    a = _stream(tmp_path / "d")
+    b = _stream(tmp_path / "d", prefetch_workers=2, prefetch_buffer=8)
+    for k in range(1, 12):
+        a.next_batch()
+        b.next_batch()
+        sa, sb = a.state(), b.state()
+        assert sb["batches"] == k
+        assert {x: y for x, y in sa.items() if x != "prefetch"} == {x: y for x, y in sb.items() if x != "prefetch"}
+    b.close()
+
+
+def _batches_per_epoch(d):
+    s = _stream(d)
+    n = 0
+    while s.state()["epoch"] == 0:
+        s.next_batch()
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("mode", [{}, {"packed": False}, {"random_windows": True}])
+@pytest.mark.parametrize("w_save, w_load", [(0, 0), (2, 2), (0, 2), (2, 0)])
+def test_resume_mid_epoch_and_across_the_epoch_boundary(tmp_path, mode, w_save, w_load):
+    d = tmp_path / "d"
+    _random_dir(d)
+    per_epoch = _batches_per_epoch(d)
+    K = 25
+    for k in (7, per_epoch - 3, 2 * per_epoch - 1):  # mid-epoch; the next K cross 1 (then 2) epoch ends
+        a = _stream(d, prefetch_workers=w_save, prefetch_buffer=4, **mode)
+        _take(a, k)
+        st = json.loads(json.dumps(a.state()))  # through JSON, as in run_state.json
+        expected = _take(a, K)
+        if not mode and k > 7:
+            assert a.state()["epoch"] > st["epoch"]  # the K batches cross an epoch boundary
+        b = _stream(d, prefetch_workers=w_load, prefetch_buffer=4, **mode)
+        _take(b, 3)  # a stream that already read (ahead) is reset by set_state
+        b.set_state(st)
+        _same(expected, _take(b, K))
+        assert b.state() == a.state() or w_save != w_load
+        a.close()
+        b.close()
+
+
+def test_set_state_rejects_a_foreign_cursor(tmp_path):
+    d = tmp_path / "d"
+    _random_dir(d)
+    s = _stream(d)
+    _take(s, 5)
+    good = s.state()
+    with pytest.raises(DataError, match="fingerprint"):
+        s.set_state({**good, "fingerprint": "0" * 16})
+    with pytest.raises(DataError, match="seq_len = 31 but this run has 32"):
+        s.set_state({**good, "seq_len": 31})
+    with pytest.raises(DataError, match="not a permutation"):
+        s.set_state({**good, "shard_order": [0] * len(LENGTHS)})
+    with pytest.raises(DataError, match="out of range"):
+        s.set_state({**good, "row": 10_000})
+    with pytest.raises(DataError, match="'rng' is not a PCG64"):
+        s.set_state({**good, "rng": {"x": 1}})
+    with pytest.raises(DataError, match="another kind"):
+        s.set_state({"pos": 0, "epoch": 0, "batches": 0})
+    s.set_state(good)
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def test_shard_windows_fixed_and_within_shards(tmp_path):
+    bases = _unique_dir(tmp_path / "d")
+    sh = S.open_source(str(tmp_path / "d"), "u32")
+    v = S.ShardWindows(sh, 3, 32, 5)
+    first = list(v.batches())
+    _same(first, list(v.batches()))
+    for ids, tg in first:
+        for w in np.concatenate([ids, tg[:, -1:]], axis=1):
+            i = int(np.searchsorted(bases, w[0], side="right") - 1)
+            assert np.array_equal(w, np.arange(w[0], w[0] + 33)) and w[-1] < bases[i] + LENGTHS[i]
+    # over one shard: the same windows as FixedWindows
+    one = sh[3]
+    tokens = np.concatenate([c for _, c in one.chunks()])
+    _same(list(S.ShardWindows([one], 2, 16, 4).batches()), list(FixedWindows(tokens, 2, 16, 4).batches()))
+
+
+def test_split_shards_holds_out_the_end_of_every_shard(tmp_path):
+    _unique_dir(tmp_path / "d")
+    sh = S.open_source(str(tmp_path / "d"), "u32")
+    tr, va = S.split_shards(sh, 0.1)
+    for s, t, v in zip(sh, tr, va):
+        assert (t.lo, t.hi, v.lo, v.hi) == (0, int(len(s) * 0.9), int(len(s) * 0.9), len(s))
+
+
+# ------------------------------------------------------------------------------ memory
+
+_MEM_SCRIPT = r"""
+import resource, sys
+import numpy as np, psutil
+from rtrainer import stream as S
+d, workers, limit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) << 20
+proc = psutil.Process()
+sh = S.open_source(d)
+total = sum(len(s) * s.dtype.itemsize for s in sh)
+s = S.TokenStream(sh, 64, 1024, seed=0, prefetch_workers=workers, prefetch_buffer=4)
+for _ in range(3):
+    s.next_batch()   # threads started, first shard mapped: the fixed costs are paid
+vms = proc.memory_info().vms
+resource.setrlimit(resource.RLIMIT_AS, (vms + limit, vms + limit))  # address space: mappings count
+rss0 = peak = proc.memory_info().rss
+n = 0
+while s.state()["epoch"] < 1:
+    s.next_batch()
+    n += 1
+    if n % 25 == 0:
+        peak = max(peak, proc.memory_info().rss)
+try:
+    np.ones(total, np.uint8)   # the control: reading the data whole does not fit in the limit
+    whole = "fits"
+except MemoryError:
+    whole = "MemoryError"
+s.close()
+print(total, rss0, peak, n, whole)
+"""
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streams_5x_its_memory_limit_with_flat_rss(tmp_path, workers):
+    d = tmp_path / "big"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(20):  # 20 shards x 16 MiB = 320 MiB
+        rng.integers(0, 60000, 8 << 20, dtype=np.uint16).tofile(d / f"s{i:02d}.bin")
+    limit_mb = 64
+    p = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, str(d), str(workers), str(limit_mb)],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert p.returncode == 0, p.stderr
+    total, rss0, peak, n, whole = p.stdout.split()
+    total, rss0, peak = int(total), int(rss0), int(peak)
+    assert total >= 5 * (limit_mb << 20)
+    assert int(n) >= total // (64 * 1024 * 2) - 4  # the whole epoch was streamed
+    assert whole == "MemoryError"  # the limit is real
+    assert peak - rss0 < 40 << 20, (rss0 >> 20, peak >> 20)  # flat: pages are released behind the cursor
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def _dir_run_file(tmp_path, data_dir, steps, workers):
+    cfg = tiny_config(tmp_path, steps=steps, train=data_dir, data_format="u16")
+    text = cfg.read_text().replace('val_ratio = 0.1\n', f'val_ratio = 0.1\nprefetch_workers = {workers}\n'
+                                   'prefetch_buffer = 3\nshuffle_shards = true\n')
+    cfg.write_text(text)
+    return cfg
+
+
+@pytest.mark.parametrize("workers, fault", [(2, "after_step=13:KILL"), (0, "after_step=20:KILL")])
+def test_run_on_a_shard_dir_killed_and_resumed_is_bitwise_identical(tmp_path, workers, fault):
+    data = tmp_path / "shards"
+    _random_dir(data, [700, 450, 900, 380], V=128, seed=3)  # ~2k train tokens: an epoch is ~17 steps of 128
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    cfg_a = _dir_run_file(a, data, 40, workers)
+    cfg_b = _dir_run_file(b, data, 40, workers)
+    run_cli("run", cfg_a, check=True)
+    p = run_cli("run", cfg_b, env_extra={"RTRAINER_FAULT": fault})
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr)
+    state = json.loads((b / "run" / "run_state.json").read_text())
+    assert state["data"]["train"]["kind"] == "shards"
+    assert state["data"]["train"]["epoch"] >= 0 and state["step"] in (10, 20)
+    run_cli("run", cfg_b, "--resume", "auto", check=True)
+    ra = strip_timing(read_metrics(a / "run" / "metrics.jsonl"))
+    rb = strip_timing(read_metrics(b / "run" / "metrics.jsonl"))
+    assert ra == rb
+    ta = checkpoint_tensors(latest_checkpoint(a / "run"))
+    tb = checkpoint_tensors(latest_checkpoint(b / "run"))
+    for k in ta:
+        assert np.array_equal(ta[k], tb[k]), k
+    final = json.loads((a / "run" / "run_state.json").read_text())["data"]["train"]
+    assert final["epoch"] >= 2  # the run crossed epoch boundaries (and the resume did)
+
+
+def test_prefetch_run_equals_no_prefetch_run(tmp_path):
+    data = tmp_path / "shards"
+    _random_dir(data, [700, 450, 900, 380], V=128, seed=3)
+    outs = []
+    for w in (0, 2):
+        r = tmp_path / f"w{w}"
+        r.mkdir()
+        run_cli("run", _dir_run_file(r, data, 20, w), check=True)
+        outs.append(strip_timing(read_metrics(r / "run" / "metrics.jsonl")))
+    assert outs[0] == outs[1]
+
+
+def test_cli_prepare_and_bad_shard_exit_3(tmp_path):
+    data = tmp_path / "shards"
+    _random_dir(data, [700, 450], V=128)
+    (data / "c.txt").write_text(" ".join(["5"] * 300))
+    p = run_cli("prepare", data, check=True)
+    assert "3 shards, 1,450 tokens, max token id 127; manifest verified" in p.stdout
+    assert (data / ".rtrainer" / "c.txt.u32").exists()
+    with open(data / "s00.bin", "ab") as f:
+        f.write(b"\x00")
+    p = run_cli("prepare", data)
+    assert p.returncode == 3 and "s00.bin: size is 1401 bytes but the manifest records 1400" in p.stderr
+    cfg = _dir_run_file(tmp_path, data, 5, 0)
+    p = run_cli("run", cfg)
+    assert p.returncode == 3 and "s00.bin: size is 1401 bytes" in p.stderr
+    (data / "s00.bin").write_bytes((data / "s00.bin").read_bytes()[:-1])
+    cfg.write_text(cfg.read_text().replace("vocab_size = 128", "vocab_size = 100"))
+    p = run_cli("run", cfg)
+    assert p.returncode == 3 and "is outside [0, 100)" in p.stderr and "s0" in p.stderr
+
+
+def test_cursor_of_the_old_single_file_stream_is_accepted(tmp_path):
+    from rtrainer.data import PackedStream
+
+    p = tmp_path / "t.bin"
+    np.random.default_rng(2).integers(0, 1000, 3000).astype("<u2").tofile(p)
+    old = PackedStream(np.fromfile(p, "<u2"), 4, 16)
+    _take(old, 9)
+    st = json.loads(json.dumps(old.state()))
+    expected = _take(old, 10)
+    new = S.TokenStream(S.open_source(str(p)), 4, 16, seed=1)
+    new.set_state(st)
+    _same(expected, _take(new, 10))
+    assert new.state()["batches"] == 19
+    with pytest.raises(DataError, match="saved for 2999 tokens"):
+        new.set_state({**st, "n_tokens": 2999})
+
+
+def test_text_shard_converted_in_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "_BLOCK", 16)  # tokens cut at every chunk boundary
+    d = tmp_path / "d"
+    d.mkdir()
+    vals = np.random.default_rng(4).integers(0, 100_000, 500)
+    (d / "a.txt").write_text("\n".join(" ".join(map(str, vals[i:i + 7])) for i in range(0, 500, 7)))  # no final \n
+    (sh,) = S.open_source(str(d))
+    assert len(sh) == 500 and sh.max_id == vals.max()
+    s = S.TokenStream([sh], 1, 499, shuffle=False)
+    ids, tg = s.next_batch()
+    np.testing.assert_array_equal(np.concatenate([ids[0], tg[0, -1:]]), vals)
+
+
+def test_touched_but_unchanged_shard_is_rehashed_once(tmp_path):
+    d = tmp_path / "d"
+    _random_dir(d)
+    S.open_source(str(d))
+    os.utime(d / "s01.bin", ns=(1, 10**18))
+    S.open_source(str(d))  # content verified, new mtime recorded
+    man = json.loads((d / ".rtrainer" / "manifest.json").read_text())
+    assert man["shards"][1]["mtime_ns"] == 10**18
+
+
+def test_trainer_closes_the_prefetch_workers(tmp_path):
+    import threading
+
+    from rtrainer.trainer import Trainer
+
+    data = tmp_path / "shards"
+    _random_dir(data, [700, 450], V=128)
+    cfg = _dir_run_file(tmp_path, data, 4, 2)
+    tr = Trainer.from_file(str(cfg), console=False)
+    tr.fit()
+    assert tr.data.train.state()["batches"] == 4
+    assert not [t for t in threading.enumerate() if t.name.startswith("rtrainer-prefetch")]
