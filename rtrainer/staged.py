@@ -170,9 +170,6 @@ class Staged:
             raise ConfigError(f"train.ff = true but train.freeze = {t.freeze!r} freezes every layer: nothing "
                               "for Forward-Forward to train")
         self.expanding = m.target_layers != m.base_layers
-        if m.init_from and not os.path.exists(m.init_from):
-            raise ConfigError(f"model.init_from = {m.init_from!r}: no such checkpoint, step directory or run "
-                              "directory")
         self.active = bool(self.frozen or self.freeze_embedding or self.ff)
         self.bp_steps = self.ff_steps = self.conflicts = 0
         self.layer_init = getattr(model, "layer_init", None)
@@ -216,6 +213,10 @@ class Staged:
             raise ConfigError(f"model.layer = {m.layer!r}: the model class has no layer_init, so it cannot be "
                               "expanded")
         if m.init_from:
+            # checked here, on a fresh start only: a resumed run no longer needs its base checkpoint
+            if not os.path.exists(m.init_from):
+                raise ConfigError(f"model.init_from = {m.init_from!r}: no such checkpoint, step directory or run "
+                                  "directory")
             source = f"model.init_from = {m.init_from!r}"
             base, _state = ckpt.load_checkpoint(_checkpoint_in(m.init_from))
             names = [k.split("/", 1)[1] for k in base if k.startswith("param/")]

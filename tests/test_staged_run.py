@@ -217,3 +217,18 @@ def test_fresh_expansion_starts_from_the_fresh_base_model(tmp_path):
             j = name.split(".")[1] if name.startswith("layers.") else None
             kb = k if j is None else k.replace(f"layers.{j}.", f"layers.{int(j) + 2}.")
             assert np.array_equal(ta[k], tc[kb]), k
+
+
+def test_missing_init_from_is_an_error_but_a_resumed_run_no_longer_needs_it(tmp_path, base_run):
+    import shutil
+
+    p = run_cli("run", tiny_config(tmp_path), *sets(model__init_from=f'"{tmp_path / "nowhere"}"', model__target_layers=3))
+    assert p.returncode == 2 and "model.init_from" in p.stderr and "no such checkpoint" in p.stderr, p.stderr
+    base = tmp_path / "base_copy"
+    shutil.copytree(base_run, base)
+    cfg = tiny_config(tmp_path, steps=6)
+    grow = sets(model__init_from=f'"{base}"', model__target_layers=3)
+    run_cli("run", cfg, *grow, "--overwrite", check=True)
+    shutil.rmtree(base)                       # the base run is gone: resuming must not need it
+    p = run_cli("run", cfg, *grow, "--resume", "auto", *sets(train__steps=8))
+    assert p.returncode == 0 and "resuming at step 6" in p.stderr, p.stderr
