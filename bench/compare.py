@@ -7,8 +7,7 @@
         --threads 1,2 --steps 10 --json runs/compare.json
     .venv/bin/python bench/compare.py --shapes tiny --threads 1 --steps 3    # smoke test, seconds
 
-Options: --layer mamba-lite | mamba (the full block: E 2, R = ceil(D/16); JAX has no mamba
-model, so it reports "not implemented"); --shapes baseline | all | tiny |
+Options: --layer mamba-lite | mamba (the full block: E 2, R = ceil(D/16)); --shapes baseline | all | tiny |
 "B,T,D,N,L,V;B,T,D,N,L,V" (K 4, R 1 always for mamba-lite);
 --threads 1,2; --frameworks rtrainer,torch,torch-compile,jax (torch-compile is opt-in: it compiles
 for minutes); --steps N timed steps (median; a measurement stops early after --max-seconds once
@@ -477,12 +476,13 @@ def _child_jax(spec) -> dict:
         return dict(status="not installed", detail=str(e))
     shape = tuple(spec["shape"])
     B, T, D, N, L, V = shape
-    if spec.get("layer", "mamba-lite") != "mamba-lite":
-        return dict(status=f"not implemented for layer {spec['layer']} (rtrainer/parity_jax.py)")
-    _, _, _, params, decay = rtrainer_init(shape, flat_params=False)
-    obj = mod.build_jax_train_step(params, n_layers=L, d_state=N, dt_rank=DT_RANK,
+    layer = spec.get("layer", "mamba-lite")
+    _, _, _, params, decay = rtrainer_init(shape, flat_params=False, layer=layer)
+    obj = mod.build_jax_train_step(params, n_layers=L, d_state=N,
+                                   dt_rank=mamba_dt_rank(D) if layer == "mamba" else DT_RANK,
                                    normalize_prototypes=True, learnable_prototypes=False, lr=LR,
-                                   betas=BETAS, eps=EPS, weight_decay=WD, decay_names=decay)
+                                   betas=BETAS, eps=EPS, weight_decay=WD, decay_names=decay,
+                                   layer=layer)
     del params
     ids, targets = _batch(np, shape)
     res = _time_loop(lambda: obj.step(ids, targets), spec["warmup"], spec["steps"],

@@ -110,7 +110,7 @@ class ModelConfig:
     )
     expand: int = _f(2, "inner expansion E (only used by layer = 'mamba')", ge=1)
     base_layers: int = _f(2, "layers at the start of the run (fresh or from a checkpoint)", ge=1)
-    target_layers: int = _f(2, "layers after expansion (expansion is not implemented yet)", ge=1)
+    target_layers: int = _f(2, "layers after expansion (new layers placed by model.placement)", ge=1)
     placement: str = _f(
         "append",
         "where new layers go when expanding: append | prepend | insert:N | specific:i,j,...",
@@ -124,6 +124,8 @@ class ModelConfig:
     selective: bool = _f(
         True, "false = ablation: delta, B, C input-independent learned values (an LTI SSM)"
     )
+    init_from: str = _f("", "checkpoint of a base_layers model to start from (then expanded to "
+                        "target_layers); empty = fresh initialisation")
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,20 @@ class TrainConfig:
     fail_on_non_finite: bool = _f(False, "stop (exit 4, diagnostic checkpoint) at the first non-finite "
                                   "loss or gradient instead of skipping the update")
     max_consecutive_skips: int = _f(10, "abort (exit 4) after this many consecutive skipped updates", ge=1)
+    freeze: str = _f("none", "layers that are not trained: none | first:N | indices:i,j,... "
+                     "(indices of the expanded model)")
+    freeze_embedding: bool = _f(False, "do not train the embedding")
+    ff: bool = _f(False, "Forward-Forward local objective on each unfrozen layer's D_skip, every step")
+    ff_margin: float = _f(1.0, "FF hinge margin: ff_loss = max(0, margin - goodness gap)", gt=0.0)
+    ff_lr: float = _f(1e-4, "learning rate of the plain-SGD FF update of D_skip on FF-only steps; on BP "
+                      "steps the FF gradient is added to the backprop one with weight ff_lr / optim.lr", ge=0.0)
+    bp_cadence: int = _f(1, "global backprop + AdamW every N steps (steps N, 2N, ...); the other steps "
+                         "apply only the FF update (needs train.ff = true when > 1)", ge=1)
+    surgery: str = _f("pcgrad", "how the FF gradient of D_skip is combined with its backprop gradient on BP "
+                      "steps", choices=("none", "pcgrad", "orthograd", "gradnorm", "cagrad"))
+    surgery_epsilon: float = _f(1e-8, "epsilon of the surgery projections and normalisations", ge=0.0)
+    gradnorm_alpha: float = _f(0.2, "gradnorm: FF scale exp(alpha * |f/|f| - b/|b||)", ge=0.0)
+    cagrad_lambda: float = _f(1.0, "cagrad: fraction of the conflicting component removed (1 = pcgrad)", ge=0.0)
 
 
 @dataclass(frozen=True)
@@ -404,10 +420,25 @@ def _cross_checks(
     """Checks that involve more than one value, and options not implemented yet."""
     m = cfg.model
     _check_placement(m.placement, _where(origins, "model", "placement"))
-    if m.target_layers != m.base_layers:
+    from . import staged
+
+    try:  # placement against the layer counts, freeze against the expanded model (rtrainer/staged.py)
+        staged.expansion_layout(m.placement, m.base_layers, m.target_layers)
+    except ConfigError as e:
+        raise ConfigError(f"{e}{_where(origins, 'model', 'placement')}") from None
+    try:
+        staged.frozen_layers(cfg.train.freeze, m.target_layers)
+    except ConfigError as e:
+        raise ConfigError(f"{e}{_where(origins, 'train', 'freeze')}") from None
+    if cfg.train.bp_cadence > 1 and not cfg.train.ff:
         raise ConfigError(
-            "layer expansion (model.target_layers != model.base_layers) is not implemented yet"
-            f" (base_layers = {m.base_layers}, target_layers = {m.target_layers})"
+            f"train.bp_cadence = {cfg.train.bp_cadence} needs train.ff = true (without Forward-Forward the "
+            "steps between backprop steps would do nothing)" + _where(origins, "train", "bp_cadence")
+        )
+    if cfg.train.ff and m.layer != "mamba-lite":
+        raise ConfigError(
+            f"train.ff = true works on the mamba-lite layer's D_skip (D,); model.layer = {m.layer!r}"
+            + _where(origins, "train", "ff")
         )
     if cfg.head.kind not in ("hpn", "softmax"):
         raise ConfigError(

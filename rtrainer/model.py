@@ -130,6 +130,10 @@ class MambaLiteStack:
     passed to `bind`; the stack only keeps named views.
     """
 
+    layer_init = staticmethod(init_layer)   # per-layer init, used by layer expansion (rtrainer/staged.py)
+    frozen_layers = frozenset()             # backward skips these layers' weight-gradient products
+    backward_stop = 0                       # with embedding_grad=False, backward stops above this layer
+
     def __init__(self, vocab_size: int, d_model: int, d_state: int, d_conv: int, dt_rank: int,
                  n_layers: int, scan_chunk: int = 64, n_threads: int = 1, selective: bool = True):
         self.V, self.D, self.N, self.K, self.R = vocab_size, d_model, d_state, d_conv, dt_rank
@@ -231,12 +235,14 @@ class MambaLiteStack:
         dr.fill(0.0)
         _norm.layernorm_backward(dr.reshape(BT, D), dz, self.z, self.rstd, nt)
         dr2 = dr.reshape(BT, D)
-        for i in reversed(range(self.L)):
+        for i in reversed(range(0 if embedding_grad else self.backward_stop, self.L)):
             p = f"layers.{i}."
+            frozen = i in self.frozen_layers   # still propagates dr, skips its weight gradients
             # out_proj: o = y @ W  ->  dW += y^T do ; dy = do W^T   (do = dr: the residual branch output)
             wt = self.wbuf[:D * D].reshape(D, D)
-            np.matmul(self.y[i].reshape(BT, D).T, dr2, out=wt)
-            self.g[p + "out_proj_w"] += wt
+            if not frozen:
+                np.matmul(self.y[i].reshape(BT, D).T, dr2, out=wt)
+                self.g[p + "out_proj_w"] += wt
             np.matmul(dr2, self.p[p + "out_proj_w"].T, out=self.dy.reshape(BT, D))
             self.du.fill(0.0)
             self.ddt.fill(0.0)
@@ -255,14 +261,16 @@ class MambaLiteStack:
             # dt = draw @ dt_proj_w  ->  d dt_proj_w += draw^T ddt ; d draw = ddt dt_proj_w^T
             R = self.R
             wt = self.wbuf[:R * D].reshape(R, D)
-            np.matmul(xdbl2[:, 2 * N:].T, ddt2, out=wt)
-            self.g[p + "dt_proj_w"] += wt
+            if not frozen:
+                np.matmul(xdbl2[:, 2 * N:].T, ddt2, out=wt)
+                self.g[p + "dt_proj_w"] += wt
             np.matmul(ddt2, self.p[p + "dt_proj_w"].T, out=dxdbl2[:, 2 * N:])
             # xdbl = u @ x_proj_w  ->  d x_proj_w += u^T dxdbl ; du += dxdbl x_proj_w^T
             u2 = self.u[i].reshape(BT, D)
             wt = self.wbuf[:D * (2 * N + R)].reshape(D, 2 * N + R)
-            np.matmul(u2.T, dxdbl2, out=wt)
-            self.g[p + "x_proj_w"] += wt
+            if not frozen:
+                np.matmul(u2.T, dxdbl2, out=wt)
+                self.g[p + "x_proj_w"] += wt
             tmp2 = self.tmp.reshape(BT, D)
             np.matmul(dxdbl2, self.p[p + "x_proj_w"].T, out=tmp2)
             self.du += self.tmp
@@ -369,6 +377,8 @@ class MambaStack:
     Same interface as MambaLiteStack: ids (B,T) int64 -> z (B*T, D) float32; parameters live in
     the flat buffer passed to `bind`. `selective = False` is the LTI ablation (B, C, delta do not
     depend on the input)."""
+
+    layer_init = staticmethod(init_mamba_layer)   # per-layer init, used by layer expansion (rtrainer/staged.py)
 
     def __init__(self, vocab_size: int, d_model: int, d_state: int, d_conv: int, dt_rank: int,
                  n_layers: int, expand: int = 2, scan_chunk: int = 64, n_threads: int = 1,

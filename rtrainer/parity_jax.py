@@ -338,8 +338,12 @@ class JaxTrainStep:
     def __init__(self, params: Mapping[str, np.ndarray], *, n_layers: int, d_state: int,
                  dt_rank: int, normalize_prototypes: bool, learnable_prototypes: bool, lr: float,
                  betas: tuple[float, float], eps: float, weight_decay: float, decay_names,
-                 fast_compile: bool = False):
-        self.V, expected = _check_params(params, n_layers, d_state, dt_rank)
+                 fast_compile: bool = False, layer: str = "mamba-lite"):
+        if layer == "mamba":   # the full block: names and shapes as given (see mamba_layer)
+            self.V = int(np.shape(params["embedding"])[0])
+            expected = {n: tuple(np.shape(a)) for n, a in params.items()}
+        else:
+            self.V, expected = _check_params(params, n_layers, d_state, dt_rank)
         self.names = list(expected)
         train_names, fixed_names = _split(expected, learnable_prototypes)
         if decay_names is None:
@@ -360,6 +364,9 @@ class JaxTrainStep:
         eps_ = self.eps
 
         def loss_fn(train, fixed, ids, targets):
+            if layer == "mamba":
+                return mamba_forward_loss({**train, **fixed}, ids, targets, n_layers=n_layers,
+                                          d_state=d_state, normalize_prototypes=normalize_prototypes)
             return forward_loss({**train, **fixed}, ids, targets, n_layers=n_layers,
                                 d_state=d_state, normalize_prototypes=normalize_prototypes)
 
@@ -410,7 +417,7 @@ def build_jax_train_step(params: Mapping[str, np.ndarray], *, n_layers: int, d_s
                          learnable_prototypes: bool = False, lr: float = 1e-4,
                          betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                          weight_decay: float = 0.01, decay_names=None,
-                         fast_compile: bool = False) -> JaxTrainStep:
+                         fast_compile: bool = False, layer: str = "mamba-lite") -> JaxTrainStep:
     """The benchmark's JAX training step (float32): see JaxTrainStep.
 
     `params` are numpy arrays under the contract names (copied to float32 device arrays).
@@ -423,4 +430,81 @@ def build_jax_train_step(params: Mapping[str, np.ndarray], *, n_layers: int, d_s
                         normalize_prototypes=normalize_prototypes,
                         learnable_prototypes=learnable_prototypes, lr=lr, betas=betas, eps=eps,
                         weight_decay=weight_decay, decay_names=decay_names,
-                        fast_compile=fast_compile)
+                        fast_compile=fast_compile, layer=layer)
+
+
+# ============================================================================ the `mamba` block
+#
+# SPEC §2.4 in jax.numpy (the same contract as rtrainer/parity_torch.py's mamba_* functions):
+#     xn = r / sqrt(mean(r^2) + 1e-5) * norm_w ; [xin | zg] = xn @ in_proj_w (D, 2C), C = E*D
+#     u = silu(conv(xin)) ; y = scan(...) ; r = r + (y * silu(zg)) @ out_proj_w (C, D)
+# selective=False: B_lti, C_lti (N,) replace x_proj_w and dt_proj_w; delta = softplus(dt_proj_b).
+
+RMS_EPS = 1e-5
+
+
+def _ssm(u, p: Mapping, prefix: str, *, d_state: int, selective: bool):
+    N = d_state
+    if selective:
+        xdbl = u @ p[prefix + "x_proj_w"]
+        Bt, Ct, draw = xdbl[..., :N], xdbl[..., N:2 * N], xdbl[..., 2 * N:]
+        delta = _softplus(draw @ p[prefix + "dt_proj_w"] + p[prefix + "dt_proj_b"])
+    else:
+        Bt = jnp.broadcast_to(p[prefix + "B_lti"], u.shape[:2] + (N,))
+        Ct = jnp.broadcast_to(p[prefix + "C_lti"], u.shape[:2] + (N,))
+        delta = jnp.broadcast_to(_softplus(p[prefix + "dt_proj_b"]), u.shape)
+    A = -jnp.exp(p[prefix + "A_log"])
+    return selective_scan(u, delta, A, Bt, Ct, p[prefix + "D_skip"])
+
+
+def mamba_layer(x, p: Mapping, prefix: str, *, d_state: int, selective: bool = True):
+    """SPEC §2.4 for x (B,T,D): the residual branch (y * silu(zg)) @ out_proj_w."""
+    C = p[prefix + "conv_w"].shape[0]
+    xn = x / jnp.sqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + RMS_EPS) * p[prefix + "norm_w"]
+    xz = xn @ p[prefix + "in_proj_w"]
+    xin, zg = xz[..., :C], xz[..., C:]
+    u = _silu(causal_conv(xin, p[prefix + "conv_w"], p[prefix + "conv_b"]))
+    y = _ssm(u, p, prefix, d_state=d_state, selective=selective)
+    return (y * _silu(zg)) @ p[prefix + "out_proj_w"]
+
+
+def _lite_layer(x, p, prefix, *, d_state, selective):
+    u = _silu(causal_conv(x, p[prefix + "conv_w"], p[prefix + "conv_b"]))
+    return _ssm(u, p, prefix, d_state=d_state, selective=selective) @ p[prefix + "out_proj_w"]
+
+
+def mamba_forward_loss(p: Mapping, ids, targets, *, n_layers: int, d_state: int, layer: str = "mamba",
+                       selective: bool = True, normalize_prototypes: bool = True):
+    fn = mamba_layer if layer == "mamba" else _lite_layer
+    r = p["embedding"][ids]
+    for i in range(n_layers):
+        r = r + fn(r, p, f"layers.{i}.", d_state=d_state, selective=selective)
+    z = layer_norm(r)
+    loss, _ = hpn_loss(z.reshape(-1, z.shape[-1]), p["head.prototypes"], targets.reshape(-1),
+                       normalize_prototypes=normalize_prototypes)
+    return loss
+
+
+def mamba_loss_and_grads(params: Mapping[str, np.ndarray], ids, targets, *, n_layers: int, d_state: int,
+                         layer: str = "mamba", selective: bool = True, normalize_prototypes: bool = True,
+                         learnable_prototypes: bool = True, dtype: str = "float64",
+                         fast_compile: bool = True) -> tuple[float, dict[str, np.ndarray]]:
+    """Loss and jax.value_and_grad gradients of a `mamba` (or LTI mamba-lite) stack; the tensor
+    names are taken from `params` (shapes are checked by the jit trace). Same contract as
+    loss_and_grads; compiled per call (tests only)."""
+    jdt = _jnp_dtype(dtype)
+    V = np.shape(params["embedding"])[0]
+    ids_a = _check_ids("ids", ids, V)
+    tg_a = _check_ids("targets", targets, V)
+    train_names, fixed_names = _split(list(params), learnable_prototypes)
+    train = {n: jnp.asarray(np.asarray(params[n]), dtype=jdt) for n in train_names}
+    fixed = {n: jnp.asarray(np.asarray(params[n]), dtype=jdt) for n in fixed_names}
+    opts = {"xla_backend_optimization_level": 0} if fast_compile else None
+
+    def loss_fn(tr, fx, i, t):
+        return mamba_forward_loss({**tr, **fx}, i, t, n_layers=n_layers, d_state=d_state, layer=layer,
+                                  selective=selective, normalize_prototypes=normalize_prototypes)
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn), compiler_options=opts)(
+        train, fixed, jnp.asarray(ids_a), jnp.asarray(tg_a))
+    np_dtype = np.dtype(dtype)
+    return float(loss), {n: np.array(grads[n], dtype=np_dtype) for n in train_names}

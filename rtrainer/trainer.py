@@ -27,6 +27,7 @@ from . import checkpoint as ckpt
 from . import config as config_mod
 from . import data as data_mod  # noqa: F401 - subclasses use it
 from . import faults
+from . import staged as staged_mod
 from . import stream as stream_mod
 from .errors import CheckpointError, ConfigError, NonFiniteError, RtrainerError, RunIOError, RunLockedError
 from .heads import HPNHead, SoftmaxHead
@@ -135,9 +136,9 @@ class Trainer:
         m = self.cfg.model
         R = resolve_dt_rank(m.layer, m.d_model, m.dt_rank)
         if m.layer == "mamba":
-            return MambaStack(vocab_size, m.d_model, m.d_state, m.d_conv, R, m.base_layers, expand=m.expand,
+            return MambaStack(vocab_size, m.d_model, m.d_state, m.d_conv, R, m.target_layers, expand=m.expand,
                               scan_chunk=m.scan_chunk, n_threads=self.n_threads, selective=m.selective)
-        return MambaLiteStack(vocab_size, m.d_model, m.d_state, m.d_conv, R, m.base_layers,
+        return MambaLiteStack(vocab_size, m.d_model, m.d_state, m.d_conv, R, m.target_layers,
                               scan_chunk=m.scan_chunk, n_threads=self.n_threads, selective=m.selective)
 
     def build_head(self, vocab_size: int):
@@ -208,7 +209,9 @@ class Trainer:
         V = self.data.vocab_size
         self.model = self.build_model(V)
         self.head = self.build_head(V)
-        self.flat = FlatParams(self.model.param_specs() + self.head.param_specs())
+        self.staged = staged_mod.Staged(c, self.model)   # expansion layout, freezing, FF (rtrainer/staged.py)
+        self.flat = FlatParams(self.staged.apply_freeze(self.model.param_specs() + self.head.param_specs()))
+        self.staged.bind(self.flat)
         self.model.bind(self.flat.params, self.flat.grads)
         self.head.bind(self.flat.params, self.flat.grads)
         self.optimizer = self.build_optimizer(self.flat)
@@ -243,8 +246,7 @@ class Trainer:
             for _, path in existing:   # --overwrite: the old run's checkpoints must not be resumed later
                 ckpt.retire(path)
         if state is None:
-            self.model.init_params(c.run.seed, c.model.init)
-            self.head.init_params(c.run.seed, c.model.init)
+            self.staged.initialise(self)   # init_params, or the base model (model.init_from) expanded
             self.step, self.skipped, self.best_val_loss, elapsed0 = 0, 0, math.inf, 0.0
             self.bad_evals, self.best_step = 0, None
             metrics_offset = None
@@ -256,6 +258,7 @@ class Trainer:
             self.bad_evals = int(state.get("bad_evals", 0))
             self.best_step = state.get("best_step")
             self.data.train.set_state(state["data"]["train"])
+            self.staged.load_state(state.get("staged"), self._resume_path)
             self.rng.bit_generator.state = state["rng"]
             elapsed0 = float(state["elapsed_s"])
             # continuing this run: cut metrics.jsonl back to the checkpoint; a checkpoint from
@@ -292,17 +295,23 @@ class Trainer:
         while self.step < total:
             ids, targets = self.data.train.next_batch()
             lr = lr_at(self.step, c.optim.lr, c.schedule.warmup_steps, total, c.schedule.min_lr_scale)
-            loss = forward_backward(self.model, self.head, self.flat, ids, targets, dz)
-            loss = _inject_nan(self.step + 1, loss, self.flat)
-            gnorm = self.optimizer.grad_norm()
-            clipped = False
-            if math.isfinite(loss) and math.isfinite(gnorm):
-                scale = self.optimizer.clip_scale(gnorm)
-                clipped = scale < 1.0
-                self.optimizer.step(lr, scale)
+            extra = {}
+            if self.staged.active:   # freezing, Forward-Forward, BP cadence, surgery: rtrainer/staged.py
+                loss, gnorm, clipped, finite, extra = self.staged.train_step(self, ids, targets, lr, dz)
+            else:
+                loss = forward_backward(self.model, self.head, self.flat, ids, targets, dz)
+                loss = _inject_nan(self.step + 1, loss, self.flat)
+                gnorm = self.optimizer.grad_norm()
+                clipped = False
+                finite = math.isfinite(loss) and math.isfinite(gnorm)
+                if finite:
+                    scale = self.optimizer.clip_scale(gnorm)
+                    clipped = scale < 1.0
+                    self.optimizer.step(lr, scale)
+            if finite:
                 consecutive_skips = 0
             else:  # non-finite loss or gradient: no parameter or moment changes
-                self._non_finite(loss, gnorm)
+                self._non_finite(extra.get("ff_loss", loss) if extra.get("bp_applied") is False else loss, gnorm)
                 self.skipped += 1
                 consecutive_skips += 1
             self.step += 1
@@ -316,10 +325,14 @@ class Trainer:
                     "tokens_per_s": (self.step - step_last) * B * T / max(now - t_last, 1e-9),
                     "elapsed_s": elapsed0 + now - t_start,
                     "rss_mb": proc.memory_info().rss / 2**20,
+                    **extra,
                 }
                 self.metrics.write(rec)
                 t_last, step_last = now, self.step
-                self._say(f"step {self.step:>6}/{total}  loss {loss:.5f}  lr {lr:.3e}  grad_norm {gnorm:.4f}"
+                # FF and HPN losses are always labelled apart; FF-only steps have no HPN loss
+                what = (f"loss {loss:.5f}" if not extra or extra["bp_applied"] else "ff-only")
+                ff = f"  ff_loss {extra['ff_loss']:.5f}" if extra else ""
+                self._say(f"step {self.step:>6}/{total}  {what}{ff}  lr {lr:.3e}  grad_norm {gnorm:.4f}"
                           f"  {rec['tokens_per_s']:,.0f} tok/s  rss {rec['rss_mb']:.0f} MB")
             improved = stop_early = validated = False
             if self.data.val is not None and (self.step % c.eval.val_every == 0 or last):
@@ -435,6 +448,7 @@ class Trainer:
             "elapsed_s": elapsed,
             "n_threads": self.n_threads,
             "config": config_mod.config_to_dict(self.resolved),
+            "staged": self.staged.state(),
         }
         path = ckpt.write_step_checkpoint(self.ckpt_dir, self.step, self.flat.state_tensors(), state,
                                           extra={"n_threads": self.n_threads})
@@ -510,12 +524,15 @@ class Trainer:
             raise CheckpointError(f"{path}: checkpoint schema {state.get('schema')} is not {SCHEMA_VERSION}")
         saved = state.get("config", {})
         now = config_mod.config_to_dict(self.resolved)
+        defaults = config_mod.config_to_dict(config_mod.Config())
         for section in _FROZEN_SECTIONS:
             for key, value in now[section].items():
-                if saved.get(section, {}).get(key) != value:
+                # a key added after the checkpoint was written stands at its default there
+                was = saved.get(section, {}).get(key, defaults[section][key])
+                if was != value:
                     raise ConfigError(
-                        f"cannot resume from {path}: {section}.{key} is {saved.get(section, {}).get(key)!r} "
-                        f"in the checkpoint but {value!r} in this run")
+                        f"cannot resume from {path}: {section}.{key} is {was!r} in the checkpoint but {value!r} "
+                        "in this run")
         self.flat.load_state_tensors(tensors, source=path)
         if int(state.get("n_threads", self.n_threads)) != self.n_threads:
             self._say(f"rtrainer: warning: the checkpoint was written with {state['n_threads']} threads, this run "
@@ -528,6 +545,8 @@ class Trainer:
         d["run"]["out_dir"] = _abspath(d["run"]["out_dir"])
         d["run"]["threads"] = self.n_threads
         d["model"]["vocab_size"] = vocab_size
+        if d["model"]["init_from"]:
+            d["model"]["init_from"] = _abspath(d["model"]["init_from"])
         d["model"]["dt_rank"] = resolve_dt_rank(d["model"]["layer"], d["model"]["d_model"], d["model"]["dt_rank"])
         for k in ("train", "val"):
             if d["data"][k]:

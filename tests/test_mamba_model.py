@@ -206,3 +206,15 @@ def test_out_of_range_token_is_an_error():
     ids[1, 2] = model.V
     with pytest.raises(ValueError, match=r"outside \[0, 11\)"):
         model.forward(ids)
+
+
+@pytest.mark.parametrize("B,T", [(1, 1), (1, 2), (2, 1)])
+def test_model_matches_reference_at_tiny_lengths(B, T):
+    model, head, flat = build(V=9, D=5, N=2, K=4, R=1, E=3, L=2, chunk=4)
+    ids, targets = batch(model.V, B=B, T=T)
+    loss, grads = step_grads(model, head, flat, ids, targets)
+    ref_loss, ref_grads = ref_loss_grads(model, flat.params, ids, targets)
+    assert abs(loss - ref_loss) <= 1e-5 * max(1.0, abs(ref_loss)), (loss, ref_loss)
+    for name, g in ref_grads.items():
+        err = np.abs(grads[name] - g).max()
+        assert err <= 2e-4 * max(np.abs(g).max(), 1e-3), f"{name}: max abs diff {err:.3e}"

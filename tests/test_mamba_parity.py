@@ -75,3 +75,50 @@ def test_torch_module_matches_functional_oracle():
     l2 = m.train_step(ids, targets)
     assert abs(l1 - t_loss) <= 1e-6 * max(1, abs(t_loss)), (l1, t_loss)
     assert l2 != l1
+
+
+@pytest.mark.parametrize("layer,selective", [("mamba", True), ("mamba", False), ("mamba-lite", False)])
+def test_reference_matches_jax_float64(layer, selective):
+    """The second independent oracle (skipped without jax)."""
+    pytest.importorskip("jax")
+    pj = pytest.importorskip("rtrainer.parity_jax")
+    model, head, flat = build(V=13, D=6, N=4, K=3, R=2, E=2, L=2, chunk=3, layer=layer, selective=selective)
+    ids, targets = batch(model.V, B=2, T=9)
+    params = {k: v.astype(np.float64) for k, v in flat.params.items()}
+    kw = dict(n_layers=2, d_state=4, normalize_prototypes=True, learnable_prototypes=True, selective=selective)
+    if layer == "mamba":
+        loss, grads = mamba_model_loss_and_grads_ref(params, ids, targets, chunk=3, **kw)
+    else:
+        loss, grads = model_loss_and_grads_ref(params, ids, targets, dt_rank=2, chunk=3, **kw)
+    j_loss, j_grads = pj.mamba_loss_and_grads(params, ids, targets, layer=layer, dtype="float64", **kw)
+    assert abs(loss - j_loss) <= 1e-10 * max(1, abs(loss)), (loss, j_loss)
+    assert set(grads) == set(j_grads)
+    for name, g in grads.items():
+        err = np.abs(g - j_grads[name]).max()
+        assert err <= 1e-10 * max(1.0, np.abs(g).max()), f"{name}: max abs diff {err:.3e} vs jax"
+
+
+def test_jax_mamba_train_step_matches_rtrainer_two_steps():
+    """bench/compare.py's JAX peer for --layer mamba: its first two losses (the second after one
+    AdamW update, so gradients and optimizer enter) equal rtrainer's float32 step."""
+    pytest.importorskip("jax")
+    pj = pytest.importorskip("rtrainer.parity_jax")
+    from rtrainer.optim import AdamW
+    from rtrainer.trainer import forward_backward
+
+    model, head, flat = build(V=30, D=16, N=4, K=4, R=1, E=2, L=2, chunk=8, learnable=False)
+    ids, targets = batch(30, B=2, T=10)
+    params = {k: v.copy() for k, v in flat.params.items()}
+    decay = [s.name for s in flat.specs if s.decay and s.trainable]
+    js = pj.build_jax_train_step(params, n_layers=2, d_state=4, dt_rank=1, learnable_prototypes=False,
+                                 lr=1e-2, decay_names=decay, fast_compile=True, layer="mamba")
+    opt = AdamW(flat, n_threads=1)
+    dz = np.empty((20, 16), np.float32)
+    for _ in range(2):
+        loss = forward_backward(model, head, flat, ids, targets, dz)
+        opt.step(1e-2, opt.clip_scale(opt.grad_norm()))
+        j_loss = js.step(ids, targets)
+        assert abs(loss - j_loss) <= 1e-6 * max(1.0, abs(loss)), (loss, j_loss)
+    jp = js.params()
+    for name in ("layers.0.in_proj_w", "layers.1.out_proj_w", "layers.0.A_log", "embedding"):
+        np.testing.assert_allclose(flat.params[name], jp[name], rtol=0, atol=2e-5, err_msg=name)

@@ -81,3 +81,15 @@ def test_resume_refuses_another_layer_kind(tmp_path):
     run_cli("run", cfg, check=True)
     p = run_cli("run", cfg, "--resume", "auto", "--set", 'model.layer="mamba"', "--set", "train.steps=8")
     assert p.returncode == 2 and "model.layer" in p.stderr, p.stderr
+
+
+def test_lite_non_selective_run(tmp_path):
+    cfg = mamba_config(tmp_path, 'selective = false\n', steps=20)
+    run_cli("run", cfg, check=True)
+    out = tmp_path / "run"
+    resolved = tomllib.loads((out / "config.toml").read_text())["model"]
+    assert resolved["layer"] == "mamba-lite" and resolved["selective"] is False
+    ckpt = checkpoint_tensors(latest_checkpoint(out))
+    assert ckpt["param/layers.0.B_lti"].shape == (4,) and "param/layers.0.x_proj_w" not in ckpt
+    train = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert np.mean([r["loss"] for r in train[-5:]]) < np.mean([r["loss"] for r in train[:5]])

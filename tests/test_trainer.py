@@ -331,3 +331,18 @@ def test_transient_non_finite_loss_or_gradient_is_skipped_and_counted(tmp_path, 
     assert ta.keys() == tb.keys() and all(np.array_equal(ta[k], tb[k]) for k in ta)
     p = run_cli("run", cfg, "--overwrite", "--set", "train.fail_on_non_finite=true", env_extra={"RTRAINER_FAULT": fault})
     assert p.returncode == 4 and "step 6: non-finite" in p.stderr, p.stderr
+
+
+def test_checkpoint_without_a_later_added_model_key_resumes_at_its_default(tmp_path):
+    from rtrainer import checkpoint as ckpt
+
+    cfg = tiny_config(tmp_path, steps=10)
+    run_cli("run", cfg, check=True)
+    path = latest_checkpoint(tmp_path / "run")
+    tensors, state = ckpt.load_checkpoint(path)
+    del state["config"]["model"]["selective"]        # as written before the key existed
+    ckpt.write_step_checkpoint(path.parent, 10, tensors, state)
+    p = run_cli("run", cfg, "--resume", "auto", "--set", "train.steps=12", check=True)
+    assert "resuming at step 10" in p.stderr
+    p = run_cli("run", cfg, "--resume", "auto", "--set", "train.steps=14", "--set", "model.selective=false")
+    assert p.returncode == 2 and "model.selective is True in the checkpoint but False" in p.stderr, p.stderr
