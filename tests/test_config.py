@@ -1,6 +1,7 @@
 """rtrainer.config: defaults, every error class with its message, overrides, round trip."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -340,3 +341,10 @@ def test_validate_config_catches_replace(tmp_path):
     with pytest.raises(ConfigError, match="model.d_model must be >= 1"):
         validate_config(bad)
     assert validate_config(cfg) == cfg
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_example_run_file_is_valid(path):
+    cfg = load_config(str(path), [])
+    assert cfg.train.steps > 0 and (cfg.data.train or cfg.data.task)
