@@ -123,7 +123,34 @@ def _lti_backward(g: dict, prefix: str, dxdbl2: np.ndarray, N: int) -> None:
     g[prefix + "C_lti"] += dxdbl2[:, N:2 * N].sum(axis=0, dtype=np.float64).astype(np.float32)
 
 
-class MambaLiteStack:
+class _EmbeddedStack:
+    """What both stacks share: the embedding, then L layers whose tensors a subclass describes
+    (`layer_specs(i)`) and initialises (`layer_init`, a function (views, i, rng, init, n_layers)),
+    all bound as views of the flat parameter and gradient buffers."""
+
+    layer_init = None
+
+    def layer_specs(self, i: int) -> list[ParamSpec]:
+        raise NotImplementedError
+
+    def param_specs(self) -> list[ParamSpec]:
+        specs = [ParamSpec("embedding", (self.V, self.D), decay=True)]
+        for i in range(self.L):
+            specs += self.layer_specs(i)
+        return specs
+
+    def bind(self, params: dict, grads: dict) -> None:
+        self.p, self.g = params, grads
+
+    def init_params(self, seed: int, init: str) -> None:
+        rng = np.random.default_rng([seed, 0])
+        std = 0.02 if init == "reference" else 1.0
+        self.p["embedding"][...] = rng.normal(0.0, std, size=(self.V, self.D))
+        for i in range(self.L):
+            self.layer_init(self.p, i, rng, init, self.L)
+
+
+class MambaLiteStack(_EmbeddedStack):
     """Embedding -> L x (r += mamba_lite(r)) -> LayerNorm (no affine).
 
     Shapes: ids (B,T) int64 -> z (B*T, D) float32. Parameters live in the flat buffer
@@ -146,21 +173,8 @@ class MambaLiteStack:
         self._shape = None
 
     # ----------------------------------------------------------------- parameters
-    def param_specs(self) -> list[ParamSpec]:
-        specs = [ParamSpec("embedding", (self.V, self.D), decay=True)]
-        for i in range(self.L):
-            specs += layer_param_specs(i, self.D, self.N, self.K, self.R, self.selective)
-        return specs
-
-    def bind(self, params: dict, grads: dict) -> None:
-        self.p, self.g = params, grads
-
-    def init_params(self, seed: int, init: str) -> None:
-        rng = np.random.default_rng([seed, 0])
-        std = 0.02 if init == "reference" else 1.0
-        self.p["embedding"][...] = rng.normal(0.0, std, size=(self.V, self.D))
-        for i in range(self.L):
-            init_layer(self.p, i, rng, init, self.L)
+    def layer_specs(self, i: int) -> list[ParamSpec]:
+        return layer_param_specs(i, self.D, self.N, self.K, self.R, self.selective)
 
     # ----------------------------------------------------------------- workspace
     def _workspace(self, B: int, T: int) -> None:
@@ -371,7 +385,7 @@ def init_mamba_layer(views: dict, i: int, rng: np.random.Generator, init: str, n
     views[p + "out_proj_w"][...] = rng.normal(0.0, 1.0 / math.sqrt(C * n_layers), size=(C, D))
 
 
-class MambaStack:
+class MambaStack(_EmbeddedStack):
     """Embedding -> L x (r += mamba_block(r)) -> LayerNorm (no affine); SPEC §2.4.
 
     Same interface as MambaLiteStack: ids (B,T) int64 -> z (B*T, D) float32; parameters live in
@@ -394,21 +408,8 @@ class MambaStack:
         self._shape = None
 
     # ----------------------------------------------------------------- parameters
-    def param_specs(self) -> list[ParamSpec]:
-        specs = [ParamSpec("embedding", (self.V, self.D), decay=True)]
-        for i in range(self.L):
-            specs += mamba_layer_param_specs(i, self.D, self.N, self.K, self.R, self.E, self.selective)
-        return specs
-
-    def bind(self, params: dict, grads: dict) -> None:
-        self.p, self.g = params, grads
-
-    def init_params(self, seed: int, init: str) -> None:
-        rng = np.random.default_rng([seed, 0])
-        std = 0.02 if init == "reference" else 1.0
-        self.p["embedding"][...] = rng.normal(0.0, std, size=(self.V, self.D))
-        for i in range(self.L):
-            init_mamba_layer(self.p, i, rng, init, self.L)
+    def layer_specs(self, i: int) -> list[ParamSpec]:
+        return mamba_layer_param_specs(i, self.D, self.N, self.K, self.R, self.E, self.selective)
 
     # ----------------------------------------------------------------- workspace
     def _workspace(self, B: int, T: int) -> None:
