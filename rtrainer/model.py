@@ -36,18 +36,23 @@ LN_EPS = 1e-5
 LAYER_TENSORS = ("conv_w", "conv_b", "x_proj_w", "dt_proj_w", "dt_proj_b", "A_log", "D_skip", "out_proj_w")
 
 
+def _ssm_specs(p: str, C: int, N: int, K: int, R: int) -> list[ParamSpec]:
+    """conv -> x_proj/dt_proj -> scan over C channels: the tensors both layer kinds share."""
+    return [
+        ParamSpec(p + "conv_w", (C, K), decay=True),
+        ParamSpec(p + "conv_b", (C,)),
+        ParamSpec(p + "x_proj_w", (C, 2 * N + R), decay=True),
+        ParamSpec(p + "dt_proj_w", (R, C), decay=True),
+        ParamSpec(p + "dt_proj_b", (C,)),
+        ParamSpec(p + "A_log", (C, N)),
+        ParamSpec(p + "D_skip", (C,)),
+    ]
+
+
 def layer_param_specs(i: int, D: int, N: int, K: int, R: int, selective: bool = True) -> list[ParamSpec]:
     p = f"layers.{i}."
-    return _lti_specs([
-        ParamSpec(p + "conv_w", (D, K), decay=True),
-        ParamSpec(p + "conv_b", (D,)),
-        ParamSpec(p + "x_proj_w", (D, 2 * N + R), decay=True),
-        ParamSpec(p + "dt_proj_w", (R, D), decay=True),
-        ParamSpec(p + "dt_proj_b", (D,)),
-        ParamSpec(p + "A_log", (D, N)),
-        ParamSpec(p + "D_skip", (D,)),
-        ParamSpec(p + "out_proj_w", (D, D), decay=True),
-    ], N, selective)
+    return _lti_specs(_ssm_specs(p, D, N, K, R) + [ParamSpec(p + "out_proj_w", (D, D), decay=True)],
+                      N, selective)
 
 
 def _lti_specs(specs: list[ParamSpec], N: int, selective: bool) -> list[ParamSpec]:
@@ -332,18 +337,9 @@ def mamba_layer_param_specs(i: int, D: int, N: int, K: int, R: int, E: int,
                             selective: bool = True) -> list[ParamSpec]:
     p = f"layers.{i}."
     C = E * D
-    return _lti_specs([
-        ParamSpec(p + "norm_w", (D,)),
-        ParamSpec(p + "in_proj_w", (D, 2 * C), decay=True),
-        ParamSpec(p + "conv_w", (C, K), decay=True),
-        ParamSpec(p + "conv_b", (C,)),
-        ParamSpec(p + "x_proj_w", (C, 2 * N + R), decay=True),
-        ParamSpec(p + "dt_proj_w", (R, C), decay=True),
-        ParamSpec(p + "dt_proj_b", (C,)),
-        ParamSpec(p + "A_log", (C, N)),
-        ParamSpec(p + "D_skip", (C,)),
-        ParamSpec(p + "out_proj_w", (C, D), decay=True),
-    ], N, selective)
+    return _lti_specs([ParamSpec(p + "norm_w", (D,)), ParamSpec(p + "in_proj_w", (D, 2 * C), decay=True)]
+                      + _ssm_specs(p, C, N, K, R) + [ParamSpec(p + "out_proj_w", (C, D), decay=True)],
+                      N, selective)
 
 
 def init_mamba_layer(views: dict, i: int, rng: np.random.Generator, init: str, n_layers: int) -> None:
