@@ -39,6 +39,23 @@ else:  # pragma: no cover - Python < 3.11
 
 from .errors import ConfigError
 
+# Upper bounds of every size and count a run file can set: far above anything this trainer can run
+# on a CPU, low enough that no product of them overflows or asks for an absurd allocation before the
+# run plan (rtrainer/plan.py) checks the memory the run needs against what the machine has.
+MAX_STEPS = 10**12          # train.steps, schedule.warmup_steps, every "every N steps" cadence
+MAX_BATCH = 1 << 20         # train.batch_size
+MAX_SEQ_LEN = 1 << 22       # train.seq_len, eval.extra_lengths, model.scan_chunk
+MAX_WIDTH = 1 << 16         # model.d_model, model.dt_rank
+MAX_STATE = 1 << 12         # model.d_state
+MAX_CONV = 1 << 10          # model.d_conv
+MAX_EXPAND = 64             # model.expand
+MAX_LAYERS = 1 << 10        # model.base_layers, model.target_layers
+MAX_VOCAB = 1 << 24         # model.vocab_size, data.task_vocab, and a vocabulary inferred from the data
+MAX_THREADS = 1 << 10       # run.threads
+MAX_EVAL_BATCHES = 1 << 16  # eval.eval_batches
+MAX_WORKERS = 256           # data.prefetch_workers
+MAX_BUFFER = 1 << 12        # data.prefetch_buffer
+
 __all__ = [
     "RunConfig",
     "ModelConfig",
@@ -89,8 +106,8 @@ class RunConfig:
     """[run]: where the run writes and how it is seeded."""
 
     out_dir: str = _f("runs/default", "run directory (metrics, checkpoints, resolved config)")
-    seed: int = _f(42, "seed of every random stream (init, data order)")
-    threads: int = _f(0, "kernel threads; 0 = all available cores", ge=0)
+    seed: int = _f(42, "seed of every random stream (init, data order)", ge=0)
+    threads: int = _f(0, "kernel threads; 0 = all available cores", ge=0, le=MAX_THREADS)
 
 
 @dataclass(frozen=True)
@@ -101,16 +118,17 @@ class ModelConfig:
         "mamba-lite", "layer kind: 'mamba-lite' (reference layer) or 'mamba' (full Mamba-1 block)",
         choices=("mamba-lite", "mamba"),
     )
-    d_model: int = _f(512, "model width D", ge=1)
-    d_state: int = _f(16, "SSM state size N", ge=1)
-    d_conv: int = _f(4, "causal depthwise conv width K", ge=1)
+    d_model: int = _f(512, "model width D", ge=1, le=MAX_WIDTH)
+    d_state: int = _f(16, "SSM state size N", ge=1, le=MAX_STATE)
+    d_conv: int = _f(4, "causal depthwise conv width K", ge=1, le=MAX_CONV)
     dt_rank: int = _f(
         0, "rank R of the delta projection; 0 = auto: 1 for mamba-lite (reference), ceil(d_model/16) for mamba",
-        ge=0,
+        ge=0, le=MAX_WIDTH,
     )
-    expand: int = _f(2, "inner expansion E (only used by layer = 'mamba')", ge=1)
-    base_layers: int = _f(2, "layers at the start of the run (fresh or from a checkpoint)", ge=1)
-    target_layers: int = _f(2, "layers after expansion (new layers placed by model.placement)", ge=1)
+    expand: int = _f(2, "inner expansion E (only used by layer = 'mamba')", ge=1, le=MAX_EXPAND)
+    base_layers: int = _f(2, "layers at the start of the run (fresh or from a checkpoint)", ge=1, le=MAX_LAYERS)
+    target_layers: int = _f(2, "layers after expansion (new layers placed by model.placement)", ge=1,
+                            le=MAX_LAYERS)
     placement: str = _f(
         "append",
         "where new layers go when expanding: append | prepend | insert:N | specific:i,j,...",
@@ -119,8 +137,8 @@ class ModelConfig:
         "mamba", "'mamba' (S4D-real A, log-uniform dt) or 'reference' (all N(0, 0.02^2))",
         choices=("mamba", "reference"),
     )
-    vocab_size: int = _f(0, "vocabulary size V; 0 = max token id in the data + 1", ge=0)
-    scan_chunk: int = _f(64, "scan checkpoint interval in steps (memory/speed knob only)", ge=1)
+    vocab_size: int = _f(0, "vocabulary size V; 0 = max token id in the data + 1", ge=0, le=MAX_VOCAB)
+    scan_chunk: int = _f(64, "scan checkpoint interval in steps (memory/speed knob only)", ge=1, le=MAX_SEQ_LEN)
     selective: bool = _f(
         True, "false = ablation: delta, B, C input-independent learned values (an LTI SSM)"
     )
@@ -171,7 +189,7 @@ class OptimConfig:
 class ScheduleConfig:
     """[schedule]: linear warmup then cosine decay, from the global step."""
 
-    warmup_steps: int = _f(0, "linear warmup steps", ge=0)
+    warmup_steps: int = _f(0, "linear warmup steps", ge=0, le=MAX_STEPS)
     min_lr_scale: float = _f(0.1, "final learning rate as a fraction of optim.lr", ge=0.0, le=1.0)
 
 
@@ -179,12 +197,13 @@ class ScheduleConfig:
 class TrainConfig:
     """[train]: length and shape of the run."""
 
-    steps: int = _f(5000, "TOTAL optimizer steps of the run (a resumed run continues to it)", ge=1)
-    batch_size: int = _f(8, "sequences per batch B", ge=1)
-    seq_len: int = _f(64, "tokens per sequence T", ge=1)
+    steps: int = _f(5000, "TOTAL optimizer steps of the run (a resumed run continues to it)", ge=1, le=MAX_STEPS)
+    batch_size: int = _f(8, "sequences per batch B", ge=1, le=MAX_BATCH)
+    seq_len: int = _f(64, "tokens per sequence T", ge=1, le=MAX_SEQ_LEN)
     fail_on_non_finite: bool = _f(False, "stop (exit 4, diagnostic checkpoint) at the first non-finite "
                                   "loss or gradient instead of skipping the update")
-    max_consecutive_skips: int = _f(10, "abort (exit 4) after this many consecutive skipped updates", ge=1)
+    max_consecutive_skips: int = _f(10, "abort (exit 4) after this many consecutive skipped updates", ge=1,
+                                    le=MAX_STEPS)
     freeze: str = _f("none", "layers that are not trained: none | first:N | indices:i,j,... "
                      "(indices of the expanded model)")
     freeze_embedding: bool = _f(False, "do not train the embedding")
@@ -193,7 +212,7 @@ class TrainConfig:
     ff_lr: float = _f(1e-4, "learning rate of the plain-SGD FF update of D_skip on FF-only steps; on BP "
                       "steps the FF gradient is added to the backprop one with weight ff_lr / optim.lr", ge=0.0)
     bp_cadence: int = _f(1, "global backprop + AdamW every N steps (steps N, 2N, ...); the other steps "
-                         "apply only the FF update (needs train.ff = true when > 1)", ge=1)
+                         "apply only the FF update (needs train.ff = true when > 1)", ge=1, le=MAX_STEPS)
     surgery: str = _f("pcgrad", "how the FF gradient of D_skip is combined with its backprop gradient on BP "
                       "steps", choices=("none", "pcgrad", "orthograd", "gradnorm", "cagrad"))
     surgery_epsilon: float = _f(1e-8, "epsilon of the surgery projections and normalisations", ge=0.0)
@@ -220,8 +239,8 @@ class DataConfig:
                       "independent windows of seq_len+1 tokens that share no token")
     shuffle_shards: bool = _f(True, "shard directory: reshuffle the shard order every epoch (seeded by run.seed)")
     prefetch_workers: int = _f(0, "background threads reading batches ahead; 0 = read on the training thread "
-                               "(the batches are the same for every value)", ge=0)
-    prefetch_buffer: int = _f(16, "batches read ahead at most (with prefetch_workers > 0)", ge=1)
+                               "(the batches are the same for every value)", ge=0, le=MAX_WORKERS)
+    prefetch_buffer: int = _f(16, "batches read ahead at most (with prefetch_workers > 0)", ge=1, le=MAX_BUFFER)
     random_windows: bool = _f(False, "every row a window at a uniformly random position of a random shard "
                               "(nanoGPT style) instead of streaming the shards in order")
     shard_glob: str = _f("", "shard directory: file name pattern of the shards; empty = by format "
@@ -232,37 +251,40 @@ class DataConfig:
         "", "synthetic task instead of token files: '' (none) | selective_copying | induction_heads",
         choices=("", "selective_copying", "induction_heads"),
     )
-    task_tokens: int = _f(8, "selective_copying: data tokens to copy M (L_noise = train.seq_len - 2M)", ge=1)
+    task_tokens: int = _f(8, "selective_copying: data tokens to copy M (L_noise = train.seq_len - 2M)", ge=1,
+                          le=MAX_SEQ_LEN)
     task_vocab: int = _f(16, "task alphabet: selective_copying A (0 noise, 1..A-2 data, A-1 marker); "
-                         "induction_heads V (0..V-2 content, V-1 the special token)", ge=3)
+                         "induction_heads V (0..V-2 content, V-1 the special token)", ge=3, le=MAX_VOCAB)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """[eval]: validation on a fixed set of windows."""
 
-    val_every: int = _f(200, "validate every N steps; 0 = never", ge=0)
-    eval_batches: int = _f(8, "validation batches (the same windows at every evaluation)", ge=1)
+    val_every: int = _f(200, "validate every N steps; 0 = never", ge=0, le=MAX_STEPS)
+    eval_batches: int = _f(8, "validation batches (the same windows at every evaluation)", ge=1,
+                           le=MAX_EVAL_BATCHES)
     patience: int = _f(0, "stop after this many evaluations without an improvement of more than "
-                       "min_delta; 0 = never stop early", ge=0)
+                       "min_delta; 0 = never stop early", ge=0, le=MAX_STEPS)
     min_delta: float = _f(0.0, "smallest decrease of val_loss that counts as an improvement", ge=0)
     extra_lengths: tuple = _f((), "also validate at these sequence lengths (metrics val_loss@L, "
-                              "val_acc@L): length extrapolation", ge=1)
+                              "val_acc@L): length extrapolation", ge=1, le=MAX_SEQ_LEN)
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     """[checkpoint]: how often to save and what to keep."""
 
-    save_every: int = _f(200, "checkpoint every N steps; 0 = only at the end", ge=0)
-    keep_last: int = _f(3, "step checkpoints to keep (the newest N, plus the best one); 0 = keep all", ge=0)
+    save_every: int = _f(200, "checkpoint every N steps; 0 = only at the end", ge=0, le=MAX_STEPS)
+    keep_last: int = _f(3, "step checkpoints to keep (the newest N, plus the best one); 0 = keep all", ge=0,
+                        le=MAX_STEPS)
 
 
 @dataclass(frozen=True)
 class LogConfig:
     """[log]: metrics.jsonl cadence."""
 
-    log_every: int = _f(20, "write a train line to metrics.jsonl every N steps", ge=1)
+    log_every: int = _f(20, "write a train line to metrics.jsonl every N steps", ge=1, le=MAX_STEPS)
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,10 @@ from threadpoolctl import threadpool_limits
 
 from . import checkpoint as ckpt
 from . import config as config_mod
+from . import console
 from . import data as data_mod  # noqa: F401 - subclasses use it
 from . import faults
+from . import plan as plan_mod
 from . import staged as staged_mod
 from . import stream as stream_mod
 from .errors import CheckpointError, ConfigError, NonFiniteError, RtrainerError, RunIOError, RunLockedError
@@ -95,8 +97,8 @@ class Trainer:
         shards = stream_mod.open_source(train_path, d.format, d.shard_glob, d.verify)
         val_shards = stream_mod.open_source(_abspath(d.val), d.format, d.shard_glob, d.verify) if d.val else None
         V = c.model.vocab_size
-        if V == 0:  # whole shards: the manifest knows their largest id
-            V = stream_mod.shards_max_token(shards + (val_shards or [])) + 1
+        if V == 0:  # whole shards: the manifest knows their largest id (bounded: rtrainer/plan.py)
+            V = plan_mod.infer_vocab(shards + (val_shards or []))
         if not d.val and d.val_ratio > 0:
             shards, val_shards = stream_mod.split_shards(shards, d.val_ratio)
         stream_mod.check_shards_range(shards, V)
@@ -205,10 +207,15 @@ class Trainer:
     def _fit(self) -> dict:
         c = self.cfg
         # 1. everything that can fail on bad input happens before anything is written
+        avail = plan_mod.available_memory()   # the run plan: memory checked before it is allocated
+        plan_mod.require_fits(plan_mod.make_plan(c), c, avail)
         self.data = self.build_data()
         V = self.data.vocab_size
         self.model = self.build_model(V)
         self.head = self.build_head(V)
+        tpe = self.data.train.tokens_per_epoch() if hasattr(self.data.train, "tokens_per_epoch") else None
+        self.plan = plan_mod.make_plan(c, V, model=self.model, head=self.head, tokens_per_epoch=tpe)
+        plan_mod.require_fits(self.plan, c, avail)
         self.staged = staged_mod.Staged(c, self.model)   # expansion layout, freezing, FF (rtrainer/staged.py)
         self.flat = FlatParams(self.staged.apply_freeze(self.model.param_specs() + self.head.param_specs()))
         self.staged.bind(self.flat)
@@ -231,6 +238,7 @@ class Trainer:
         }
         # one writer per run directory: the lock dies with its holder (flock), so a killed run
         # never leaves the directory locked
+        plan_mod.check_outputs(out_dir)   # a file where out_dir belongs, read-only checkpoints/, ...
         out_dir.mkdir(parents=True, exist_ok=True)
         self._lock = _lock_run_dir(out_dir)
         swept = ckpt.sweep(self.ckpt_dir)   # what a killed writer left: .tmp-* and .trash-*
@@ -282,7 +290,8 @@ class Trainer:
             self._say(f"rtrainer: warning: {hint}")
         self._say(f"rtrainer: {'resuming at step ' + str(self.step) if state else 'starting'}: "
                   f"{self.flat.n_trainable:,} trainable parameters, V={V}, threads={self.n_threads}, "
-                  f"out_dir={out_dir}")
+                  f"out_dir={out_dir}; plan: memory about {plan_mod._human(self.plan['memory']['total'])}, "
+                  f"{self.plan['flops_per_step']['total'] / 1e9:.3f} GFLOP/step")
 
         # 3. the loop
         total = c.train.steps
@@ -554,8 +563,10 @@ class Trainer:
         return config_mod.config_from_dict(d)
 
     def _say(self, msg: str) -> None:
+        """Console output, best effort (rtrainer/console.py): a closed or broken console never
+        stops the run."""
         if self.console:
-            print(msg, file=sys.stderr if msg.startswith("rtrainer:") else sys.stdout, flush=True)
+            console.say(msg, sys.stderr if msg.startswith("rtrainer:") else sys.stdout)
 
 
 def _lock_run_dir(out_dir: Path):
