@@ -107,6 +107,15 @@ def _check_flags(args) -> None:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:   # a Ctrl-C that came while an error or an interrupt was being reported
+        _exit_on_next_interrupt()
+        _err("rtrainer: interrupted")
+        return 130
+
+
+def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command is None:
         build_parser().print_help()
@@ -145,6 +154,8 @@ def main(argv=None) -> int:
             for section, key, default, doc in describe_keys():
                 _out(f"{section}.{key} = {default!r}\n    {doc}")
     except RtrainerError as e:
+        if e.exit_code in (130, 143):   # interrupted after a checkpoint: a further Ctrl-C ends at once
+            _exit_on_next_interrupt()
         _err(f"rtrainer: error: {e}")
         return e.exit_code
     except KeyboardInterrupt:

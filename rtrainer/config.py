@@ -88,11 +88,13 @@ def _f(
     le: float | None = None,
     lt: float | None = None,
     choices: tuple[str, ...] | None = None,
+    limit: int | None = None,
 ) -> Any:
-    """A dataclass field with its one-line doc and its validation rule (range or choices)."""
+    """A dataclass field with its one-line doc and its validation rule (range or choices); ``limit``
+    is the largest value accepted for a size or count (the MAX_* bounds above)."""
     return field(
         default=default,
-        metadata={"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices},
+        metadata={"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "limit": limit},
     )
 
 
@@ -107,7 +109,7 @@ class RunConfig:
 
     out_dir: str = _f("runs/default", "run directory (metrics, checkpoints, resolved config)")
     seed: int = _f(42, "seed of every random stream (init, data order)", ge=0)
-    threads: int = _f(0, "kernel threads; 0 = all available cores", ge=0, le=MAX_THREADS)
+    threads: int = _f(0, "kernel threads; 0 = all available cores", ge=0, limit=MAX_THREADS)
 
 
 @dataclass(frozen=True)
@@ -118,17 +120,17 @@ class ModelConfig:
         "mamba-lite", "layer kind: 'mamba-lite' (reference layer) or 'mamba' (full Mamba-1 block)",
         choices=("mamba-lite", "mamba"),
     )
-    d_model: int = _f(512, "model width D", ge=1, le=MAX_WIDTH)
-    d_state: int = _f(16, "SSM state size N", ge=1, le=MAX_STATE)
-    d_conv: int = _f(4, "causal depthwise conv width K", ge=1, le=MAX_CONV)
+    d_model: int = _f(512, "model width D", ge=1, limit=MAX_WIDTH)
+    d_state: int = _f(16, "SSM state size N", ge=1, limit=MAX_STATE)
+    d_conv: int = _f(4, "causal depthwise conv width K", ge=1, limit=MAX_CONV)
     dt_rank: int = _f(
         0, "rank R of the delta projection; 0 = auto: 1 for mamba-lite (reference), ceil(d_model/16) for mamba",
-        ge=0, le=MAX_WIDTH,
+        ge=0, limit=MAX_WIDTH,
     )
-    expand: int = _f(2, "inner expansion E (only used by layer = 'mamba')", ge=1, le=MAX_EXPAND)
-    base_layers: int = _f(2, "layers at the start of the run (fresh or from a checkpoint)", ge=1, le=MAX_LAYERS)
+    expand: int = _f(2, "inner expansion E (only used by layer = 'mamba')", ge=1, limit=MAX_EXPAND)
+    base_layers: int = _f(2, "layers at the start of the run (fresh or from a checkpoint)", ge=1, limit=MAX_LAYERS)
     target_layers: int = _f(2, "layers after expansion (new layers placed by model.placement)", ge=1,
-                            le=MAX_LAYERS)
+                            limit=MAX_LAYERS)
     placement: str = _f(
         "append",
         "where new layers go when expanding: append | prepend | insert:N | specific:i,j,...",
@@ -137,8 +139,8 @@ class ModelConfig:
         "mamba", "'mamba' (S4D-real A, log-uniform dt) or 'reference' (all N(0, 0.02^2))",
         choices=("mamba", "reference"),
     )
-    vocab_size: int = _f(0, "vocabulary size V; 0 = max token id in the data + 1", ge=0, le=MAX_VOCAB)
-    scan_chunk: int = _f(64, "scan checkpoint interval in steps (memory/speed knob only)", ge=1, le=MAX_SEQ_LEN)
+    vocab_size: int = _f(0, "vocabulary size V; 0 = max token id in the data + 1", ge=0, limit=MAX_VOCAB)
+    scan_chunk: int = _f(64, "scan checkpoint interval in steps (memory/speed knob only)", ge=1, limit=MAX_SEQ_LEN)
     selective: bool = _f(
         True, "false = ablation: delta, B, C input-independent learned values (an LTI SSM)"
     )
@@ -189,7 +191,7 @@ class OptimConfig:
 class ScheduleConfig:
     """[schedule]: linear warmup then cosine decay, from the global step."""
 
-    warmup_steps: int = _f(0, "linear warmup steps", ge=0, le=MAX_STEPS)
+    warmup_steps: int = _f(0, "linear warmup steps", ge=0, limit=MAX_STEPS)
     min_lr_scale: float = _f(0.1, "final learning rate as a fraction of optim.lr", ge=0.0, le=1.0)
 
 
@@ -197,13 +199,13 @@ class ScheduleConfig:
 class TrainConfig:
     """[train]: length and shape of the run."""
 
-    steps: int = _f(5000, "TOTAL optimizer steps of the run (a resumed run continues to it)", ge=1, le=MAX_STEPS)
-    batch_size: int = _f(8, "sequences per batch B", ge=1, le=MAX_BATCH)
-    seq_len: int = _f(64, "tokens per sequence T", ge=1, le=MAX_SEQ_LEN)
+    steps: int = _f(5000, "TOTAL optimizer steps of the run (a resumed run continues to it)", ge=1, limit=MAX_STEPS)
+    batch_size: int = _f(8, "sequences per batch B", ge=1, limit=MAX_BATCH)
+    seq_len: int = _f(64, "tokens per sequence T", ge=1, limit=MAX_SEQ_LEN)
     fail_on_non_finite: bool = _f(False, "stop (exit 4, diagnostic checkpoint) at the first non-finite "
                                   "loss or gradient instead of skipping the update")
     max_consecutive_skips: int = _f(10, "abort (exit 4) after this many consecutive skipped updates", ge=1,
-                                    le=MAX_STEPS)
+                                    limit=MAX_STEPS)
     freeze: str = _f("none", "layers that are not trained: none | first:N | indices:i,j,... "
                      "(indices of the expanded model)")
     freeze_embedding: bool = _f(False, "do not train the embedding")
@@ -212,7 +214,7 @@ class TrainConfig:
     ff_lr: float = _f(1e-4, "learning rate of the plain-SGD FF update of D_skip on FF-only steps; on BP "
                       "steps the FF gradient is added to the backprop one with weight ff_lr / optim.lr", ge=0.0)
     bp_cadence: int = _f(1, "global backprop + AdamW every N steps (steps N, 2N, ...); the other steps "
-                         "apply only the FF update (needs train.ff = true when > 1)", ge=1, le=MAX_STEPS)
+                         "apply only the FF update (needs train.ff = true when > 1)", ge=1, limit=MAX_STEPS)
     surgery: str = _f("pcgrad", "how the FF gradient of D_skip is combined with its backprop gradient on BP "
                       "steps", choices=("none", "pcgrad", "orthograd", "gradnorm", "cagrad"))
     surgery_epsilon: float = _f(1e-8, "epsilon of the surgery projections and normalisations", ge=0.0)
@@ -239,8 +241,8 @@ class DataConfig:
                       "independent windows of seq_len+1 tokens that share no token")
     shuffle_shards: bool = _f(True, "shard directory: reshuffle the shard order every epoch (seeded by run.seed)")
     prefetch_workers: int = _f(0, "background threads reading batches ahead; 0 = read on the training thread "
-                               "(the batches are the same for every value)", ge=0, le=MAX_WORKERS)
-    prefetch_buffer: int = _f(16, "batches read ahead at most (with prefetch_workers > 0)", ge=1, le=MAX_BUFFER)
+                               "(the batches are the same for every value)", ge=0, limit=MAX_WORKERS)
+    prefetch_buffer: int = _f(16, "batches read ahead at most (with prefetch_workers > 0)", ge=1, limit=MAX_BUFFER)
     random_windows: bool = _f(False, "every row a window at a uniformly random position of a random shard "
                               "(nanoGPT style) instead of streaming the shards in order")
     shard_glob: str = _f("", "shard directory: file name pattern of the shards; empty = by format "
@@ -252,39 +254,39 @@ class DataConfig:
         choices=("", "selective_copying", "induction_heads"),
     )
     task_tokens: int = _f(8, "selective_copying: data tokens to copy M (L_noise = train.seq_len - 2M)", ge=1,
-                          le=MAX_SEQ_LEN)
+                          limit=MAX_SEQ_LEN)
     task_vocab: int = _f(16, "task alphabet: selective_copying A (0 noise, 1..A-2 data, A-1 marker); "
-                         "induction_heads V (0..V-2 content, V-1 the special token)", ge=3, le=MAX_VOCAB)
+                         "induction_heads V (0..V-2 content, V-1 the special token)", ge=3, limit=MAX_VOCAB)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """[eval]: validation on a fixed set of windows."""
 
-    val_every: int = _f(200, "validate every N steps; 0 = never", ge=0, le=MAX_STEPS)
+    val_every: int = _f(200, "validate every N steps; 0 = never", ge=0, limit=MAX_STEPS)
     eval_batches: int = _f(8, "validation batches (the same windows at every evaluation)", ge=1,
-                           le=MAX_EVAL_BATCHES)
+                           limit=MAX_EVAL_BATCHES)
     patience: int = _f(0, "stop after this many evaluations without an improvement of more than "
-                       "min_delta; 0 = never stop early", ge=0, le=MAX_STEPS)
+                       "min_delta; 0 = never stop early", ge=0, limit=MAX_STEPS)
     min_delta: float = _f(0.0, "smallest decrease of val_loss that counts as an improvement", ge=0)
     extra_lengths: tuple = _f((), "also validate at these sequence lengths (metrics val_loss@L, "
-                              "val_acc@L): length extrapolation", ge=1, le=MAX_SEQ_LEN)
+                              "val_acc@L): length extrapolation", ge=1, limit=MAX_SEQ_LEN)
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     """[checkpoint]: how often to save and what to keep."""
 
-    save_every: int = _f(200, "checkpoint every N steps; 0 = only at the end", ge=0, le=MAX_STEPS)
+    save_every: int = _f(200, "checkpoint every N steps; 0 = only at the end", ge=0, limit=MAX_STEPS)
     keep_last: int = _f(3, "step checkpoints to keep (the newest N, plus the best one); 0 = keep all", ge=0,
-                        le=MAX_STEPS)
+                        limit=MAX_STEPS)
 
 
 @dataclass(frozen=True)
 class LogConfig:
     """[log]: metrics.jsonl cadence."""
 
-    log_every: int = _f(20, "write a train line to metrics.jsonl every N steps", ge=1, le=MAX_STEPS)
+    log_every: int = _f(20, "write a train line to metrics.jsonl every N steps", ge=1, limit=MAX_STEPS)
 
 
 @dataclass(frozen=True)
@@ -378,6 +380,12 @@ def _check_scalar(name: str, default: Any, value: Any, where: str) -> Any:
     raise AssertionError(f"unsupported default type for {name}")  # pragma: no cover
 
 
+def _check_limit(name: str, value: int, md: Mapping[str, Any], where: str) -> None:
+    lim = md.get("limit")
+    if lim is not None and value > lim:
+        raise ConfigError(f"{name} = {value} is above its limit of {lim}{where}")
+
+
 def _check_value(section: str, f: Any, value: Any, where: str) -> Any:
     """Validate one field's value: type, finiteness, range, choices. Returns the stored value."""
     name = f"{section}.{f.name}"
@@ -390,6 +398,7 @@ def _check_value(section: str, f: Any, value: Any, where: str) -> Any:
             v = _check_scalar(f"{name}[{i}]", 0, v, where)
             if not _in_range(v, md):
                 raise ConfigError(f"{name}[{i}] must be {_range_text(md)}, got {v!r}{where}")
+            _check_limit(f"{name}[{i}]", v, md, where)
             out.append(v)
         return tuple(out)
     if isinstance(f.default, tuple):
@@ -410,6 +419,8 @@ def _check_value(section: str, f: Any, value: Any, where: str) -> Any:
     value = _check_scalar(name, f.default, value, where)
     if isinstance(value, (int, float)) and not isinstance(value, bool) and not _in_range(value, md):
         raise ConfigError(f"{name} must be {_range_text(md)}, got {value!r}{where}")
+    if isinstance(value, int) and not isinstance(value, bool):
+        _check_limit(name, value, md, where)
     if md["choices"] is not None and value not in md["choices"]:
         allowed = ", ".join(repr(c) for c in md["choices"])
         raise ConfigError(f"{name} must be one of {allowed}, got {value!r}{where}")

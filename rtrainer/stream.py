@@ -301,13 +301,67 @@ def _checksums(path: str) -> list[str]:
     return [_digest(b) for _, b in _blocks(path)]
 
 
-def _verify_blocks(path: str, name: str, expected: Sequence[str]) -> None:
+_ROW = 4096   # bytes per row of the moment products: every partial sum stays exact in float64
+
+
+def _moments(b: bytes) -> list[int]:
+    """[sum b_i, sum i*b_i, sum i^2*b_i] over the bytes of one block (i = offset in the block),
+    exact integers. With the block checksum they locate a single changed byte: if byte p changed
+    by d, the three sums change by d, p*d and p^2*d (:func:`_locate_change`)."""
+    a = np.frombuffer(b, dtype=np.uint8)
+    n = len(a)
+    rows = -(-n // _ROW)
+    m = np.zeros(rows * _ROW, np.float64)
+    m[:n] = a
+    m = m.reshape(rows, _ROW)
+    j = np.arange(_ROW, dtype=np.float64)
+    w = np.stack([np.ones(_ROW), j, j * j], axis=1)       # (ROW, 3) weights 1, j, j^2
+    part = m @ w                                          # (rows, 3), each exact (< 2^53)
+    s0 = s1 = s2 = 0
+    for r, (p0, p1, p2) in enumerate(part.tolist()):
+        base, p0, p1, p2 = r * _ROW, int(p0), int(p1), int(p2)
+        s0 += p0
+        s1 += base * p0 + p1
+        s2 += base * base * p0 + 2 * base * p1 + p2
+    return [s0, s1, s2]
+
+
+def _block_moments(path: str) -> list[list[int]]:
+    return [_moments(b) for _, b in _blocks(path)]
+
+
+def _locate_change(b: bytes, recorded) -> int | None:
+    """The offset in the block of the one byte that changed since ``recorded`` (its _moments), or
+    None when more than one byte changed (or nothing recorded)."""
+    try:
+        r0, r1, r2 = (int(x) for x in recorded)
+    except (TypeError, ValueError):
+        return None
+    n0, n1, n2 = _moments(b)
+    d, d1, d2 = n0 - r0, n1 - r1, n2 - r2
+    if d == 0 or d1 % d:
+        return None
+    p = d1 // d
+    if not 0 <= p < len(b) or d2 != p * p * d or not 0 <= b[p] - d <= 255:
+        return None
+    return p
+
+
+def _verify_blocks(path: str, name: str, expected: Sequence[str], moments: Sequence | None = None) -> None:
     n = 0
     for n, (off, b) in enumerate(_blocks(path), 1):
         if n > len(expected) or _digest(b) != expected[n - 1]:
+            where = None
+            if moments is not None and n <= len(moments) and n <= len(expected):
+                where = _locate_change(b, moments[n - 1])
+            if where is not None:
+                raise DataError(f"{name}: content no longer matches the manifest: the byte at offset {off + where} "
+                                f"changed (now {b[where]:#04x}) since the manifest was built; restore the file or "
+                                f"rebuild the manifest with `rtrainer prepare --rebuild {os.path.dirname(name)}`")
+            several = " (more than one byte of it changed)" if moments is not None and n <= len(moments) else ""
             raise DataError(f"{name}: content no longer matches the manifest at byte offset {off} (block of "
-                            f"{_BLOCK} bytes changed since the manifest was built); rebuild it with "
-                            f"`rtrainer prepare --rebuild {os.path.dirname(name)}`")
+                            f"{_BLOCK} bytes, up to offset {off + len(b)}, changed since the manifest was built"
+                            f"{several}); rebuild it with `rtrainer prepare --rebuild {os.path.dirname(name)}`")
     if n != len(expected):  # pragma: no cover - the size check catches this first
         raise DataError(f"{name}: shorter than the manifest records")
 
@@ -361,12 +415,13 @@ def _scan_entry(d: str, name: str, fmt: str) -> dict:
     kind = _format_of(p, fmt)
     st = os.stat(p)
     ent: dict[str, Any] = {"path": name, "format": kind, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
-                           "checksums": _checksums(p)}
+                           "checksums": _checksums(p), "moments": _block_moments(p)}
     if kind == "txt":
         cache = os.path.join(MANIFEST_DIR, name + ".u32")
         _convert_text(p, os.path.join(d, cache), label)
         ent.update(cache=cache, cache_bytes=os.path.getsize(os.path.join(d, cache)),
-                   cache_checksums=_checksums(os.path.join(d, cache)))
+                   cache_checksums=_checksums(os.path.join(d, cache)),
+                   cache_moments=_block_moments(os.path.join(d, cache)))
         dtype, header, n = np.dtype("<u4"), 0, ent["cache_bytes"] // 4
         src = os.path.join(d, cache)
     elif kind == "npy":
@@ -420,7 +475,7 @@ def prepare_dir(d: str, fmt: str = "auto", glob: str = "", rebuild: bool = False
     shards to their binary cache. Returns the manifest."""
     d = os.fspath(d)
     if not os.path.isdir(d):
-        raise DataError(f"{d}: not a directory")
+        raise DataError(_not_a_dir(d))
     names = _list_dir(d, fmt, glob)
     old = None if rebuild else _read_manifest(d)
     by_name = {e.get("path"): e for e in old["shards"]} if old else {}
@@ -463,6 +518,15 @@ def prepare_dir(d: str, fmt: str = "auto", glob: str = "", rebuild: bool = False
     return {"version": MANIFEST_VERSION, "block_bytes": _BLOCK, "shards": entries}
 
 
+def _not_a_dir(d: str) -> str:
+    """Why ``d`` is not a shard directory, in words: missing, a dangling link, or a file."""
+    if not os.path.lexists(d):
+        return f"{d}: no such directory"
+    if not os.path.exists(d):
+        return f"{d}: a symbolic link to a missing path ({os.path.realpath(d)})"
+    return f"{d}: is a file, not a directory (rtrainer prepare indexes a directory of shard files)"
+
+
 def _verify_entry(d: str, e: dict, fmt: str, verify: str) -> bool:
     """Check one manifest entry against its file; True when the mtime moved (content verified)."""
     name = os.path.join(d, e["path"])
@@ -479,7 +543,7 @@ def _verify_entry(d: str, e: dict, fmt: str, verify: str) -> bool:
                         f"offset {min(st.st_size, e['bytes'])}); rebuild it with `rtrainer prepare --rebuild {d}`")
     touched = st.st_mtime_ns != e["mtime_ns"]
     if verify == "full" or touched:
-        _verify_blocks(name, name, e["checksums"])
+        _verify_blocks(name, name, e["checksums"], e.get("moments"))
         e["mtime_ns"] = st.st_mtime_ns  # same content: remember the new mtime
     if kind == "txt":
         cache = os.path.join(d, e.get("cache", ""))
@@ -489,7 +553,7 @@ def _verify_entry(d: str, e: dict, fmt: str, verify: str) -> bool:
             raise DataError(f"{cache}: the binary cache of {name} is missing or has the wrong size; rebuild it with "
                             f"`rtrainer prepare --rebuild {d}`")
         if verify == "full":
-            _verify_blocks(cache, cache, e["cache_checksums"])
+            _verify_blocks(cache, cache, e["cache_checksums"], e.get("cache_moments"))
     return touched
 
 

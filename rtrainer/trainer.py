@@ -29,6 +29,7 @@ from . import console
 from . import data as data_mod  # noqa: F401 - subclasses use it
 from . import faults
 from . import plan as plan_mod
+from . import resume as resume_mod
 from . import staged as staged_mod
 from . import stream as stream_mod
 from .errors import CheckpointError, ConfigError, NonFiniteError, RtrainerError, RunIOError, RunLockedError
@@ -534,14 +535,8 @@ class Trainer:
         saved = state.get("config", {})
         now = config_mod.config_to_dict(self.resolved)
         defaults = config_mod.config_to_dict(config_mod.Config())
-        for section in _FROZEN_SECTIONS:
-            for key, value in now[section].items():
-                # a key added after the checkpoint was written stands at its default there
-                was = saved.get(section, {}).get(key, defaults[section][key])
-                if was != value:
-                    raise ConfigError(
-                        f"cannot resume from {path}: {section}.{key} is {was!r} in the checkpoint but {value!r} "
-                        "in this run")
+        # [model] and [head] must not change (a key added after the checkpoint stands at its default there)
+        resume_mod.check_frozen(path, saved, now, defaults, self.cfg.model.vocab_size)
         self.flat.load_state_tensors(tensors, source=path)
         if int(state.get("n_threads", self.n_threads)) != self.n_threads:
             self._say(f"rtrainer: warning: the checkpoint was written with {state['n_threads']} threads, this run "
