@@ -106,6 +106,23 @@ def _check_flags(args) -> None:
         raise ConfigError(f"--steps must be in [2, {MAX_STEPS}], got {args.steps}")
 
 
+def entry() -> None:
+    """The `rtrainer` command (and `python -m rtrainer`). An interrupted run ends with os._exit
+    after flushing the console: the interpreter's own shutdown resets the signal handlers, and a
+    further Ctrl-C during it would end the process with a raw SIGINT status instead of 130."""
+    import os
+
+    rc = main()
+    if rc in (130, 143):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (AttributeError, OSError, ValueError):
+                pass
+        os._exit(rc)
+    sys.exit(rc)
+
+
 def main(argv=None) -> int:
     try:
         return _main(argv)
@@ -224,4 +241,4 @@ def _info() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

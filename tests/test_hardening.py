@@ -1,0 +1,296 @@
+"""Hardening, through the real CLI in subprocesses: runs that cannot fit are refused up front,
+every size and flag is bounded, the console can never kill a run, misleading messages, and
+outputs that cannot be written found at start-up."""
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from conftest import REPO, latest_checkpoint, read_metrics, run_cli, tiny_config
+
+
+def _error_line(p):
+    """The process failed with exactly one `rtrainer: error:` line and no traceback."""
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in p.stderr, p.stderr
+    errors = [ln for ln in lines if ln.startswith("rtrainer: error: ")]
+    assert len(errors) == 1, p.stderr
+    return errors[0]
+
+
+def _popen(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "rtrainer", *map(str, args)], cwd=REPO, **kw)
+
+
+# ============================================================================ 1. sizes that cannot fit
+def test_a_batch_that_cannot_fit_is_refused_before_anything_is_written(tmp_path):
+    cfg = tiny_config(tmp_path)
+    p = run_cli("run", cfg, "--set", "train.batch_size=1048576", "--set", "train.seq_len=4096", "--headless")
+    assert p.returncode == 2, p.stderr
+    line = _error_line(p)
+    assert "does not fit in memory" in line and "train.batch_size = 1048576" in line and "train.seq_len = 4096" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_absurd_width_is_one_error_line_naming_the_keys(tmp_path):
+    cfg = tiny_config(tmp_path)
+    p = run_cli("run", cfg, "--set", "model.d_model=60000", "--set", "model.target_layers=1000", "--headless")
+    assert p.returncode == 2, p.stderr
+    line = _error_line(p)
+    assert "model.d_model = 60000" in line and "model.target_layers = 1000" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, key, limit", [
+    ("model.d_model=1000000", "model.d_model", 65536),
+    ("train.batch_size=100000000", "train.batch_size", 1 << 20),
+    ("train.steps=10000000000000", "train.steps", 10**12),
+    ("model.vocab_size=100000000", "model.vocab_size", 1 << 24),
+    ("eval.extra_lengths=[64, 100000000]", "eval.extra_lengths[1]", 1 << 22),
+])
+def test_every_size_has_a_limit_named_in_the_message(tmp_path, override, key, limit):
+    cfg = tiny_config(tmp_path)
+    p = run_cli("run", cfg, "--set", override)
+    assert p.returncode == 2
+    assert f"{key} = " in _error_line(p) and f"limit of {limit}" in p.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_negative_seed_is_a_config_error(tmp_path):
+    p = run_cli("run", tiny_config(tmp_path), "--set", "run.seed=-1")
+    assert p.returncode == 2 and "run.seed must be >= 0" in _error_line(p)
+
+
+def test_a_stray_huge_token_id_does_not_size_the_vocabulary(tmp_path):
+    data = np.random.default_rng(0).integers(0, 100, size=20_000).astype("<u4")
+    data[12_345] = 4_000_000_000
+    path = tmp_path / "tokens.bin"
+    data.tofile(path)
+    cfg = tiny_config(tmp_path, train=path, data_format="u32")
+    p = run_cli("run", cfg, "--set", "model.vocab_size=0", "--headless")
+    assert p.returncode == 3, p.stderr
+    line = _error_line(p)
+    assert str(path) in line and "4000000000" in line and "offset 12345" in line and "model.vocab_size" in line
+    assert not (tmp_path / "run").exists()
+
+
+# ============================================================================ 2. flags that make no sense
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_stop_at_below_one_is_refused(tmp_path, value):
+    p = run_cli("run", tiny_config(tmp_path), "--stop-at", value)
+    assert p.returncode == 2 and "--stop-at" in _error_line(p)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path):
+    cfg = tiny_config(tmp_path, steps=10)
+    run_cli("run", cfg, check=True)
+    before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    p = run_cli("run", cfg, "--resume", "auto", "--overwrite")
+    assert p.returncode == 2
+    line = _error_line(p)
+    assert "--resume" in line and "--overwrite" in line
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
+
+
+def test_parity_steps_below_two_is_refused(tmp_path):
+    p = run_cli("parity", tiny_config(tmp_path), "--steps", "0")
+    assert p.returncode == 2 and "--steps" in _error_line(p)
+
+
+# ============================================================================ the plan
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    cfg = tiny_config(tmp_path, steps=40)
+    p = run_cli("run", cfg, "--dry-run", check=True)
+    assert not (tmp_path / "run").exists()
+    for word in ("parameters", "memory", "activations", "adamw moments", "flops/step", "per epoch", "estimate",
+                 "s/step"):
+        assert word in p.stdout, (word, p.stdout)
+    # the parameter count is the one the real run reports
+    from rtrainer.config import load_config
+    from rtrainer.plan import make_plan
+
+    plan = make_plan(load_config(str(cfg)), 128)
+    assert f"{plan['parameters']:,}" in p.stdout
+    q = run_cli("run", cfg, "--headless", check=True)
+    assert q.returncode == 0
+
+
+def test_dry_run_refuses_what_does_not_fit(tmp_path):
+    p = run_cli("run", tiny_config(tmp_path), "--dry-run", "--set", "train.batch_size=1048576",
+                "--set", "train.seq_len=4096")
+    assert p.returncode == 2 and "does not fit" in _error_line(p)
+    assert not (tmp_path / "run").exists()
+
+
+# ============================================================================ 4. the console
+def test_a_closed_stdout_never_stops_training(tmp_path):
+    """`rtrainer run x.toml | head -1`: the reader goes after one line; the run finishes every step."""
+    cfg = tiny_config(tmp_path, steps=40)
+    proc = _popen("run", cfg, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    assert first.startswith(b"step")
+    proc.stdout.close()   # what head does after its line
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err.decode()
+    assert b"Traceback" not in err and b"error" not in err
+    summary = orjson.loads((tmp_path / "run" / "summary.json").read_bytes())
+    assert summary["stop_reason"] == "completed" and summary["final_step"] == 40
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"] == \
+        list(range(1, 41))
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000040"
+
+
+def test_closed_stderr_and_stdout_file_descriptors_never_stop_training(tmp_path):
+    """Started with fd 1 and 2 closed (`>&- 2>&-`)."""
+    cfg = tiny_config(tmp_path, steps=20)
+    proc = _popen("run", cfg, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                  preexec_fn=lambda: (os.close(1), os.close(2)))
+    assert proc.wait(timeout=600) == 0
+    summary = orjson.loads((tmp_path / "run" / "summary.json").read_bytes())
+    assert summary["stop_reason"] == "completed" and summary["final_step"] == 20
+
+
+def test_a_broken_stderr_pipe_never_stops_training(tmp_path):
+    cfg = tiny_config(tmp_path, steps=20)
+    proc = _popen("run", cfg, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc.stderr.close()   # the first warning or start line meets a broken pipe
+    assert proc.wait(timeout=600) == 0
+    assert orjson.loads((tmp_path / "run" / "summary.json").read_bytes())["final_step"] == 20
+
+
+@pytest.mark.parametrize("command", [["keys"], ["info"], ["run", "CFG", "--dry-run"]])
+def test_printing_commands_exit_quietly_on_a_closed_pipe(tmp_path, command):
+    """`rtrainer keys | head`: no traceback, exit 141 (as a command stopped by SIGPIPE)."""
+    cfg = tiny_config(tmp_path)
+    proc = _popen(*[str(cfg) if a == "CFG" else a for a in command], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()   # before the command writes anything: its first write fails
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 141, err.decode()
+    assert err == b"", err.decode()
+
+
+# ============================================================================ 5. misleading messages
+def test_out_dir_that_is_a_file(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    cfg = tiny_config(tmp_path)
+    p = run_cli("run", cfg, "--set", f"run.out_dir='{f}'")
+    assert p.returncode == 2 and "is a file, not a directory" in _error_line(p) and str(f) in p.stderr
+    p = run_cli("run", cfg, "--set", f"run.out_dir='{f}/sub'")
+    assert p.returncode == 2 and f"{f} is a file, not a directory" in _error_line(p)
+    assert f.read_text() == "x"
+
+
+def test_resume_on_a_different_data_file_says_so(tmp_path, corpus_bytes):
+    cfg = tiny_config(tmp_path, steps=10, extra="")
+    run_cli("run", cfg, "--set", "model.vocab_size=0", check=True)
+    other = tmp_path / "other.txt"
+    other.write_bytes(corpus_bytes[:30_000].upper())
+    p = run_cli("run", cfg, "--set", "model.vocab_size=0", "--set", "train.steps=20", "--set",
+                f"data.train='{other}'", "--resume", "auto")
+    assert p.returncode == 2
+    line = _error_line(p)
+    assert "data.train" in line and str(other) in line and "not the data of the checkpoint" in line
+
+
+def test_prepare_of_a_missing_directory_or_a_file(tmp_path):
+    p = run_cli("prepare", tmp_path / "nope")
+    assert p.returncode == 3 and "no such directory" in _error_line(p)
+    f = tmp_path / "f.bin"
+    f.write_bytes(b"\0\1")
+    p = run_cli("prepare", f)
+    assert p.returncode == 3 and "is a file, not a directory" in _error_line(p)
+
+
+def test_prepare_names_the_changed_byte(tmp_path):
+    d = tmp_path / "shards"
+    d.mkdir()
+    np.random.default_rng(1).integers(0, 200, size=3_000_000, dtype="<u2").tofile(d / "a.bin")
+    run_cli("prepare", d, check=True)
+    with open(d / "a.bin", "r+b") as f:   # one flipped bit, in the second 4 MiB block
+        f.seek(5_000_123)
+        b = f.read(1)[0]
+        f.seek(5_000_123)
+        f.write(bytes([b ^ 0x04]))
+    p = run_cli("prepare", d)
+    assert p.returncode == 3
+    assert "the byte at offset 5000123 changed" in _error_line(p)
+
+
+# ============================================================================ 6. checked at start-up
+@contextlib.contextmanager
+def read_only(path):
+    """Make a directory read-only for this user, root included (chattr +i), undone afterwards."""
+    path = Path(path)
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(0o555)
+        try:
+            yield
+        finally:
+            path.chmod(mode)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot make a directory read-only for root here (no chattr +i)")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_a_read_only_checkpoint_directory_is_found_before_training(tmp_path):
+    cfg = tiny_config(tmp_path, steps=30)
+    run_cli("run", cfg, "--stop-at", "10", check=True)
+    run = tmp_path / "run"
+    metrics = (run / "metrics.jsonl").read_bytes()
+    summary = (run / "summary.json").read_bytes()
+    with read_only(run / "checkpoints"):
+        p = run_cli("run", cfg, "--resume", "auto", "--headless")
+    assert p.returncode == 5, p.stderr
+    line = _error_line(p)
+    assert str(run / "checkpoints") in line and "not writable" in line
+    assert (run / "metrics.jsonl").read_bytes() == metrics      # no step was trained
+    assert (run / "summary.json").read_bytes() == summary
+    run_cli("run", cfg, "--resume", "auto", check=True)         # writable again: it continues
+
+
+def test_a_run_directory_that_cannot_be_created(tmp_path):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    cfg = tiny_config(tmp_path)
+    with read_only(parent):
+        p = run_cli("run", cfg, "--set", f"run.out_dir='{parent}/run'")
+    assert p.returncode == 5 and "cannot create run.out_dir" in _error_line(p)
+    assert not (parent / "run").exists()
+
+
+def test_a_second_quick_ctrl_c_exits_130(tmp_path):
+    """However soon the second SIGINT follows the first, the status is 130, never a raw signal."""
+    cfg = tiny_config(tmp_path, steps=100_000, extra="")
+    codes = []
+    for delay in (0.0, 0.01, 0.03, 0.06, 0.1, 0.2):
+        shutil.rmtree(tmp_path / "run", ignore_errors=True)
+        proc = _popen("run", cfg, "--headless", "--set", "checkpoint.save_every=0", "--set", "eval.val_every=0",
+                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "metrics.jsonl").exists() or \
+                (tmp_path / "run" / "metrics.jsonl").stat().st_size < 2000:
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(delay)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        codes.append(proc.returncode)
+        assert b"Traceback" not in err, err.decode()
+    assert codes == [130] * len(codes), codes
