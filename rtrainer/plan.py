@@ -251,7 +251,7 @@ def infer_vocab(shards, limit: int | None = None) -> int:
     from .config import MAX_VOCAB
 
     limit = MAX_VOCAB if limit is None else int(limit)
-    V = stream_mod.shards_max_token(shards) + 1
+    V = max(stream_mod.shards_max_token(shards) + 1, 1)   # all ids negative: the range check names one
     if V <= limit:
         return V
     for s in shards:

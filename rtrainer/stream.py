@@ -478,9 +478,13 @@ def prepare_dir(d: str, fmt: str = "auto", glob: str = "", rebuild: bool = False
         raise DataError(_not_a_dir(d))
     names = _list_dir(d, fmt, glob)
     old = None if rebuild else _read_manifest(d)
+    if old and not all(isinstance(e, dict) for e in old["shards"]):
+        raise DataError(f"{_manifest_path(d)}: unreadable data manifest (a shard entry is not an object); rebuild "
+                        f"it with `rtrainer prepare --rebuild {d}`")
     by_name = {e.get("path"): e for e in old["shards"]} if old else {}
     root = os.path.realpath(d)
     for e in by_name.values():
+        _check_entry(d, e)
         p = e.get("path")
         if not isinstance(p, str) or os.path.isabs(p) or ".." in p.split("/") or "/" in p or \
                 not _inside(root, os.path.join(d, p)):
@@ -516,6 +520,61 @@ def prepare_dir(d: str, fmt: str = "auto", glob: str = "", rebuild: bool = False
             if added:  # only new mtimes of verified shards are lost otherwise (a read-only directory)
                 raise DataError(f"{d}: cannot write the data manifest ({e.strerror or e})") from None
     return {"version": MANIFEST_VERSION, "block_bytes": _BLOCK, "shards": entries}
+
+
+def _check_entry(d: str, e: dict) -> None:
+    """Every field of a manifest entry has the type and range the reader relies on (a damaged or
+    hand-edited manifest is a DataError naming the field, never a traceback). Optional block moments
+    that do not fit are dropped (the changed block is then named instead of the byte)."""
+    name = e.get("path")
+
+    def bad(key, why):
+        return DataError(f"{_manifest_path(d)}: shard {name!r}: {key!r} is {e.get(key)!r}, {why}; rebuild it with "
+                         f"`rtrainer prepare --rebuild {d}`")
+
+    def integer(key, lo=0, hi=None):
+        v = e.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            raise bad(key, "not an integer" + (f" in [{lo}, {hi}]" if hi is not None else f" >= {lo}" if lo > -(2**63)
+                                                else ""))
+        return v
+
+    def digests(key, size_key):
+        v = e.get(key)
+        n = -(-e[size_key] // _BLOCK)
+        if not isinstance(v, list) or len(v) != n or not all(isinstance(x, str) for x in v):
+            raise bad(key, f"not a list of {n} block checksums")
+        mkey = key.replace("checksums", "moments")
+        mom = e.get(mkey)
+        if mom is not None and not (isinstance(mom, list) and len(mom) == n and all(
+                isinstance(x, list) and len(x) == 3 and all(isinstance(y, int) and not isinstance(y, bool) for y in x)
+                for x in mom)):
+            e.pop(mkey)
+
+    if e.get("format") not in _DEFAULT_GLOBS or e.get("format") == "auto":
+        raise bad("format", "not one of txt, u8, u16, u32, npy")
+    size = integer("bytes")
+    integer("mtime_ns", lo=-(2**63))
+    digests("checksums", "bytes")
+    try:
+        dt = np.dtype(e.get("dtype"))
+    except TypeError:
+        raise bad("dtype", "not a numpy dtype") from None
+    if dt.kind not in "iu" or dt.itemsize > 8:
+        raise bad("dtype", "not an integer dtype")
+    data_bytes = size
+    if e["format"] == "txt":
+        if not isinstance(e.get("cache"), str):
+            raise bad("cache", "not a path")
+        data_bytes = integer("cache_bytes")
+        digests("cache_checksums", "cache_bytes")
+    header = integer("header", hi=data_bytes)
+    integer("tokens", hi=(data_bytes - header) // dt.itemsize)
+    if e["tokens"] * dt.itemsize != data_bytes - header:
+        raise bad("tokens", f"not the {(data_bytes - header) // dt.itemsize} tokens of {data_bytes - header} data bytes")
+    lo, hi = integer("min_id", lo=-(2**63)), integer("max_id", lo=-(2**63))
+    if lo > hi or (dt.kind == "u" and lo < 0) or hi >= 2 ** (8 * dt.itemsize):
+        raise bad("max_id", f"inconsistent with min_id {lo} and dtype {dt}")
 
 
 def _not_a_dir(d: str) -> str:

@@ -294,3 +294,25 @@ def test_a_second_quick_ctrl_c_exits_130(tmp_path):
         codes.append(proc.returncode)
         assert b"Traceback" not in err, err.decode()
     assert codes == [130] * len(codes), codes
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m, e: e.update(tokens=10**30), lambda m, e: e.update(header=-5), lambda m, e: e.update(dtype="zz"),
+    lambda m, e: e.update(max_id="x"), lambda m, e: e.update(checksums=5), lambda m, e: e.update(bytes=None),
+    lambda m, e: e.update(max_id=10**12), lambda m, e: m.update(shards=[5]), lambda m, e: e.update(dtype="<f4"),
+])
+def test_a_damaged_data_manifest_is_one_error_line(tmp_path, edit):
+    import json
+
+    d = tmp_path / "shards"
+    d.mkdir()
+    np.random.default_rng(0).integers(0, 120, size=30_000, dtype="<u2").tofile(d / "a.bin")
+    run_cli("prepare", d, check=True)
+    mpath = d / ".rtrainer" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    edit(m, m["shards"][0])
+    mpath.write_text(json.dumps(m))
+    cfg = tiny_config(tmp_path, train=d, data_format="u16")
+    p = run_cli("run", cfg, "--set", "model.vocab_size=0", "--headless")
+    assert p.returncode == 3, p.stderr
+    assert str(mpath) in _error_line(p) and "rebuild" in p.stderr
