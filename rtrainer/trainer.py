@@ -188,7 +188,12 @@ class Trainer:
             with threadpool_limits(limits=self.n_threads, user_api="blas"):
                 return self._fit()
         except OSError as e:  # disk full, permission denied, ... while the run was going
-            raise RunIOError(f"{getattr(e, 'filename', None) or self.cfg.run.out_dir}: {e.strerror or e}") from e
+            err = RunIOError(f"{getattr(e, 'filename', None) or self.cfg.run.out_dir}: {e.strerror or e}")
+            self._failure_summary(err)
+            raise err from e
+        except RunIOError as e:   # e.g. the last checkpoint could not be written: never "completed"
+            self._failure_summary(e)
+            raise
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
@@ -283,6 +288,10 @@ class Trainer:
         # 2. the run directory
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_text_atomic(self.paths["config"], config_mod.config_to_toml(self.resolved))
+        try:   # the summary of an earlier segment must not pass for this one's (written again at the end)
+            os.unlink(self.paths["summary"])
+        except FileNotFoundError:
+            pass
         self.metrics = MetricsWriter(self.paths["metrics"], truncate_to=metrics_offset)
         import rtrainer
 
@@ -392,6 +401,23 @@ class Trainer:
         return summary
 
     # ================================================================ internals
+    def _failure_summary(self, err: Exception) -> None:
+        """An I/O error stopped the run: summary.json says so (stop_reason "io_error", the message
+        in "error"), best effort: the directory may be what failed."""
+        if getattr(self, "metrics", None) is None:
+            return   # stopped before the run directory was set up: nothing of this run to summarise
+        try:
+            self.metrics.close()
+        except RtrainerError:
+            pass
+        try:
+            ckpt.write_json_atomic(self.paths["summary"], {
+                "final_step": self.step, "stop_reason": "io_error", "error": str(err),
+                "best_val_loss": _json_float(self.best_val_loss), "last_val": getattr(self, "last_val", None),
+                "skipped_steps": self.skipped, "paths": self.paths})
+        except (OSError, RtrainerError):
+            pass
+
     def _non_finite(self, loss: float, gnorm: float) -> None:
         """With train.fail_on_non_finite: keep the state that produced it for diagnosis and stop."""
         if not self.cfg.train.fail_on_non_finite:

@@ -316,3 +316,56 @@ def test_a_damaged_data_manifest_is_one_error_line(tmp_path, edit):
     p = run_cli("run", cfg, "--set", "model.vocab_size=0", "--headless")
     assert p.returncode == 3, p.stderr
     assert str(mpath) in _error_line(p) and "rebuild" in p.stderr
+
+
+def test_summary_never_says_completed_when_the_last_checkpoint_failed(tmp_path):
+    cfg = tiny_config(tmp_path, steps=10)
+    run_cli("run", cfg, check=True)
+    summary = tmp_path / "run" / "summary.json"
+    assert orjson.loads(summary.read_bytes())["stop_reason"] == "completed"
+    # continued to 20 steps; the disk is full when the final checkpoint is committed
+    p = run_cli("run", cfg, "--set", "train.steps=20", "--resume", "auto", "--headless",
+                env_extra={"RTRAINER_FAULT": "enospc_at=ckpt.before_manifest:1"})
+    assert p.returncode == 5, p.stderr
+    assert "cannot write checkpoint" in _error_line(p)
+    s = orjson.loads(summary.read_bytes())
+    assert s["stop_reason"] == "io_error" and "cannot write checkpoint" in s["error"] and s["final_step"] == 20
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000010"
+
+
+@pytest.mark.parametrize("layer, selective", [("mamba-lite", True), ("mamba-lite", False), ("mamba", True),
+                                              ("mamba", False)])
+def test_the_plan_counts_what_the_run_allocates(tmp_path, layer, selective):
+    """The plan's parameter count is the flat buffer's size, its activation bytes what the stack's
+    workspace holds after a forward pass (computed before either is allocated)."""
+    from rtrainer import plan as plan_mod
+    from rtrainer.config import load_config
+    from rtrainer.params import FlatParams
+    from rtrainer.trainer import Trainer
+
+    cfg = load_config(str(tiny_config(tmp_path)), [f"model.layer='{layer}'", f"model.selective={str(selective).lower()}",
+                                                    "model.d_state=5", "train.seq_len=20"])
+    tr = Trainer(cfg, console=False)
+    V = 128
+    model, head = tr.build_model(V), tr.build_head(V)
+    plan = plan_mod.make_plan(cfg, V)
+    flat = FlatParams(model.param_specs() + head.param_specs())
+    assert plan["parameters"] == flat.size
+    assert plan["memory"]["parameters"] == flat.data.nbytes and plan["memory"]["adamw_moments"] == 2 * flat.m.nbytes
+    model.bind(flat.params, flat.grads)
+    model.init_params(1, "mamba")
+    B, T = cfg.train.batch_size, cfg.train.seq_len
+    model.forward(np.zeros((B, T), np.int64))
+    assert plan_mod.activation_bytes(cfg.model, B, T) == model.activation_bytes()
+
+
+def test_the_refusal_names_the_largest_items_and_their_keys(tmp_path):
+    from rtrainer import plan as plan_mod
+    from rtrainer.config import load_config
+    from rtrainer.errors import ConfigError
+
+    cfg = load_config(str(tiny_config(tmp_path)), ["train.batch_size=512", "train.seq_len=2048"])
+    plan = plan_mod.make_plan(cfg, 128)
+    plan_mod.require_fits(plan, cfg, available=plan_mod._need(plan["memory"]["total"]))   # just fits
+    with pytest.raises(ConfigError, match=r"activations .*train\.batch_size = 512, train\.seq_len = 2048"):
+        plan_mod.require_fits(plan, cfg, available=plan_mod._need(plan["memory"]["total"]) - 1)
