@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["say", "silence", "is_dead"]
+__all__ = ["say", "silence", "is_dead", "Events"]
 
 _dead: set[int] = set()   # fds of console streams that failed (pointed at /dev/null)
 
@@ -60,3 +60,43 @@ def say(msg: str, stream=None) -> bool:
     except (OSError, ValueError):   # BrokenPipeError, EIO of a vanished terminal, a closed file
         silence(stream)
         return False
+
+
+class Events:
+    """Warnings and integrity events of one run segment. Each one is
+
+    * printed on stderr as ``rtrainer: warning: <message>`` whatever the console mode (quiet and
+      headless runs silence progress lines, never warnings);
+    * written to metrics.jsonl as ``{"kind": "event", "step": S, "event": NAME, "message": TEXT,
+      ...fields}`` (events that happen before the metrics file is open, e.g. while the checkpoint to
+      resume is chosen, are written as soon as it is, right after the resume point);
+    * listed in summary.json under ``"events"`` (the same records without ``"kind"``).
+    """
+
+    def __init__(self):
+        self.items: list[dict] = []
+        self._writer = None
+        self._pending: list[dict] = []
+
+    def emit(self, event: str, message: str, step: int | None = None, **fields) -> dict:
+        rec = {"kind": "event", "step": step, "event": event, "message": message, **fields}
+        self.items.append({k: v for k, v in rec.items() if k != "kind"})
+        say(f"rtrainer: warning: {message}", sys.stderr)
+        if self._writer is not None and not self._writer.closed:
+            self._writer.write(rec)
+        else:
+            self._pending.append(rec)
+        return rec
+
+    def attach(self, writer, step: int | None = None) -> None:
+        """From now on, events go to ``writer`` too; the pending ones are written first (their
+        step, if unknown when they happened, is the step the segment starts at)."""
+        self._writer = writer
+        for rec in self._pending:
+            if rec["step"] is None:
+                rec["step"] = step
+            writer.write(rec)
+        for item in self.items:
+            if item["step"] is None:
+                item["step"] = step
+        self._pending.clear()

@@ -42,7 +42,8 @@ def step_flops(B: int, T: int, D: int, N: int, K: int, R: int, L: int, V: int,
                learnable_prototypes: bool = False) -> dict:
     for name, val in dict(B=B, T=T, D=D, N=N, K=K, R=R, L=L, V=V).items():
         if int(val) != val or val < (0 if name in ("L", "R") else 1):   # R = 0: the LTI ablation
-            raise ValueError(f"step_flops: {name} must be a {'non-negative' if name in ('L', 'R') else 'positive'} integer, got {val!r}")
+            kind = "non-negative" if name in ("L", "R") else "positive"
+            raise ValueError(f"step_flops: {name} must be a {kind} integer, got {val!r}")
     BT = B * T
     W = 2 * N + R
     c: dict[str, int] = {}

@@ -26,9 +26,10 @@ Memory items (bytes; float32 = 4, int64 = 8; P = elements of the flat parameter 
                                 read (parameters and both moments: 12P)
 
 ``RTRAINER_MEMORY_CHECK=off`` in the environment skips the refusal (for a machine where the
-available memory is known to be misreported). The margin: a run is refused when ``total * (1 + MARGIN) + MARGIN_BYTES`` exceeds the available
-memory. The items above are the large allocations; the margin covers what is not itemised (numpy
-temporaries of the matrix products, the interpreter, the page cache of memory-mapped data).
+available memory is known to be misreported). The margin: a run is refused when
+``total * (1 + MARGIN) + MARGIN_BYTES`` exceeds the available memory. The items above are the
+large allocations; the margin covers what is not itemised (numpy temporaries of the matrix
+products, the interpreter, the page cache of memory-mapped data).
 """
 from __future__ import annotations
 
@@ -332,8 +333,8 @@ def format_plan(plan: dict, cfg, timing: dict | None = None, available: int | No
         f"parameters  {plan['parameters']:,} ({plan['trainable_parameters']:,} trainable)",
         "memory      " + ", ".join(f"{k.replace('_', ' ')} {_human(v)}" for k, v in mem.items() if k != "total"),
         f"            total about {_human(mem['total'])}"
-        + (f" of {_human(available)} available (refused above {_human(max(available - MARGIN_BYTES, 0) / (1 + MARGIN))})"
-           if available is not None else ""),
+        + (f" of {_human(available)} available (refused above "
+           f"{_human(max(available - MARGIN_BYTES, 0) / (1 + MARGIN))})" if available is not None else ""),
         f"flops/step  {f['total'] / 1e9:,.3f} GFLOP (forward {f['forward'] / 1e9:,.3f}, backward "
         f"{f['backward'] / 1e9:,.3f}, optimizer {f['optimizer'] / 1e9:,.3f})",
     ]
@@ -457,3 +458,24 @@ def _writable_dir(d, what: str, probe: bool) -> None:
         os.unlink(p)
     except OSError:
         pass
+
+
+# ------------------------------------------------------------------------------------------ surprises
+def surprises(cfg, n_threads: int) -> list[tuple[str, str, dict]]:
+    """Settings that work but are probably not what the user meant: (event, message, fields)."""
+    from .threads import available_cores
+
+    out = []
+    w, s = cfg.schedule.warmup_steps, cfg.train.steps
+    if w >= s:
+        out.append(("warmup_longer_than_run",
+                    f"schedule.warmup_steps = {w} is not shorter than train.steps = {s}: the learning rate never "
+                    f"reaches optim.lr = {cfg.optim.lr:g} before the run ends (it peaks at {cfg.optim.lr * s / w:.3g})",
+                    {"warmup_steps": w, "steps": s}))
+    cores = available_cores()
+    if n_threads > cores:
+        out.append(("threads_exceed_cores",
+                    f"{n_threads} threads on {cores} available core(s): the kernels oversubscribe the cores and run "
+                    "slower; set run.threads = 0 (every core) or at most the core count",
+                    {"threads": n_threads, "cores": cores}))
+    return out

@@ -571,7 +571,8 @@ def _check_entry(d: str, e: dict) -> None:
     header = integer("header", hi=data_bytes)
     integer("tokens", hi=(data_bytes - header) // dt.itemsize)
     if e["tokens"] * dt.itemsize != data_bytes - header:
-        raise bad("tokens", f"not the {(data_bytes - header) // dt.itemsize} tokens of {data_bytes - header} data bytes")
+        raise bad("tokens", f"not the {(data_bytes - header) // dt.itemsize} tokens of {data_bytes - header} data "
+                            "bytes")
     lo, hi = integer("min_id", lo=-(2**63)), integer("max_id", lo=-(2**63))
     if lo > hi or (dt.kind == "u" and lo < 0) or hi >= 2 ** (8 * dt.itemsize):
         raise bad("max_id", f"inconsistent with min_id {lo} and dtype {dt}")

@@ -343,8 +343,9 @@ def test_the_plan_counts_what_the_run_allocates(tmp_path, layer, selective):
     from rtrainer.params import FlatParams
     from rtrainer.trainer import Trainer
 
-    cfg = load_config(str(tiny_config(tmp_path)), [f"model.layer='{layer}'", f"model.selective={str(selective).lower()}",
-                                                    "model.d_state=5", "train.seq_len=20"])
+    sets = [f"model.layer='{layer}'", f"model.selective={str(selective).lower()}", "model.d_state=5",
+            "train.seq_len=20"]
+    cfg = load_config(str(tiny_config(tmp_path)), sets)
     tr = Trainer(cfg, console=False)
     V = 128
     model, head = tr.build_model(V), tr.build_head(V)
