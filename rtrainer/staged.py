@@ -31,7 +31,7 @@ from .grammar import expansion_layout, frozen_layers
 from .model import layer_of
 from .params import FlatParams
 
-__all__ = ["expansion_layout", "frozen_layers", "layer_of", "count_layers", "expand_state", "Staged"]
+__all__ = ["expansion_layout", "frozen_layers", "layer_of", "count_layers", "expand_state", "peek", "Staged"]
 
 
 # ------------------------------------------------------------------------------------ expansion
@@ -88,6 +88,16 @@ def checkpoint_in(path: str) -> str:
             raise ConfigError(f"model.init_from = {path!r}: no step checkpoint in {d}")
         return found[0][1]
     return path
+
+
+def peek(stream):
+    """A function that returns one batch's ids of `stream` without moving the stream."""
+    def batch():
+        st = stream.state()
+        ids, _ = stream.next_batch()
+        stream.set_state(st)
+        return ids
+    return batch
 
 
 # ------------------------------------------------------------------------------------ the policy

@@ -304,7 +304,8 @@ class Trainer:
                 ckpt.retire(path)
         if state is None:
             # init_params, or the base model (model.init_from) expanded
-            self.staged.initialise(self.net, c.run.seed, c.model.init, c.model.init_from, self._peek_batch)
+            self.staged.initialise(self.net, c.run.seed, c.model.init, c.model.init_from,
+                                   staged_mod.peek(self.data.train))
             self.step, self.skipped, self.best_val_loss, elapsed0 = 0, 0, math.inf, 0.0
             self.bad_evals, self.best_step = 0, None
             metrics_offset = None
@@ -342,14 +343,6 @@ class Trainer:
                   f"{self.flat.n_trainable:,} trainable parameters, V={V}, threads={self.n_threads}, "
                   f"out_dir={out_dir}")
         return elapsed0
-
-    def _peek_batch(self):
-        """One training batch, read without moving the stream."""
-        stream = self.data.train
-        st = stream.state()
-        ids, _ = stream.next_batch()
-        stream.set_state(st)
-        return ids
 
     def _log(self, r, lr: float, meter: "_Meter", tokens_per_step: int) -> None:
         now = time.perf_counter()
