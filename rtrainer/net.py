@@ -109,7 +109,7 @@ class Net:
         if not isinstance(saved, dict) or "model" not in saved:
             raise CheckpointError(f"{path}: the checkpoint holds no run configuration, so the model cannot be built")
         try:
-            cfg = config_mod.config_from_dict(saved)
+            cfg = config_mod.config_from_dict(saved, source=str(path), require_data=False)
         except ConfigError as e:
             raise CheckpointError(f"{path}: the stored configuration is not valid: {e}") from None
         V = int(cfg.model.vocab_size)
