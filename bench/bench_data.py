@@ -75,19 +75,14 @@ def wait_fraction(d: str, workers: int, steps: int, n_threads: int, B=8, T=64, D
     stream."""
     from rtrainer.heads import HPNHead
     from rtrainer.model import MambaLiteStack
+    from rtrainer.net import Net
     from rtrainer.optim import AdamW
-    from rtrainer.params import FlatParams
-    from rtrainer.trainer import forward_backward
+    from rtrainer.step import train_step
 
-    model = MambaLiteStack(V, D, N, 4, 1, L, scan_chunk=64, n_threads=n_threads)
-    head = HPNHead(V, D, normalize=True, learnable=False, n_threads=n_threads)
-    flat = FlatParams(model.param_specs() + head.param_specs())
-    model.bind(flat.params, flat.grads)
-    head.bind(flat.params, flat.grads)
-    model.init_params(0, "mamba")
-    head.init_params(0, "mamba")
-    opt = AdamW(flat, n_threads=n_threads)
-    dz = np.empty((B * T, D), np.float32)
+    net = Net(MambaLiteStack(V, D, N, 4, 1, L, scan_chunk=64, n_threads=n_threads),
+              HPNHead(V, D, normalize=True, learnable=False, n_threads=n_threads))
+    net.init(0, "mamba")
+    opt = AdamW(net.flat, n_threads=n_threads)
     if cold:
         evict(d)
     s = S.TokenStream(S.open_source(d), B, T, seed=2, prefetch_workers=workers, prefetch_buffer=16,
@@ -98,8 +93,7 @@ def wait_fraction(d: str, workers: int, steps: int, n_threads: int, B=8, T=64, D
             t0 = time.perf_counter()
             ids, targets = s.next_batch()
             t1 = time.perf_counter()
-            forward_backward(model, head, flat, ids, targets, dz)
-            opt.step(1e-4, opt.clip_scale(opt.grad_norm()))
+            train_step(net, opt, ids, targets, 1e-4)
             t2 = time.perf_counter()
             if i >= 3:  # the first steps allocate the workspace and start the workers
                 waits.append(t1 - t0)

@@ -108,9 +108,10 @@ def _peak_rss_mb() -> float:
 
 
 def rtrainer_init(shape, flat_params: bool, layer: str = "mamba-lite"):
-    """rtrainer's initial weights at `shape`. flat_params=True: (model, head, flat) bound to a
-    FlatParams exactly as bench_step.make_step; False: a plain name -> array dict with the same
-    values (peers: no gradient/moment buffers in their RSS)."""
+    """rtrainer's initial weights at `shape`: (model, head, flat, params, decay, net).
+    flat_params=True: model and head in a rtrainer.net.Net exactly as bench_step.make_step; False: a
+    plain name -> array dict with the same values (peers: no gradient/moment buffers in their RSS),
+    flat and net None."""
     import numpy as np
     from rtrainer.heads import HPNHead
     from rtrainer.model import MambaLiteStack
@@ -139,18 +140,20 @@ def _build(np, MambaLiteStack, HPNHead, FlatParams, shape, flat_params, n_thread
     head = HPNHead(V, D, normalize=True, learnable=False, n_threads=n_threads)
     specs = model.param_specs() + head.param_specs()
     if flat_params:
-        flat = FlatParams(specs)
-        params, grads = flat.params, flat.grads
+        from rtrainer.net import Net
+
+        net = Net(model, head)
+        net.init(0, "mamba")
+        flat, params = net.flat, net.params
     else:
-        flat = None
+        flat = net = None
         params = {s.name: np.empty(s.shape, np.float32) for s in specs}
-        grads = None
-    model.bind(params, grads)
-    head.bind(params, grads)
-    model.init_params(0, "mamba")
-    head.init_params(0, "mamba")
+        model.bind(params, None)
+        head.bind(params, None)
+        model.init_params(0, "mamba")
+        head.init_params(0, "mamba")
     decay = [s.name for s in specs if s.decay and s.trainable]
-    return model, head, flat, params, decay
+    return model, head, flat, params, decay, net
 
 
 def _batch(np, shape):
@@ -182,13 +185,11 @@ def _time_loop(step, warmup: int, steps: int, max_seconds: float) -> dict:
                 steps_timed=len(times))
 
 
-def _rtrainer_step_fn(np, shape, n_threads, model, head, flat, opt, ids, targets, dz):
-    from rtrainer.trainer import forward_backward
+def _rtrainer_step_fn(net, opt, ids, targets):
+    from rtrainer.step import train_step
 
     def step():
-        loss = forward_backward(model, head, flat, ids, targets, dz)
-        opt.step(LR, opt.clip_scale(opt.grad_norm()))
-        return loss
+        return train_step(net, opt, ids, targets, LR).loss
     return step
 
 
@@ -408,11 +409,10 @@ def _child_rtrainer(spec) -> dict:
     B, T, D, N, L, V = shape
     with threadpool_limits(limits=nt, user_api="blas"):
         layer = spec.get("layer", "mamba-lite")
-        model, head, flat, _, _ = _build(np, MambaLiteStack, HPNHead, FlatParams, shape, True, nt, layer=layer)
+        model, head, flat, _, _, net = _build(np, MambaLiteStack, HPNHead, FlatParams, shape, True, nt, layer=layer)
         opt = AdamW(flat, betas=BETAS, eps=EPS, weight_decay=WD, n_threads=nt)
         ids, targets = _batch(np, shape)
-        dz = np.empty((B * T, D), np.float32)
-        step = _rtrainer_step_fn(np, shape, nt, model, head, flat, opt, ids, targets, dz)
+        step = _rtrainer_step_fn(net, opt, ids, targets)
         res = _time_loop(step, spec["warmup"], spec["steps"], spec["max_seconds"])
         res.update(status="ok", peak_rss_mb=_peak_rss_mb(),
                    activation_mb=model.activation_bytes() / 2 ** 20)
@@ -441,7 +441,7 @@ def _child_torch(spec, compile_: bool) -> dict:
     shape = tuple(spec["shape"])
     B, T, D, N, L, V = shape
     layer = spec.get("layer", "mamba-lite")
-    _, _, _, params, decay = rtrainer_init(shape, flat_params=False, layer=layer)
+    _, _, _, params, decay, _ = rtrainer_init(shape, flat_params=False, layer=layer)
     if layer == "mamba":
         model = build_torch_mamba_model(params, n_layers=L, d_state=N, normalize_prototypes=True,
                                         learnable_prototypes=False, lr=LR, betas=BETAS, eps=EPS,
@@ -477,7 +477,7 @@ def _child_jax(spec) -> dict:
     shape = tuple(spec["shape"])
     B, T, D, N, L, V = shape
     layer = spec.get("layer", "mamba-lite")
-    _, _, _, params, decay = rtrainer_init(shape, flat_params=False, layer=layer)
+    _, _, _, params, decay, _ = rtrainer_init(shape, flat_params=False, layer=layer)
     obj = mod.build_jax_train_step(params, n_layers=L, d_state=N,
                                    dt_rank=mamba_dt_rank(D) if layer == "mamba" else DT_RANK,
                                    normalize_prototypes=True, learnable_prototypes=False, lr=LR,

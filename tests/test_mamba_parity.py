@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 pt = pytest.importorskip("rtrainer.parity_torch")
 
 from rtrainer.reference import mamba_model_loss_and_grads_ref, model_loss_and_grads_ref  # noqa: E402
-from test_mamba_model import batch, build, step_grads  # noqa: E402
+from test_mamba_model import batch, build, build_net, step_grads  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -104,19 +104,18 @@ def test_jax_mamba_train_step_matches_rtrainer_two_steps():
     pytest.importorskip("jax")
     pj = pytest.importorskip("rtrainer.parity_jax")
     from rtrainer.optim import AdamW
-    from rtrainer.trainer import forward_backward
+    from rtrainer.step import NoFaults, train_step
 
-    model, head, flat = build(V=30, D=16, N=4, K=4, R=1, E=2, L=2, chunk=8, learnable=False)
+    net = build_net(V=30, D=16, N=4, K=4, R=1, E=2, L=2, chunk=8, learnable=False)
+    flat = net.flat
     ids, targets = batch(30, B=2, T=10)
     params = {k: v.copy() for k, v in flat.params.items()}
     decay = [s.name for s in flat.specs if s.decay and s.trainable]
     js = pj.build_jax_train_step(params, n_layers=2, d_state=4, dt_rank=1, learnable_prototypes=False,
                                  lr=1e-2, decay_names=decay, fast_compile=True, layer="mamba")
     opt = AdamW(flat, n_threads=1)
-    dz = np.empty((20, 16), np.float32)
     for _ in range(2):
-        loss = forward_backward(model, head, flat, ids, targets, dz)
-        opt.step(1e-2, opt.clip_scale(opt.grad_norm()))
+        loss = train_step(net, opt, ids, targets, 1e-2, faults=NoFaults()).loss
         j_loss = js.step(ids, targets)
         assert abs(loss - j_loss) <= 1e-6 * max(1.0, abs(loss)), (loss, j_loss)
     jp = js.params()

@@ -5,7 +5,7 @@ import pytest
 
 from rtrainer.heads import HPNHead
 from rtrainer.model import MambaLiteStack
-from rtrainer.params import FlatParams
+from rtrainer.net import Net
 from rtrainer.reference import model_loss_and_grads_ref
 
 
@@ -13,11 +13,9 @@ def build(V=11, D=8, N=3, K=3, R=2, L=2, chunk=4, normalize=True, learnable=True
           n_threads=1):
     model = MambaLiteStack(V, D, N, K, R, L, scan_chunk=chunk, n_threads=n_threads)
     head = HPNHead(V, D, normalize=normalize, learnable=learnable, n_threads=n_threads)
-    flat = FlatParams(model.param_specs() + head.param_specs())
-    model.bind(flat.params, flat.grads)
-    head.bind(flat.params, flat.grads)
-    model.init_params(seed, init)
-    head.init_params(seed, init)
+    net = Net(model, head)
+    net.init(seed, init)
+    flat = net.flat
     # move every tensor off its structured init so that no gradient is accidentally zero
     rng = np.random.default_rng(seed + 100)
     for name, v in flat.params.items():

@@ -17,7 +17,7 @@ pj = pytest.importorskip("rtrainer.parity_jax")
 from rtrainer.heads import HPNHead  # noqa: E402
 from rtrainer.model import MambaLiteStack  # noqa: E402
 from rtrainer.optim import AdamW  # noqa: E402
-from rtrainer.params import FlatParams  # noqa: E402
+from rtrainer.net import Net  # noqa: E402
 from rtrainer.reference import model_loss_and_grads_ref  # noqa: E402
 
 
@@ -25,11 +25,9 @@ def build(V, D, N, K, R, L, chunk, normalize=True, learnable=True, seed=0):
     """rtrainer model + head on one flat buffer, as tests/test_model.py builds them."""
     model = MambaLiteStack(V, D, N, K, R, L, scan_chunk=chunk, n_threads=1)
     head = HPNHead(V, D, normalize=normalize, learnable=learnable, n_threads=1)
-    flat = FlatParams(model.param_specs() + head.param_specs())
-    model.bind(flat.params, flat.grads)
-    head.bind(flat.params, flat.grads)
-    model.init_params(seed, "mamba")
-    head.init_params(seed, "mamba")
+    net = Net(model, head)
+    net.init(seed, "mamba")
+    flat = net.flat
     # move every tensor off its structured init so that no gradient is accidentally zero
     rng = np.random.default_rng(seed + 100)
     for name, v in flat.params.items():
