@@ -18,8 +18,19 @@ Rows run through the shards in ``order``; at the end of the last shard the epoch
 increases and (with ``shuffle_shards``) the next order is drawn from the generator. A batch may
 hold the last rows of one shard (or epoch) and the first of the next.
 
+**Shuffled windows** (``shuffle_windows``, packed or independent): the rows above stay the same
+(so every token is still read once per epoch), but each shard's rows are read in a permutation
+drawn from ``(window_seed, epoch, shard index)`` alone: a new order every epoch, recomputed from
+the cursor on resume (nothing but the seed is stored). Consecutive batches then come from all
+over the shard instead of from one stretch of it. In file order (``shuffle_windows = false``)
+the rows are read ``0, 1, 2, ...``. The permutation of the shard being read is held in memory
+(4 bytes per window). A cursor saved before this option existed has no ``shuffle_windows``
+entry: a stream restored from it reads in file order, as that run started, and keeps writing
+cursors of that kind, so every later resume of the run does too.
+
 **Cursor** (:meth:`TokenStream.state`): JSON-able; epoch, shard order, position in it, row in the
-shard, the generator state, the batches delivered, and a fingerprint of the shard list. With
+shard, the generator state, the window order (``shuffle_windows``, ``window_seed``), the batches
+delivered, and a fingerprint of the shard list. With
 ``prefetch_workers`` N > 0, N threads read the batches ahead into a bounded queue of
 ``prefetch_buffer`` batches; the batches are planned in order on the consuming thread and
 delivered in that order, so the stream is the same for every N, and ``state()`` is the cursor
@@ -50,12 +61,14 @@ class _Planner:
     """Which rows (shard index, start token) come next, and the cursor. Pure index arithmetic plus
     the seeded generator: cheap, runs on the consuming thread."""
 
-    def __init__(self, lengths: Sequence[int], T: int, mode: str, shuffle: bool, seed):
+    def __init__(self, lengths: Sequence[int], T: int, mode: str, shuffle: bool, seed, window_seed: int | None = None):
         self.L = [int(x) for x in lengths]
         self.T = T
         self.mode = mode            # packed | independent | random
         self.shuffle = shuffle
         self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.window_seed = window_seed  # None: every shard's rows in file order
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
         n = len(self.L)
         self.epoch, self.pos, self.row, self.batches = 0, 0, 0, 0
         stride = T if mode == "packed" else T + 1
@@ -76,7 +89,32 @@ class _Planner:
         return tuple(int(i) for i in self.rng.permutation(n)) if self.shuffle else tuple(range(n))
 
     def start(self, si: int, r: int) -> int:
+        """Start token of row r (in file order) of shard si."""
         return r * self.stride if r < self.nfull[si] else self.L[si] - self.T - 1
+
+    def window_order(self, si: int, epoch: int) -> np.ndarray:
+        """The rows of shard si in the order epoch reads them: a permutation of 0..nrows-1 drawn
+        from (window_seed, epoch, si) alone, so any cursor can recompute it (nothing to store)."""
+        key = (epoch, si)
+        p = self._perms.get(key)
+        if p is None:
+            n = self.nrows[si]
+            p = np.arange(n, dtype=np.uint32 if n < 2**32 else np.int64)   # 4 bytes per window
+            np.random.Generator(np.random.PCG64([self.window_seed, 5, epoch, si])).shuffle(p)
+            while len(self._perms) >= 4:   # the shard being planned, and the one being consumed
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[key] = p
+        return p
+
+    def set_window_seed(self, window_seed: int | None) -> None:
+        self.window_seed = window_seed
+        self._perms.clear()
+
+    def row_start(self, si: int, r: int, epoch: int) -> int:
+        """Start token of the r-th row read from shard si in epoch."""
+        if self.window_seed is not None and self.mode != "random":
+            r = int(self.window_order(si, epoch)[r])
+        return self.start(si, r)
 
     def next_rows(self, B: int) -> list[tuple[int, int]]:
         rows = []
@@ -90,7 +128,7 @@ class _Planner:
             return rows
         for _ in range(B):
             si = self.order[self.pos]
-            rows.append((si, self.start(si, self.row)))
+            rows.append((si, self.row_start(si, self.row, self.epoch)))
             self.row += 1
             if self.row == self.nrows[si]:
                 self.row = 0
@@ -139,8 +177,8 @@ class TokenStream:
     ``set_state(d)``, ``close()``."""
 
     def __init__(self, shards: list[Shard], batch_size: int, seq_len: int, *, packed: bool = True,
-                 random_windows: bool = False, shuffle: bool = True, seed: int = 0, prefetch_workers: int = 0,
-                 prefetch_buffer: int = 16, name: str = "train"):
+                 random_windows: bool = False, shuffle: bool = True, shuffle_windows: bool = False, seed: int = 0,
+                 prefetch_workers: int = 0, prefetch_buffer: int = 16, name: str = "train"):
         self.shards = list(shards)
         self.B, self.T = int(batch_size), int(seq_len)
         self.name = name
@@ -154,14 +192,24 @@ class TokenStream:
                                 "leave it out with data.shard_glob")
         self.seed = [int(seed), 3]
         self.shuffle = bool(shuffle)
+        # random windows have no order to shuffle
+        self.shuffle_windows = bool(shuffle_windows) and self.mode != "random"
+        self._in_order_cursor = False   # resumed from a cursor saved before window shuffling existed
         self.workers = int(prefetch_workers)
         self.buffer = max(1, int(prefetch_buffer))
         self.fingerprint = fingerprint(self.shards)
-        self._plan = _Planner([len(s) for s in self.shards], self.T, self.mode, self.shuffle, self.seed)
+        self._plan = _Planner([len(s) for s in self.shards], self.T, self.mode, self.shuffle, self.seed,
+                              int(seed) if self.shuffle_windows else None)
         self._consumed = self._plan.snapshot()
         self._mapper = Mapper()
         self._pool: ThreadPoolExecutor | None = None
         self._queue: collections.deque = collections.deque()
+
+    @property
+    def windows_shuffled(self) -> bool:
+        """Whether this stream reads each shard's windows in a shuffled order (data.shuffle_windows,
+        unless it continues a cursor saved before that key existed: then in file order)."""
+        return self._plan.window_seed is not None
 
     # ------------------------------------------------------------------ batches
     def tokens_per_epoch(self) -> int:
@@ -211,7 +259,7 @@ class TokenStream:
             "row": row,
             "shard_order": list(order),
             "shard": (os.path.basename(self.shards[order[pos]].name) if self.mode != "random" else None),
-            "offset": (self._plan.start(order[pos], row) if self.mode != "random" else None),
+            "offset": (self._plan.row_start(order[pos], row, epoch) if self.mode != "random" else None),
             "batches": batches,
             "rng": rng,
             "n_shards": len(self.shards),
@@ -219,6 +267,8 @@ class TokenStream:
             "batch_size": self.B,
             "seq_len": self.T,
             "shuffle": self.shuffle,
+            **({} if self._in_order_cursor else {"shuffle_windows": self.shuffle_windows,
+                                                  "window_seed": self._plan.window_seed}),
             # the workers only read what the cursor plans; their read-ahead is not state
             "prefetch": {"workers": self.workers, "buffer": self.buffer, "worker_states": []},
         }
@@ -228,6 +278,9 @@ class TokenStream:
         not fit these shards and this shape."""
         if not isinstance(d, dict):
             raise DataError(f"{self.name}: stream state must be an object, got {type(d).__name__}")
+        # a cursor saved before window shuffling existed read every shard in file order: so does the
+        # rest of that run, whatever data.shuffle_windows says (the order a run started with is kept)
+        in_order = "shuffle_windows" not in d
         if d.get("kind") is None and "pos" in d and len(self.shards) == 1 and self.mode == "packed":
             d = self._from_packed_stream_state(d)
         if d.get("kind") != "shards":
@@ -238,6 +291,17 @@ class TokenStream:
             if d.get(key) != want:
                 raise DataError(f"{self.name}: the saved stream state has {key} = {d.get(key)!r} but this run has "
                                 f"{want!r} (the data or the data settings changed since the checkpoint)")
+        window_seed = None
+        if not in_order:
+            if d.get("shuffle_windows") != self.shuffle_windows:
+                raise DataError(f"{self.name}: the saved stream state has shuffle_windows = "
+                                f"{d.get('shuffle_windows')!r} but this run has {self.shuffle_windows!r} (a run keeps "
+                                "the window order it started with; set data.shuffle_windows to match)")
+            window_seed = d.get("window_seed")
+            if self.shuffle_windows and (isinstance(window_seed, bool) or not isinstance(window_seed, int)
+                                         or window_seed < 0):
+                raise DataError(f"{self.name}: stream state 'window_seed' must be a non-negative integer, "
+                                f"got {window_seed!r}")
         vals = {}
         for key in ("epoch", "shard_pos", "row", "batches"):
             v = d.get(key)
@@ -259,6 +323,8 @@ class TokenStream:
         self._drop_queue()
         snap = (vals["epoch"], vals["shard_pos"], vals["row"], vals["batches"], tuple(int(i) for i in order),
                 d["rng"])
+        self._in_order_cursor = in_order
+        self._plan.set_window_seed(window_seed if self.shuffle_windows and not in_order else None)
         self._plan.restore(snap)
         self._consumed = self._plan.snapshot()
 

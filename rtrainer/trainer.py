@@ -103,7 +103,8 @@ class Trainer:
         B, T = c.train.batch_size, c.train.seq_len
         train = stream_mod.TokenStream(shards, B, T, packed=d.packed, random_windows=d.random_windows,
                                        shuffle=d.shuffle_shards, seed=c.run.seed, prefetch_workers=d.prefetch_workers,
-                                       prefetch_buffer=d.prefetch_buffer, name=train_path)
+                                       prefetch_buffer=d.prefetch_buffer, name=train_path,
+                                       shuffle_windows=d.shuffle_windows)
         val = None
         extra = {}
         if val_shards is not None and c.eval.val_every > 0:

@@ -475,10 +475,108 @@ def test_streams_and_validation_sets_provide_the_data_interfaces(tmp_path):
     assert not isinstance(object(), TrainStream)
 
 
+# ------------------------------------------------------------------------------ shuffled windows
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_shuffled_windows_are_a_new_permutation_of_the_same_windows_every_epoch(tmp_path, packed):
+    T = 32
+    bases = _unique_dir(tmp_path / "d")
+    in_order = _epoch_rows(_stream(tmp_path / "d", B=1, T=T, fmt="u32", packed=packed), bases, LENGTHS)
+    s = _stream(tmp_path / "d", B=1, T=T, fmt="u32", packed=packed, shuffle_windows=True)
+    assert s.windows_shuffled
+    epochs = [_epoch_rows(s, bases, LENGTHS) for _ in range(3)]
+    for rows in epochs:
+        # every window of every shard exactly once per epoch (so every token, as in file order) ...
+        assert sorted(rows) == sorted(in_order)
+        # ... the shards still one after the other, in the epoch's shard order
+        shards_seen = [si for si, _ in rows]
+        assert [si for i, si in enumerate(shards_seen) if i == 0 or si != shards_seen[i - 1]] == \
+            list(dict.fromkeys(shards_seen))
+        # ... but not in file order inside a shard
+        for i in range(len(LENGTHS)):
+            starts = [r for si, r in rows if si == i]
+            assert starts != sorted(starts), i
+    # a new order every epoch
+    for i in range(len(LENGTHS)):
+        per_epoch = [tuple(r for si, r in rows if si == i) for rows in epochs]
+        assert len(set(per_epoch)) == 3, i
+
+
+def test_shuffled_windows_are_seeded(tmp_path):
+    _random_dir(tmp_path / "d")
+    a = _take(_stream(tmp_path / "d", shuffle_windows=True, seed=5), 60)
+    _same(a, _take(_stream(tmp_path / "d", shuffle_windows=True, seed=5), 60))  # same seed, same batches
+    b = _take(_stream(tmp_path / "d", shuffle_windows=True, seed=6), 60)
+    assert any(not np.array_equal(x[0], y[0]) for x, y in zip(a, b))  # another seed, another order
+    c = _take(_stream(tmp_path / "d", shuffle_windows=False, seed=5), 60)
+    assert any(not np.array_equal(x[0], y[0]) for x, y in zip(a, c))
+    # the order is a function of (seed, epoch, shard) only: the shard order's draw does not move it
+    rows_shuf = [S.TokenStream([Shard.from_array(np.arange(500))], 1, 9, shuffle_windows=True, seed=5, shuffle=sh)
+                 .next_rows() for sh in (True, False)]
+    assert rows_shuf[0] == rows_shuf[1]
+
+
+def test_the_cursor_keeps_the_window_order_it_was_saved_with(tmp_path):
+    d = tmp_path / "d"
+    _random_dir(d)
+    shuffled = _stream(d, shuffle_windows=True)
+    _take(shuffled, 5)
+    st = json.loads(json.dumps(shuffled.state()))
+    assert st["shuffle_windows"] is True and st["window_seed"] == 5
+    expected = _take(shuffled, 30)
+    # the permutation comes from the cursor's seed, not from this stream's run.seed
+    other_seed = _stream(d, shuffle_windows=True, seed=99)
+    other_seed.set_state(st)
+    _same(expected, _take(other_seed, 30))
+    # a run keeps the window order it started with: a change is an error naming the key
+    with pytest.raises(DataError, match=r"shuffle_windows = True but this run has False .*data\.shuffle_windows"):
+        _stream(d, shuffle_windows=False).set_state(st)
+    plain = _stream(d, shuffle_windows=False)
+    _take(plain, 5)
+    with pytest.raises(DataError, match="shuffle_windows = False but this run has True"):
+        _stream(d, shuffle_windows=True).set_state(plain.state())
+    with pytest.raises(DataError, match="'window_seed' must be a non-negative integer"):
+        _stream(d, shuffle_windows=True).set_state({**st, "window_seed": "5"})
+
+
+def test_a_cursor_saved_before_window_shuffling_continues_in_file_order(tmp_path):
+    d = tmp_path / "d"
+    _random_dir(d)
+    old = _stream(d, shuffle_windows=False)
+    _take(old, 7)
+    legacy = {k: v for k, v in old.state().items() if k not in ("shuffle_windows", "window_seed")}
+    expected = _take(old, 40)  # crosses an epoch: file order in the next epoch too
+    new = _stream(d, shuffle_windows=True)  # the new default
+    new.set_state(legacy)
+    assert not new.windows_shuffled
+    _same(expected, _take(new, 40))
+    # ... and it stays a cursor of that kind, so every later resume keeps the file order
+    again = json.loads(json.dumps(new.state()))
+    assert "shuffle_windows" not in again
+    expected = _take(new, 20)
+    third = _stream(d, shuffle_windows=True)
+    third.set_state(again)
+    _same(expected, _take(third, 20))
+    # a fresh cursor of the same stream object shuffles again
+    third.set_state(_stream(d, shuffle_windows=True).state())
+    assert third.windows_shuffled
+
+
+def test_random_windows_ignore_shuffle_windows(tmp_path):
+    _random_dir(tmp_path / "d")
+    a = _stream(tmp_path / "d", random_windows=True, shuffle_windows=True)
+    b = _stream(tmp_path / "d", random_windows=True, shuffle_windows=False)
+    _same(_take(a, 20), _take(b, 20))
+    assert not a.windows_shuffled and a.state()["shuffle_windows"] is False
+    b.set_state(a.state())
+
+
 # ------------------------------------------------------------------------------ prefetch and resume
 
 
-@pytest.mark.parametrize("mode", [{}, {"packed": False}, {"random_windows": True}])
+@pytest.mark.parametrize("mode", [{}, {"packed": False}, {"random_windows": True}, {"shuffle_windows": True},
+                                  {"packed": False, "shuffle_windows": True}])
 def test_prefetch_delivers_the_same_stream(tmp_path, mode):
     _random_dir(tmp_path / "d")
     ref = _take(_stream(tmp_path / "d", **mode), 150)  # several epochs
@@ -510,7 +608,8 @@ def _batches_per_epoch(d):
     return n
 
 
-@pytest.mark.parametrize("mode", [{}, {"packed": False}, {"random_windows": True}])
+@pytest.mark.parametrize("mode", [{}, {"packed": False}, {"random_windows": True}, {"shuffle_windows": True},
+                                  {"packed": False, "shuffle_windows": True}])
 @pytest.mark.parametrize("w_save, w_load", [(0, 0), (2, 2), (0, 2), (2, 0)])
 def test_resume_mid_epoch_and_across_the_epoch_boundary(tmp_path, mode, w_save, w_load):
     d = tmp_path / "d"
@@ -522,7 +621,7 @@ def test_resume_mid_epoch_and_across_the_epoch_boundary(tmp_path, mode, w_save, 
         _take(a, k)
         st = json.loads(json.dumps(a.state()))  # through JSON, as in run_state.json
         expected = _take(a, K)
-        if not mode and k > 7:
+        if mode in ({}, {"shuffle_windows": True}) and k > 7:
             assert a.state()["epoch"] > st["epoch"]  # the K batches cross an epoch boundary
         b = _stream(d, prefetch_workers=w_load, prefetch_buffer=4, **mode)
         _take(b, 3)  # a stream that already read (ahead) is reset by set_state
@@ -760,3 +859,72 @@ def test_trainer_closes_the_prefetch_workers(tmp_path):
     tr.fit()
     assert tr.data.train.state()["batches"] == 4
     assert not [t for t in threading.enumerate() if t.name.startswith("rtrainer-prefetch")]
+
+
+# ------------------------------------------------------------------------------ window order of old and new runs
+
+FIXTURE = REPO / "tests" / "fixtures" / "in_order_run"
+
+
+def _fixture_run_file(tmp_path, extra=""):
+    """The run file of the fixture run (1 layer, width 8, 30 steps on the first 3,000 corpus bytes,
+    checkpoints every 10 steps), made with the code before data.shuffle_windows existed. The fixture
+    holds its step-10 checkpoint, its metrics and the tensors of its step 30."""
+    from conftest import CORPUS
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(CORPUS.read_bytes()[:3000])
+    text = (FIXTURE / "run.toml.in").read_text().replace("{out_dir}", str(tmp_path / "run")).replace(
+        "{train}", str(corpus))
+    p = tmp_path / "run.toml"
+    p.write_text(text.replace("[data]\n", "[data]\n" + extra))
+    return p
+
+
+@pytest.mark.parametrize("extra", ["", "shuffle_windows = false\n"])
+def test_a_checkpoint_from_before_window_shuffling_resumes_in_order_bitwise(tmp_path, extra):
+    from rtrainer.checkpoint import load_checkpoint
+
+    cfg = _fixture_run_file(tmp_path, extra)
+    _, old_state = load_checkpoint(str(FIXTURE / "step-00000010"))
+    assert "shuffle_windows" not in old_state["config"]["data"] and "shuffle_windows" not in old_state["data"]["train"]
+    # resume the old step-10 checkpoint, pause at 20, resume again: both resumes keep the file order
+    run_cli("run", cfg, "--resume", FIXTURE / "step-00000010", "--stop-at", "20", check=True)
+    state = json.loads((tmp_path / "run" / "run_state.json").read_text())["data"]["train"]
+    assert state["batches"] == 20 and "shuffle_windows" not in state
+    run_cli("run", cfg, "--resume", "auto", check=True)
+    want = strip_timing(read_metrics(FIXTURE / "metrics.jsonl"))
+    got = strip_timing(read_metrics(tmp_path / "run" / "metrics.jsonl"))
+    tail = [r for r in want if r.get("step", 0) > 10]
+    assert got[-len(tail):] == tail  # steps 11..30 of the uninterrupted run of the old code
+    ta = checkpoint_tensors(FIXTURE / "final-step-00000030.safetensors")
+    tb = checkpoint_tensors(latest_checkpoint(tmp_path / "run"))
+    assert set(ta) == set(tb)
+    for k in ta:
+        assert np.array_equal(ta[k], tb[k]), k
+
+
+def test_a_new_run_shuffles_the_windows_and_resumes_bitwise(tmp_path):
+    cfg = _fixture_run_file(tmp_path)   # no data.shuffle_windows: the default
+    a = tmp_path / "a"
+    a.mkdir()
+    cfg_a = a / "run.toml"
+    cfg_a.write_text(cfg.read_text().replace(str(tmp_path / "run"), str(a / "run")))
+    run_cli("run", cfg_a, check=True)
+    ra = strip_timing(read_metrics(a / "run" / "metrics.jsonl"))
+    assert ra != strip_timing(read_metrics(FIXTURE / "metrics.jsonl"))  # another order than the old runs'
+    st = json.loads((a / "run" / "run_state.json").read_text())["data"]["train"]
+    assert st["shuffle_windows"] is True and st["epoch"] >= 1   # the run crossed an epoch boundary
+    p = run_cli("run", cfg, env_extra={"RTRAINER_FAULT": "after_step=14:KILL"})
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr)
+    run_cli("run", cfg, "--resume", "auto", check=True)
+    assert strip_timing(read_metrics(tmp_path / "run" / "metrics.jsonl")) == ra
+    ta = checkpoint_tensors(latest_checkpoint(a / "run"))
+    tb = checkpoint_tensors(latest_checkpoint(tmp_path / "run"))
+    for k in ta:
+        assert np.array_equal(ta[k], tb[k]), k
+    # the order a run started with is kept: resuming it in file order is refused (exit 3, one line)
+    p = run_cli("run", cfg, "--resume", latest_checkpoint(a / "run"), "--set", "data.shuffle_windows=false",
+                "--set", "train.steps=40", "--overwrite")
+    assert p.returncode == 3 and "shuffle_windows = True but this run has False" in p.stderr, p.stderr
+    assert p.stderr.count("rtrainer: error:") == 1
