@@ -219,6 +219,9 @@ class DataConfig:
     packed: bool = _f(True, "packed windows (row b's last target = row b+1's first input); false = "
                       "independent windows of seq_len+1 tokens that share no token")
     shuffle_shards: bool = _f(True, "shard directory: reshuffle the shard order every epoch (seeded by run.seed)")
+    shuffle_windows: bool = _f(True, "read the windows of each shard in a new seeded order every epoch (every "
+                               "window still once per epoch); false = in file order. A run resumed from a "
+                               "checkpoint made before this key existed keeps reading in order")
     prefetch_workers: int = _f(0, "background threads reading batches ahead; 0 = read on the training thread "
                                "(the batches are the same for every value)", ge=0)
     prefetch_buffer: int = _f(16, "batches read ahead at most (with prefetch_workers > 0)", ge=1)

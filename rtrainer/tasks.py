@@ -1,9 +1,10 @@
 """Synthetic tasks of the Mamba paper (§4.1) as data sources: fresh random batches every step.
 
 Each task draws its batches from a seeded numpy generator (PCG64) whose state is the stream's
-cursor (:meth:`TaskStream.state` / :meth:`TaskStream.set_state`, JSON-able like
-:class:`rtrainer.data.PackedStream`'s), so a resumed run sees exactly the batches it would have
-seen. The validation set (:class:`TaskEval`) is fixed: drawn once from its own seed.
+cursor (:meth:`TaskStream.state` / :meth:`TaskStream.set_state`, JSON-able), so a resumed run sees
+exactly the batches it would have seen. The validation set (:class:`TaskEval`) is fixed: drawn once
+from its own seed. The two provide the interfaces of :mod:`rtrainer.datatypes` (``TrainStream``,
+``ValidationSet``).
 
 Batches are ``(ids, targets)``, int64 C-contiguous ``(B, T)``. Only the answer positions are scored:
 every other target is ``IGNORE`` (-1), which the heads skip (loss and accuracy are averaged over the
@@ -123,6 +124,9 @@ class TaskStream:
             raise DataError(f"{self.name}: stream state 'rng' is not a PCG64 state ({e})") from None
         self.batches = b
 
+    def close(self) -> None:
+        """Nothing to release (the batches are generated on the calling thread)."""
+
 
 class TaskEval:
     """A fixed validation set of a synthetic task: ``n_batches`` batches drawn once from its own
@@ -142,3 +146,6 @@ class TaskEval:
     def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for ids, targets in self._batches:
             yield ids.copy(), targets.copy()
+
+    def close(self) -> None:
+        """Nothing to release (the batches are held in memory)."""

@@ -29,9 +29,9 @@ from threadpoolctl import threadpool_limits
 
 from . import checkpoint as ckpt
 from . import config as config_mod
-from . import data as data_mod  # noqa: F401 - subclasses use it
 from . import faults
 from . import staged as staged_mod
+from . import shards as shards_mod
 from . import stream as stream_mod
 from .errors import CheckpointError, ConfigError, NonFiniteError, RtrainerError, RunIOError, RunLockedError
 from .metrics import MetricsWriter
@@ -109,22 +109,23 @@ class Trainer:
         if d.task:
             return self._build_task_data()
         train_path = _abspath(d.train)
-        shards = stream_mod.open_source(train_path, d.format, d.shard_glob, d.verify)
-        val_shards = stream_mod.open_source(_abspath(d.val), d.format, d.shard_glob, d.verify) if d.val else None
+        shards = shards_mod.open_source(train_path, d.format, d.shard_glob, d.verify)
+        val_shards = shards_mod.open_source(_abspath(d.val), d.format, d.shard_glob, d.verify) if d.val else None
         V = c.model.vocab_size
         if V == 0:  # whole shards: the manifest knows their largest id
-            V = stream_mod.shards_max_token(shards + (val_shards or [])) + 1
+            V = shards_mod.shards_max_token(shards + (val_shards or [])) + 1
         if not d.val and d.val_ratio > 0:
-            shards, val_shards = stream_mod.split_shards(shards, d.val_ratio)
-        stream_mod.check_shards_range(shards, V)
+            shards, val_shards = shards_mod.split_shards(shards, d.val_ratio)
+        shards_mod.check_shards_range(shards, V)
         B, T = c.train.batch_size, c.train.seq_len
         train = stream_mod.TokenStream(shards, B, T, packed=d.packed, random_windows=d.random_windows,
                                        shuffle=d.shuffle_shards, seed=c.run.seed, prefetch_workers=d.prefetch_workers,
-                                       prefetch_buffer=d.prefetch_buffer, name=train_path)
+                                       prefetch_buffer=d.prefetch_buffer, name=train_path,
+                                       shuffle_windows=d.shuffle_windows)
         val = None
         extra = {}
         if val_shards is not None and c.eval.val_every > 0:
-            stream_mod.check_shards_range(val_shards, V)
+            shards_mod.check_shards_range(val_shards, V)
             val_name = _abspath(d.val) if d.val else train_path
             val = stream_mod.ShardWindows(val_shards, B, T, c.eval.eval_batches, name=val_name)
             for L in c.eval.extra_lengths:

@@ -10,7 +10,7 @@ from rtrainer.heads import HPNHead
 from rtrainer.model import MambaLiteStack, MambaStack, init_mamba_layer, mamba_layer_param_specs, resolve_dt_rank
 from rtrainer.net import Net
 from rtrainer.params import FlatParams
-from rtrainer.reference import mamba_model_loss_and_grads_ref, model_loss_and_grads_ref
+from rtrainer.testing.reference import mamba_model_loss_and_grads_ref, model_loss_and_grads_ref
 
 
 def build_net(V=11, D=8, N=3, K=3, R=2, E=2, L=2, chunk=4, normalize=True, learnable=True, init="mamba", seed=0,

@@ -6,7 +6,7 @@ import pytest
 from rtrainer.heads import HPNHead
 from rtrainer.model import MambaLiteStack
 from rtrainer.net import Net
-from rtrainer.reference import model_loss_and_grads_ref
+from rtrainer.testing.reference import model_loss_and_grads_ref
 
 
 def build(V=11, D=8, N=3, K=3, R=2, L=2, chunk=4, normalize=True, learnable=True, init="mamba", seed=0,
@@ -83,7 +83,7 @@ def test_reference_model_matches_finite_differences():
 
 
 def test_reference_model_matches_pytorch_autograd():
-    pt = pytest.importorskip("rtrainer.parity_torch")
+    pt = pytest.importorskip("rtrainer.testing.parity_torch")
     pytest.importorskip("torch")
     model, head, flat = build(V=13, D=6, N=4, K=3, R=2, L=3, chunk=3)
     ids, targets = batch(model.V, B=2, T=9)
@@ -100,7 +100,7 @@ def test_reference_model_matches_pytorch_autograd():
 
 def test_kernels_match_pytorch_float32():
     """The float32 training step against PyTorch autograd in float32 on the same weights."""
-    pt = pytest.importorskip("rtrainer.parity_torch")
+    pt = pytest.importorskip("rtrainer.testing.parity_torch")
     pytest.importorskip("torch")
     model, head, flat = build(V=50, D=32, N=8, K=4, R=2, L=2, chunk=8)
     ids, targets = batch(model.V, B=4, T=24)

@@ -258,13 +258,14 @@ def test_calibration_keeps_the_function_and_bounds_new_layer_inputs():
     """Staged.initialise on a fresh expanded run: the new layers' conv is scaled to their input's
     max (on one training batch, read without moving the stream); the function is unchanged."""
     from rtrainer.config import Config, ModelConfig, TrainConfig
-    from rtrainer.data import PackedStream
+    from rtrainer.shards import Shard
     from rtrainer.staged import Staged, peek
+    from rtrainer.stream import TokenStream
 
     cfg = Config(model=ModelConfig(d_model=D, d_state=N, base_layers=2, target_layers=4, placement="append"),
                  train=TrainConfig(steps=1))
     rng = np.random.default_rng(0)
-    stream = PackedStream(rng.integers(0, V, size=500), 3, 7)
+    stream = TokenStream([Shard.from_array(rng.integers(0, V, size=500))], 3, 7)
     bmodel, bhead, bflat = _build(2)
     bmodel.init_params(cfg.run.seed, "mamba")
     bmodel.p["layers.1.out_proj_w"][...] *= 300.0        # a base model with a large residual stream
@@ -274,7 +275,7 @@ def test_calibration_keeps_the_function_and_bounds_new_layer_inputs():
     expand_state(flat, bflat.state_tensors(), st.layout, init_layer, cfg.run.seed, "mamba", "test")
     before = {k: v.copy() for k, v in flat.params.items()}
     st.calibrate_new_layers(net, peek(stream))
-    assert stream.state()["pos"] == 0
+    assert stream.state()["batches"] == 0 and stream.state()["row"] == 0
     ids, _ = stream.next_batch()
     assert np.array_equal(model.forward(ids), bmodel.forward(ids))
     for j in (2, 3):
