@@ -215,7 +215,7 @@ def _exit_on_next_interrupt() -> None:
 
 
 def _prepare(args) -> None:
-    from .stream import prepare_dir
+    from .shards import prepare_dir
 
     m = prepare_dir(args.dir, args.format, args.glob, rebuild=args.rebuild, verify="full", say=_err)
     n = sum(e["tokens"] for e in m["shards"])

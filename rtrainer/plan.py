@@ -248,11 +248,11 @@ def infer_vocab(shards, limit: int | None = None) -> int:
     """model.vocab_size = 0: the largest token id of the shards + 1, refused (DataError naming the
     shard file and the offset of the first id at or above the limit) when it exceeds the limit of
     model.vocab_size: one stray huge id must not size the embedding."""
-    from . import stream as stream_mod
+    from . import shards as shards_mod
     from .config import MAX_VOCAB
 
     limit = MAX_VOCAB if limit is None else int(limit)
-    V = max(stream_mod.shards_max_token(shards) + 1, 1)   # all ids negative: the range check names one
+    V = max(shards_mod.shards_max_token(shards) + 1, 1)   # all ids negative: the range check names one
     if V <= limit:
         return V
     for s in shards:

@@ -6,9 +6,13 @@ Public hooks (override them in a subclass; everything with a leading underscore 
     build_head(vocab_size)     -> the head, which owns the loss (see rtrainer.heads)
     build_optimizer(flat)      -> the optimizer (AdamW over the flat buffer)
     evaluate()                 -> {"val_loss": ..., "val_acc": ...} over the fixed validation windows
+
+The model and head are assembled into a rtrainer.net.Net (self.net); each step is
+rtrainer.step.train_step with the staged-training policy (rtrainer.staged) when the run uses one.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -26,35 +30,24 @@ from threadpoolctl import threadpool_limits
 from . import checkpoint as ckpt
 from . import config as config_mod
 from . import console
-from . import data as data_mod  # noqa: F401 - subclasses use it
 from . import faults
 from . import plan as plan_mod
 from . import resume as resume_mod
 from . import staged as staged_mod
+from . import shards as shards_mod
 from . import stream as stream_mod
 from .errors import CheckpointError, ConfigError, NonFiniteError, RtrainerError, RunIOError, RunLockedError
-from .heads import HPNHead, SoftmaxHead
 from .metrics import MetricsWriter
-from .model import MambaLiteStack, MambaStack, resolve_dt_rank
+from .model import resolve_dt_rank
+from .net import Net, build_head, build_model
 from .optim import AdamW, lr_at
 from .params import FlatParams
+from .step import train_step
 from .threads import resolve_threads
 
 SCHEMA_VERSION = 1
 # config sections that define the function being trained: a resume must not change them
 _FROZEN_SECTIONS = ("model", "head")
-
-
-def forward_backward(model, head, flat: FlatParams, ids: np.ndarray, targets: np.ndarray, dz: np.ndarray) -> float:
-    """One forward pass, loss and backward pass: returns the loss and leaves the gradients of
-    the trainable tensors in flat.grad. dz (B*T, D) is scratch for dloss/dz."""
-    flat.zero_grad()
-    z = model.forward(ids)
-    loss = head.forward(z, targets)
-    dz.fill(0.0)
-    head.backward(dz)
-    model.backward(dz)
-    return loss
 
 
 class Interrupted(RtrainerError):
@@ -72,6 +65,26 @@ class RunData:
     vocab_size: int
     extra_val: dict = dataclasses.field(default_factory=dict)   # {seq_len: like val} (eval.extra_lengths)
 
+    def close(self) -> None:
+        """Stop every source's prefetch workers and unmap its shards (sources without close() have none)."""
+        for src in (self.train, self.val, *self.extra_val.values()):
+            if hasattr(src, "close"):
+                src.close()
+
+
+class _Meter:
+    """Throughput between two log lines, and the run's clock."""
+
+    def __init__(self, t_start: float, step: int, elapsed0: float):
+        self.t_start, self.elapsed0 = t_start, elapsed0
+        self.t_last, self.step_last = t_start, step
+        self.proc = psutil.Process()
+
+    def tokens_per_s(self, now: float, step: int, tokens_per_step: int) -> float:
+        r = (step - self.step_last) * tokens_per_step / max(now - self.t_last, 1e-9)
+        self.t_last, self.step_last = now, step
+        return r
+
 
 class Trainer:
     """Trains the model described by a Config. `Trainer.from_file(path, overrides).fit()`."""
@@ -84,6 +97,10 @@ class Trainer:
         self.stop_at = stop_at     # pause after this step with a checkpoint (stop_reason "paused")
         self.console = console
         self.n_threads = resolve_threads(config.run.threads)
+        # what a run holds once set up (fit); the cleanup relies on these starting as None
+        self.data = None
+        self._lock = None
+        self.last_val = None
 
     @classmethod
     def from_file(cls, path: str, overrides=(), **kw):
@@ -95,22 +112,23 @@ class Trainer:
         if d.task:
             return self._build_task_data()
         train_path = _abspath(d.train)
-        shards = stream_mod.open_source(train_path, d.format, d.shard_glob, d.verify)
-        val_shards = stream_mod.open_source(_abspath(d.val), d.format, d.shard_glob, d.verify) if d.val else None
+        shards = shards_mod.open_source(train_path, d.format, d.shard_glob, d.verify)
+        val_shards = shards_mod.open_source(_abspath(d.val), d.format, d.shard_glob, d.verify) if d.val else None
         V = c.model.vocab_size
         if V == 0:  # whole shards: the manifest knows their largest id (bounded: rtrainer/plan.py)
             V = plan_mod.infer_vocab(shards + (val_shards or []))
         if not d.val and d.val_ratio > 0:
-            shards, val_shards = stream_mod.split_shards(shards, d.val_ratio)
-        stream_mod.check_shards_range(shards, V)
+            shards, val_shards = shards_mod.split_shards(shards, d.val_ratio)
+        shards_mod.check_shards_range(shards, V)
         B, T = c.train.batch_size, c.train.seq_len
         train = stream_mod.TokenStream(shards, B, T, packed=d.packed, random_windows=d.random_windows,
                                        shuffle=d.shuffle_shards, seed=c.run.seed, prefetch_workers=d.prefetch_workers,
-                                       prefetch_buffer=d.prefetch_buffer, name=train_path)
+                                       prefetch_buffer=d.prefetch_buffer, name=train_path,
+                                       shuffle_windows=d.shuffle_windows)
         val = None
         extra = {}
         if val_shards is not None and c.eval.val_every > 0:
-            stream_mod.check_shards_range(val_shards, V)
+            shards_mod.check_shards_range(val_shards, V)
             val_name = _abspath(d.val) if d.val else train_path
             val = stream_mod.ShardWindows(val_shards, B, T, c.eval.eval_batches, name=val_name)
             for L in c.eval.extra_lengths:
@@ -136,21 +154,10 @@ class Trainer:
         return RunData(train=train, val=val, vocab_size=max(c.model.vocab_size, d.task_vocab), extra_val=extra)
 
     def build_model(self, vocab_size: int):
-        m = self.cfg.model
-        R = resolve_dt_rank(m.layer, m.d_model, m.dt_rank)
-        if m.layer == "mamba":
-            return MambaStack(vocab_size, m.d_model, m.d_state, m.d_conv, R, m.target_layers, expand=m.expand,
-                              scan_chunk=m.scan_chunk, n_threads=self.n_threads, selective=m.selective)
-        return MambaLiteStack(vocab_size, m.d_model, m.d_state, m.d_conv, R, m.target_layers,
-                              scan_chunk=m.scan_chunk, n_threads=self.n_threads, selective=m.selective)
+        return build_model(self.cfg.model, vocab_size, self.n_threads)
 
     def build_head(self, vocab_size: int):
-        h = self.cfg.head
-        if h.kind == "softmax":
-            return SoftmaxHead(vocab_size, self.cfg.model.d_model, bias=h.bias, n_threads=self.n_threads)
-        return HPNHead(vocab_size, self.cfg.model.d_model, normalize=h.normalize_prototypes,
-                       learnable=h.learnable_prototypes, n_threads=self.n_threads,
-                       prototype_init=h.prototype_init, separation=h.prototype_separation)
+        return build_head(self.cfg, vocab_size, self.n_threads)
 
     def build_optimizer(self, flat: FlatParams):
         o = self.cfg.optim
@@ -161,24 +168,79 @@ class Trainer:
         """Mean loss and accuracy over the fixed validation windows (no gradients), scored tokens
         only (targets = -1 are ignored); plus val_loss@L, val_acc@L for each eval.extra_lengths L."""
         r = {}
-        for L, source in [(None, self.data.val)] + sorted(getattr(self.data, "extra_val", {}).items()):
-            n_tok, loss_sum, correct = 0, 0.0, 0
-            for ids, targets in source.batches():
-                z = self.model.forward(ids)
-                loss = self.head.forward(z, targets)
-                pred = self.head.predict(z)
-                t = targets.reshape(-1)
-                n = int(np.count_nonzero(t != -1))
-                loss_sum += float(loss) * n
-                correct += int(np.count_nonzero(pred == t))    # pred is never -1
-                n_tok += n
+        for L, source in [(None, self.data.val)] + sorted(self.data.extra_val.items()):
+            e = self.net.evaluate(source.batches())
             sfx = "" if L is None else f"@{L}"
-            r["val_loss" + sfx] = loss_sum / max(n_tok, 1)
-            r["val_acc" + sfx] = correct / max(n_tok, 1)
+            r["val_loss" + sfx] = e["loss"]
+            r["val_acc" + sfx] = e["acc"]
         return r
 
     # ================================================================ the run
     def fit(self) -> dict:
+        """Set-up, the loop (step, log, evaluate, checkpoint, stop conditions), finish."""
+        with self._running():
+            c = self.cfg
+            total, B, T = c.train.steps, c.train.batch_size, c.train.seq_len
+            elapsed0 = self._setup()
+            t_start = time.perf_counter()
+            meter = _Meter(t_start, self.step, elapsed0)
+            elapsed = lambda: elapsed0 + time.perf_counter() - t_start  # noqa: E731
+            consecutive_skips = 0
+            while self.step < total:
+                # the step
+                ids, targets = self.data.train.next_batch()
+                lr = lr_at(self.step, c.optim.lr, c.schedule.warmup_steps, total, c.schedule.min_lr_scale)
+                r = train_step(self.net, self.optimizer, ids, targets, lr, self.policy, step=self.step)
+                if r.finite:
+                    consecutive_skips = 0
+                else:  # non-finite loss or gradient: no parameter or moment changes
+                    self._non_finite(r)
+                    self.skipped += 1
+                    consecutive_skips += 1
+                self.step += 1
+                last = self.step == total
+                # log, evaluate, checkpoint
+                if self.step % c.log.log_every == 0 or last:
+                    self._log(r, lr, meter, B * T)
+                improved = stop_early = validated = False
+                if self.data.val is not None and (self.step % c.eval.val_every == 0 or last):
+                    validated = True
+                    improved = self._validate()
+                    stop_early = c.eval.patience > 0 and self.bad_evals >= c.eval.patience
+                saved = (c.checkpoint.save_every and self.step % c.checkpoint.save_every == 0) or last or stop_early
+                if saved or improved:
+                    self._save(elapsed(), latest=saved, best=improved)
+                # stop conditions
+                if stop_early:
+                    self._say(f"rtrainer: early stopping at step {self.step}: {self.bad_evals} evaluations without "
+                              f"an improvement of more than {c.eval.min_delta} (best val_loss {self.best_val_loss:.5f})")
+                    return self._finish("early_stopping")
+                if consecutive_skips > c.train.max_consecutive_skips:
+                    self._finish("non_finite")
+                    raise NonFiniteError(f"{consecutive_skips} consecutive steps up to step {self.step} had a "
+                                         "non-finite loss or gradient and were skipped (train.max_consecutive_skips "
+                                         f"= {c.train.max_consecutive_skips}); stopping")
+                _fault_point(self.step, self.flat)
+                if self.stop_at is not None and self.step >= self.stop_at and not last:
+                    if not saved:
+                        self._save(elapsed())
+                    self._say(f"rtrainer: paused after step {self.step} (--stop-at); continue with --resume auto")
+                    self._closing_validation(validated)
+                    return self._finish("paused")
+                if self._stop_signal is not None and not last:
+                    if not saved:
+                        self._save(elapsed())
+                    name = signal.Signals(self._stop_signal).name
+                    self._closing_validation(validated)
+                    self._finish("interrupted")
+                    raise Interrupted(self._stop_signal, f"interrupted by {name} after step {self.step}; checkpoint "
+                                      f"{self.paths['latest']} written; continue with --resume auto")
+            return self._finish("completed")
+
+    @contextlib.contextmanager
+    def _running(self):
+        """Around a run: SIGINT/SIGTERM finish the current step, BLAS at the run's thread count, an
+        OSError while running is a RunIOError; afterwards the lock and every data source are closed."""
         self._stop_signal = None
         handlers = {}
         if threading.current_thread() is threading.main_thread():
@@ -186,7 +248,7 @@ class Trainer:
                 handlers[sig] = signal.signal(sig, self._on_signal)
         try:
             with threadpool_limits(limits=self.n_threads, user_api="blas"):
-                return self._fit()
+                yield
         except OSError as e:  # disk full, permission denied, ... while the run was going
             err = RunIOError(f"{getattr(e, 'filename', None) or self.cfg.run.out_dir}: {e.strerror or e}")
             self._failure_summary(err)
@@ -197,36 +259,35 @@ class Trainer:
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
-            lock = getattr(self, "_lock", None)
-            if lock is not None:
-                lock.close()
-            data = getattr(self, "data", None)
-            for src in (data.train, data.val) if data is not None else ():
-                if hasattr(src, "close"):
-                    src.close()  # stop the prefetch workers, unmap the shards
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
+            if self.data is not None:
+                self.data.close()   # stop the prefetch workers, unmap the shards
 
     def _on_signal(self, signum, frame):
         if self._stop_signal is not None:  # second Ctrl-C: stop now, without a checkpoint
             raise KeyboardInterrupt
         self._stop_signal = signum
 
-    def _fit(self) -> dict:
+    def _setup(self) -> float:
+        """Everything before the first step; returns the run time already spent (resume). Bad input
+        fails here before anything is written."""
         c = self.cfg
-        # 1. everything that can fail on bad input happens before anything is written
-        avail = plan_mod.available_memory()   # the run plan: memory checked before it is allocated
+        # the run plan: memory checked before anything is allocated (from the config alone, then
+        # with the vocabulary once the data has given it)
+        avail = plan_mod.available_memory()
         plan_mod.require_fits(plan_mod.make_plan(c), c, avail)
         self.data = self.build_data()
         V = self.data.vocab_size
-        self.model = self.build_model(V)
-        self.head = self.build_head(V)
+        model, head = self.build_model(V), self.build_head(V)
         tpe = self.data.train.tokens_per_epoch() if hasattr(self.data.train, "tokens_per_epoch") else None
-        self.plan = plan_mod.make_plan(c, V, model=self.model, head=self.head, tokens_per_epoch=tpe)
+        self.plan = plan_mod.make_plan(c, V, model=model, head=head, tokens_per_epoch=tpe)
         plan_mod.require_fits(self.plan, c, avail)
-        self.staged = staged_mod.Staged(c, self.model)   # expansion layout, freezing, FF (rtrainer/staged.py)
-        self.flat = FlatParams(self.staged.apply_freeze(self.model.param_specs() + self.head.param_specs()))
-        self.staged.bind(self.flat)
-        self.model.bind(self.flat.params, self.flat.grads)
-        self.head.bind(self.flat.params, self.flat.grads)
+        self.net = Net.build(c, V, n_threads=self.n_threads, model=model, head=head)
+        self.model, self.head, self.flat = self.net.model, self.net.head, self.net.flat
+        self.staged = staged_mod.Staged(c)   # expansion, Forward-Forward, BP cadence, surgery
+        self.policy = self.staged if self.staged.active else None
         self.optimizer = self.build_optimizer(self.flat)
         self.rng = np.random.default_rng([c.run.seed, 2])   # for subclasses (sampling, dropout, ...)
         self.resolved = self._resolved_config(V)
@@ -260,7 +321,9 @@ class Trainer:
             for _, path in existing:   # --overwrite: the old run's checkpoints must not be resumed later
                 ckpt.retire(path)
         if state is None:
-            self.staged.initialise(self)   # init_params, or the base model (model.init_from) expanded
+            # init_params, or the base model (model.init_from) expanded
+            self.staged.initialise(self.net, c.run.seed, c.model.init, c.model.init_from,
+                                   staged_mod.peek(self.data.train))
             self.step, self.skipped, self.best_val_loss, elapsed0 = 0, 0, math.inf, 0.0
             self.bad_evals, self.best_step = 0, None
             metrics_offset = None
@@ -285,7 +348,7 @@ class Trainer:
                 best_dir = self.ckpt_dir / ckpt.step_dir_name(self.best_step) if self.best_step is not None else None
                 self.paths["best"] = str(best_dir) if best_dir is not None and best_dir.is_dir() else None
 
-        # 2. the run directory
+        # the run directory
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_text_atomic(self.paths["config"], config_mod.config_to_toml(self.resolved))
         try:   # the summary of an earlier segment must not pass for this one's (written again at the end)
@@ -302,97 +365,32 @@ class Trainer:
                   f"{self.flat.n_trainable:,} trainable parameters, V={V}, threads={self.n_threads}, "
                   f"out_dir={out_dir}; plan: memory about {plan_mod._human(self.plan['memory']['total'])}, "
                   f"{self.plan['flops_per_step']['total'] / 1e9:.3f} GFLOP/step")
+        return elapsed0
 
-        # 3. the loop
-        total = c.train.steps
-        B, T = c.train.batch_size, c.train.seq_len
-        dz = np.empty((B * T, c.model.d_model), np.float32)
-        t_start = time.perf_counter()
-        t_last, step_last = t_start, self.step
-        proc = psutil.Process()
-        consecutive_skips = 0
-        while self.step < total:
-            ids, targets = self.data.train.next_batch()
-            lr = lr_at(self.step, c.optim.lr, c.schedule.warmup_steps, total, c.schedule.min_lr_scale)
-            extra = {}
-            if self.staged.active:   # freezing, Forward-Forward, BP cadence, surgery: rtrainer/staged.py
-                loss, gnorm, clipped, finite, extra = self.staged.train_step(self, ids, targets, lr, dz)
-            else:
-                loss = forward_backward(self.model, self.head, self.flat, ids, targets, dz)
-                loss = _inject_nan(self.step + 1, loss, self.flat)
-                gnorm = self.optimizer.grad_norm()
-                clipped = False
-                finite = math.isfinite(loss) and math.isfinite(gnorm)
-                if finite:
-                    scale = self.optimizer.clip_scale(gnorm)
-                    clipped = scale < 1.0
-                    self.optimizer.step(lr, scale)
-            if finite:
-                consecutive_skips = 0
-            else:  # non-finite loss or gradient: no parameter or moment changes
-                self._non_finite(extra.get("ff_loss", loss) if extra.get("bp_applied") is False else loss, gnorm)
-                self.skipped += 1
-                consecutive_skips += 1
-            self.step += 1
-            last = self.step == total
-
-            if self.step % c.log.log_every == 0 or last:
-                now = time.perf_counter()
-                rec = {
-                    "kind": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": gnorm,
-                    "clipped": clipped, "skipped": self.skipped,
-                    "tokens_per_s": (self.step - step_last) * B * T / max(now - t_last, 1e-9),
-                    "elapsed_s": elapsed0 + now - t_start,
-                    "rss_mb": proc.memory_info().rss / 2**20,
-                    **extra,
-                }
-                self.metrics.write(rec)
-                t_last, step_last = now, self.step
-                # FF and HPN losses are always labelled apart; FF-only steps have no HPN loss
-                what = (f"loss {loss:.5f}" if not extra or extra["bp_applied"] else "ff-only")
-                ff = f"  ff_loss {extra['ff_loss']:.5f}" if extra else ""
-                self._say(f"step {self.step:>6}/{total}  {what}{ff}  lr {lr:.3e}  grad_norm {gnorm:.4f}"
-                          f"  {rec['tokens_per_s']:,.0f} tok/s  rss {rec['rss_mb']:.0f} MB")
-            improved = stop_early = validated = False
-            if self.data.val is not None and (self.step % c.eval.val_every == 0 or last):
-                validated = True
-                improved = self._validate()
-                stop_early = c.eval.patience > 0 and self.bad_evals >= c.eval.patience
-            saved = (c.checkpoint.save_every and self.step % c.checkpoint.save_every == 0) or last or stop_early
-            if saved or improved:
-                self._save(elapsed0 + time.perf_counter() - t_start, latest=saved, best=improved)
-            if stop_early:
-                self._say(f"rtrainer: early stopping at step {self.step}: {self.bad_evals} evaluations without an "
-                          f"improvement of more than {c.eval.min_delta} (best val_loss {self.best_val_loss:.5f})")
-                return self._finish("early_stopping")
-            if consecutive_skips > c.train.max_consecutive_skips:
-                self._finish("non_finite")
-                raise NonFiniteError(f"{consecutive_skips} consecutive steps up to step {self.step} had a non-finite "
-                                     "loss or gradient and were skipped (train.max_consecutive_skips = "
-                                     f"{c.train.max_consecutive_skips}); stopping")
-            _fault_point(self.step, self.flat)
-            if self.stop_at is not None and self.step >= self.stop_at and not last:
-                if not saved:
-                    self._save(elapsed0 + time.perf_counter() - t_start)
-                self._say(f"rtrainer: paused after step {self.step} (--stop-at); continue with --resume auto")
-                self._closing_validation(validated)
-                return self._finish("paused")
-            if self._stop_signal is not None and not last:
-                if not saved:
-                    self._save(elapsed0 + time.perf_counter() - t_start)
-                name = signal.Signals(self._stop_signal).name
-                self._closing_validation(validated)
-                self._finish("interrupted")
-                raise Interrupted(self._stop_signal, f"interrupted by {name} after step {self.step}; checkpoint "
-                                  f"{self.paths['latest']} written; continue with --resume auto")
-        return self._finish("completed")
+    def _log(self, r, lr: float, meter: "_Meter", tokens_per_step: int) -> None:
+        now = time.perf_counter()
+        extra = r.extra
+        rec = {
+            "kind": "train", "step": self.step, "loss": r.loss, "lr": lr, "grad_norm": r.grad_norm,
+            "clipped": r.clipped, "skipped": self.skipped,
+            "tokens_per_s": meter.tokens_per_s(now, self.step, tokens_per_step),
+            "elapsed_s": meter.elapsed0 + now - meter.t_start,
+            "rss_mb": meter.proc.memory_info().rss / 2**20,
+            **extra,
+        }
+        self.metrics.write(rec)
+        # FF and head losses are always labelled apart; FF-only steps have no head loss
+        what = (f"loss {r.loss:.5f}" if not extra or extra["bp_applied"] else "ff-only")
+        ff = f"  ff_loss {extra['ff_loss']:.5f}" if extra else ""
+        self._say(f"step {self.step:>6}/{self.cfg.train.steps}  {what}{ff}  lr {lr:.3e}  grad_norm {r.grad_norm:.4f}"
+                  f"  {rec['tokens_per_s']:,.0f} tok/s  rss {rec['rss_mb']:.0f} MB")
 
     def _finish(self, reason: str) -> dict:
         summary = {
             "final_step": self.step,
             "stop_reason": reason,
             "best_val_loss": _json_float(self.best_val_loss),
-            "last_val": getattr(self, "last_val", None),
+            "last_val": self.last_val,
             "skipped_steps": self.skipped,
             "paths": self.paths,
         }
@@ -418,13 +416,16 @@ class Trainer:
         except (OSError, RtrainerError):
             pass
 
-    def _non_finite(self, loss: float, gnorm: float) -> None:
+    def _non_finite(self, r) -> None:
         """With train.fail_on_non_finite: keep the state that produced it for diagnosis and stop."""
         if not self.cfg.train.fail_on_non_finite:
             return
+        # an FF-only step is decided by its FF loss
+        loss = r.extra["ff_loss"] if r.extra.get("bp_applied") is False else r.loss
+        gnorm = r.grad_norm
         path = Path(self.paths["out_dir"]) / "checkpoints" / f"non-finite-step-{self.step + 1}.safetensors"
         tensors = dict(self.flat.state_tensors())
-        for name, g in self.flat.views(self.flat.grad).items():
+        for name, g in self.flat.grads.items():
             tensors[f"grad/{name}"] = g
         ckpt.save_checkpoint(str(path), tensors, {"schema": SCHEMA_VERSION, "step": self.step,
                                                   "loss": _json_float(loss), "grad_norm": _json_float(gnorm),
@@ -464,7 +465,7 @@ class Trainer:
         self._say(f"step {self.step:>6}  val_loss {r['val_loss']:.5f}  val_acc {r['val_acc']:.4f}  (closing)")
 
     def _save(self, elapsed: float, latest: bool = True, best: bool = False) -> None:
-        """Commit one checkpoint (RELIABILITY.md's protocol): parameters + moments + everything
+        """Commit one checkpoint: parameters + moments + everything
         the loop needs to continue, as checkpoints/step-N committed by its manifest; then
         run_state.json and best.json (hints: the truth is the newest step-N that verifies); then
         retention. `latest`/`best` say why it is written (a due save, an improving validation)."""
@@ -624,18 +625,6 @@ def _fault_point(step: int, flat: FlatParams) -> None:
         os.kill(os.getpid(), getattr(signal, "SIG" + (arg or "KILL").upper()))
     elif kind == "nan_param_after_step":
         flat.params[arg][...] = np.nan
-
-
-def _inject_nan(step: int, loss: float, flat: FlatParams) -> float:
-    """The transient faults of rtrainer.faults, on step N only (between backward and update):
-    nan_loss_at_step=N makes the loss NaN, nan_grad_at_step=N:TENSOR fills that gradient with NaN."""
-    kind, n, arg = faults.parse()
-    if kind not in ("nan_loss_at_step", "nan_grad_at_step") or not n.isdigit() or int(n) != step:
-        return loss
-    if kind == "nan_loss_at_step":
-        return math.nan
-    flat.grads[arg][...] = np.nan
-    return loss
 
 
 def _abspath(p: str) -> str:
