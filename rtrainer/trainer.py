@@ -29,7 +29,7 @@ from threadpoolctl import threadpool_limits
 
 from . import checkpoint as ckpt
 from . import config as config_mod
-from . import console
+from . import console as console_mod
 from . import faults
 from . import plan as plan_mod
 from . import resume as resume_mod
@@ -101,6 +101,8 @@ class Trainer:
         self.data = None
         self._lock = None
         self.last_val = None
+        self.metrics = None
+        self.events = console_mod.Events()   # warnings and integrity events: stderr, metrics, summary
 
     @classmethod
     def from_file(cls, path: str, overrides=(), **kw):
@@ -310,8 +312,8 @@ class Trainer:
         self._lock = _lock_run_dir(out_dir)
         swept = ckpt.sweep(self.ckpt_dir)   # what a killed writer left: .tmp-* and .trash-*
         if swept:
-            self._say(f"rtrainer: removed {len(swept)} leftover temporary checkpoint file(s) in {self.ckpt_dir}: "
-                      + ", ".join(swept))
+            self.events.emit("leftovers_removed", f"removed {len(swept)} leftover temporary checkpoint file(s) in "
+                             f"{self.ckpt_dir}: " + ", ".join(swept), paths=list(swept))
         state = self._load_resume_state()
         existing = ckpt.find_checkpoints(self.ckpt_dir)
         if state is None and existing:
@@ -326,7 +328,7 @@ class Trainer:
                                    staged_mod.peek(self.data.train))
             self.step, self.skipped, self.best_val_loss, elapsed0 = 0, 0, math.inf, 0.0
             self.bad_evals, self.best_step = 0, None
-            metrics_offset = None
+            metrics_offset = metrics_sha256 = None
         else:
             self.step = int(state["step"])
             self.optimizer.t = int(state["optimizer_updates"])
@@ -342,6 +344,7 @@ class Trainer:
             # another run directory starts this directory's metrics afresh
             same_run = self.ckpt_dir.resolve() in Path(self._resume_path).resolve().parents
             metrics_offset = int(state["metrics_offset"]) if same_run else None
+            metrics_sha256 = state.get("metrics_sha256") if same_run else None   # absent: an older checkpoint
             if same_run:
                 self._set_aside_newer(existing)
                 self.paths["latest"] = self._resume_path
@@ -355,12 +358,21 @@ class Trainer:
             os.unlink(self.paths["summary"])
         except FileNotFoundError:
             pass
-        self.metrics = MetricsWriter(self.paths["metrics"], truncate_to=metrics_offset)
+        self.metrics = MetricsWriter(self.paths["metrics"], truncate_to=metrics_offset,
+                                     expect_sha256=metrics_sha256)
+        if self.metrics.set_aside is not None:   # the log did not match the checkpoint: kept aside, never continued
+            moved, why = self.metrics.set_aside
+            self.events.emit("metrics_set_aside", f"{self.paths['metrics']} does not match the checkpoint ({why}): "
+                             f"it is damaged; kept as {moved}, a new metrics file starts at step {self.step}",
+                             path=self.paths["metrics"], moved_to=moved, reason=why)
+        self.events.attach(self.metrics, self.step)
         import rtrainer
 
         hint = rtrainer.threading_warning() if self.n_threads > 1 else None
         if hint:
-            self._say(f"rtrainer: warning: {hint}")
+            self.events.emit("blas_spin_wait", hint, step=self.step)
+        for event, message, fields in plan_mod.surprises(c, self.n_threads):
+            self.events.emit(event, message, step=self.step, **fields)
         self._say(f"rtrainer: {'resuming at step ' + str(self.step) if state else 'starting'}: "
                   f"{self.flat.n_trainable:,} trainable parameters, V={V}, threads={self.n_threads}, "
                   f"out_dir={out_dir}; plan: memory about {plan_mod._human(self.plan['memory']['total'])}, "
@@ -393,6 +405,7 @@ class Trainer:
             "last_val": self.last_val,
             "skipped_steps": self.skipped,
             "paths": self.paths,
+            "events": self.events.items,
         }
         self.metrics.close()
         ckpt.write_json_atomic(self.paths["summary"], summary)
@@ -412,7 +425,7 @@ class Trainer:
             ckpt.write_json_atomic(self.paths["summary"], {
                 "final_step": self.step, "stop_reason": "io_error", "error": str(err),
                 "best_val_loss": _json_float(self.best_val_loss), "last_val": getattr(self, "last_val", None),
-                "skipped_steps": self.skipped, "paths": self.paths})
+                "skipped_steps": self.skipped, "paths": self.paths, "events": self.events.items})
         except (OSError, RtrainerError):
             pass
 
@@ -482,6 +495,7 @@ class Trainer:
             "data": {"train": self.data.train.state()},
             "rng": self.rng.bit_generator.state,
             "metrics_offset": self.metrics.offset(),
+            "metrics_sha256": self.metrics.sha256(),   # of those bytes: the log is checked on resume
             "elapsed_s": elapsed,
             "n_threads": self.n_threads,
             "config": config_mod.config_to_dict(self.resolved),
@@ -521,8 +535,8 @@ class Trainer:
                 new = self.ckpt_dir / f"superseded-{Path(path).name}-{stamp}"
                 os.rename(path, new)
                 ckpt.fsync_dir(str(self.ckpt_dir))
-                self._say(f"rtrainer: warning: {path} is newer than the checkpoint this run resumes from; "
-                          f"moved to {new}")
+                self.events.emit("checkpoint_set_aside", f"{path} is newer than the checkpoint this run resumes "
+                                 f"from; moved to {new}", path=str(path), moved_to=str(new))
 
     def _load_newest_valid(self, ckpt_dir: Path):
         """--resume auto: the newest step checkpoint that verifies; corrupt or partial ones are
@@ -534,7 +548,7 @@ class Trainer:
                 return path, ckpt.load_checkpoint(path)
             except CheckpointError as e:
                 problems.append(str(e))
-                self._say(f"rtrainer: warning: skipping {path}: {e}")
+                self.events.emit("checkpoint_skipped", f"skipping {path}: {e}", path=str(path), reason=str(e))
         if found:
             raise CheckpointError(f"no valid checkpoint in {ckpt_dir}: " + "; ".join(problems))
         return None, None
@@ -553,7 +567,8 @@ class Trainer:
         else:
             path, loaded = r, ckpt.load_checkpoint(r)
         if path is None:
-            self._say("rtrainer: --resume auto: no checkpoint yet, starting fresh")
+            self.events.emit("resume_found_nothing", f"--resume {r}: no checkpoint yet in {self.ckpt_dir}, starting "
+                             "fresh", out_dir=str(self.paths["out_dir"]))
             return None
         self._resume_path = path = str(path)
         tensors, state = loaded
@@ -566,8 +581,12 @@ class Trainer:
         resume_mod.check_frozen(path, saved, now, defaults, self.cfg.model.vocab_size)
         self.flat.load_state_tensors(tensors, source=path)
         if int(state.get("n_threads", self.n_threads)) != self.n_threads:
-            self._say(f"rtrainer: warning: the checkpoint was written with {state['n_threads']} threads, this run "
-                      f"uses {self.n_threads}: results will not be bitwise identical to an uninterrupted run")
+            self.events.emit("threads_changed", f"the checkpoint was written with {state['n_threads']} threads, this "
+                             f"run uses {self.n_threads}: results will not be bitwise identical to an uninterrupted run",
+                             old=int(state["n_threads"]), new=self.n_threads)
+        # what may change is applied from the resume step on, with a warning naming old -> new
+        for event, message, fields in resume_mod.changed_settings(saved, now, defaults, int(state["step"])):
+            self.events.emit(event, message, **fields)
         return state
 
     def _resolved_config(self, vocab_size: int):
@@ -588,7 +607,7 @@ class Trainer:
         """Console output, best effort (rtrainer/console.py): a closed or broken console never
         stops the run."""
         if self.console:
-            console.say(msg, sys.stderr if msg.startswith("rtrainer:") else sys.stdout)
+            console_mod.say(msg, sys.stderr if msg.startswith("rtrainer:") else sys.stdout)
 
 
 def _lock_run_dir(out_dir: Path):

@@ -370,3 +370,103 @@ def test_the_refusal_names_the_largest_items_and_their_keys(tmp_path):
     plan_mod.require_fits(plan, cfg, available=plan_mod._need(plan["memory"]["total"]))   # just fits
     with pytest.raises(ConfigError, match=r"activations .*train\.batch_size = 512, train\.seq_len = 2048"):
         plan_mod.require_fits(plan, cfg, available=plan_mod._need(plan["memory"]["total"]) - 1)
+
+
+# ============================================================================ 3. events are never lost
+def _events(run):
+    return [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "event"]
+
+
+def test_a_skipped_damaged_checkpoint_is_reported_even_headless(tmp_path):
+    cfg = tiny_config(tmp_path, steps=30)
+    run_cli("run", cfg, "--stop-at", "20", check=True)
+    run = tmp_path / "run"
+    newest = latest_checkpoint(run)
+    (newest / "model.safetensors").write_bytes(b"garbage")        # step 20 is damaged
+    (run / "checkpoints" / ".tmp-step-00000021-dead").mkdir()       # what a killed writer leaves
+    p = run_cli("run", cfg, "--resume", "auto", "--headless")
+    assert p.returncode == 0, p.stderr
+    assert "warning" in p.stderr and str(newest) in p.stderr and ".tmp-step-00000021-dead" in p.stderr
+    assert "step " not in p.stdout                                 # progress stays silent
+    summary = orjson.loads((run / "summary.json").read_bytes())
+    names = [e["event"] for e in summary["events"]]
+    assert "leftovers_removed" in names and "checkpoint_skipped" in names and "checkpoint_set_aside" in names
+    ev = {e["event"]: e for e in _events(run)}
+    assert ev["checkpoint_skipped"]["path"] == str(newest) and ev["checkpoint_skipped"]["step"] == 10
+    for e in ev.values():
+        assert {"kind", "step", "event", "message"} <= set(e)
+
+
+def test_changed_settings_on_resume_are_applied_with_a_warning(tmp_path):
+    cfg = tiny_config(tmp_path, steps=30)
+    run_cli("run", cfg, "--stop-at", "10", check=True)
+    p = run_cli("run", cfg, "--resume", "auto", "--headless", "--set", "train.steps=60", "--set", "optim.lr=0.02",
+                "--set", "run.seed=8", "--set", "log.log_every=5")
+    assert p.returncode == 0, p.stderr
+    for text in ("train.steps changed: 30 -> 60", "optim.lr changed: 0.01 -> 0.02", "run.seed changed: 7 -> 8",
+                 "log.log_every changed: 1 -> 5"):
+        assert text in p.stderr, p.stderr
+    run = tmp_path / "run"
+    changed = {e["key"]: (e["old"], e["new"]) for e in _events(run) if e["event"] == "setting_changed"}
+    assert changed["train.steps"] == (30, 60) and changed["optim.lr"] == (0.01, 0.02)
+    train = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert train[-1]["step"] == 60 and [r["step"] for r in train if r["step"] > 10][:2] == [15, 20]
+    from rtrainer.optim import lr_at
+
+    first = next(r for r in train if r["step"] == 15)
+    assert first["lr"] == pytest.approx(lr_at(14, 0.02, 3, 60, 0.1))   # the schedule of the new settings
+
+
+def test_surprising_settings_are_warned_about_headless(tmp_path):
+    cfg = tiny_config(tmp_path, steps=10, threads=os.cpu_count() + 2)
+    p = run_cli("run", cfg, "--headless", "--set", "schedule.warmup_steps=50")
+    assert p.returncode == 0, p.stderr
+    assert "schedule.warmup_steps = 50 is not shorter than train.steps = 10" in p.stderr
+    assert "threads on" in p.stderr
+    names = {e["event"] for e in orjson.loads((tmp_path / "run" / "summary.json").read_bytes())["events"]}
+    assert {"warmup_longer_than_run", "threads_exceed_cores"} <= names
+
+
+@pytest.mark.parametrize("damage", ["flip", "garbage"])
+def test_a_damaged_metrics_log_is_set_aside_on_resume(tmp_path, damage):
+    cfg = tiny_config(tmp_path, steps=30)
+    run_cli("run", cfg, "--stop-at", "20", check=True)
+    run = tmp_path / "run"
+    m = run / "metrics.jsonl"
+    b = bytearray(m.read_bytes())
+    if damage == "flip":
+        i = b.index(b'"loss":') + 8
+        b[i] ^= 0x01                      # one digit of a loss: still valid JSON
+    else:
+        b[100:140] = b"\x00" * 40
+    m.write_bytes(bytes(b))
+    p = run_cli("run", cfg, "--resume", "auto", "--headless")
+    assert p.returncode == 0, p.stderr
+    assert "metrics" in p.stderr and "damaged" in p.stderr
+    moved = list(run.glob("metrics.jsonl.damaged-*"))
+    assert len(moved) == 1 and moved[0].read_bytes() == bytes(b)       # kept as it was
+    recs = read_metrics(m)
+    assert recs[0]["kind"] == "event"    # the new log starts with the events of the start-up
+    ev = next(r for r in recs if r["kind"] == "event" and r["event"] == "metrics_set_aside")
+    assert ev["moved_to"] == str(moved[0]) and ev["step"] == 20
+    assert [r["step"] for r in recs if r["kind"] == "train"] == list(range(21, 31))
+    s = orjson.loads((run / "summary.json").read_bytes())
+    assert "metrics_set_aside" in [e["event"] for e in s["events"]]
+
+
+def test_an_intact_metrics_log_resumes_and_an_old_checkpoint_without_checksum_too(tmp_path):
+    from rtrainer import checkpoint as ckpt
+
+    cfg = tiny_config(tmp_path, steps=30)
+    run_cli("run", cfg, "--stop-at", "20", check=True)
+    run = tmp_path / "run"
+    path = latest_checkpoint(run)
+    tensors, state = ckpt.load_checkpoint(path)
+    assert "metrics_sha256" in state
+    del state["metrics_sha256"]                         # as written before the checksum existed
+    ckpt.write_step_checkpoint(path.parent, 20, tensors, state)
+    p = run_cli("run", cfg, "--resume", "auto", "--headless")
+    assert p.returncode == 0 and "damaged" not in p.stderr, p.stderr
+    recs = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in recs if r["kind"] == "train"] == list(range(1, 31))
+    assert not list(run.glob("metrics.jsonl.damaged-*"))
