@@ -97,13 +97,17 @@ def _check_flags(args) -> None:
     if getattr(args, "stop_at", None) is not None and not 1 <= args.stop_at <= MAX_STEPS:
         raise ConfigError(f"--stop-at must be a step in [1, {MAX_STEPS}], got {args.stop_at} (the run pauses after "
                           "that step)")
-    if getattr(args, "resume", None) is not None and getattr(args, "overwrite", False):
-        raise ConfigError(f"--resume {args.resume} and --overwrite cannot be used together: --resume continues a run, "
-                          "--overwrite starts it over; give one of them")
+    if getattr(args, "resume", None) == "auto" and getattr(args, "overwrite", False):
+        # (--resume PATH --overwrite is meaningful: start out_dir over from another run's checkpoint)
+        raise ConfigError("--resume auto and --overwrite cannot be used together: --resume auto continues the run in "
+                          "out_dir, --overwrite starts it over; give one of them")
+    if args.command == "parity" and args.steps is not None:   # (0 would silently mean the default)
+        if args.steps < 2:
+            raise ConfigError(f"--steps: the parity probe needs at least 2 steps, got {args.steps}")
+        if args.steps > MAX_STEPS:
+            raise ConfigError(f"--steps = {args.steps} is above its limit of {MAX_STEPS}")
     if getattr(args, "resume", None) == "":
         raise ConfigError("--resume needs a checkpoint path, a run directory or 'auto'")
-    if args.command == "parity" and args.steps is not None and not 2 <= args.steps <= MAX_STEPS:
-        raise ConfigError(f"--steps must be in [2, {MAX_STEPS}], got {args.steps}")
 
 
 def entry() -> None:
@@ -113,6 +117,16 @@ def entry() -> None:
     import os
 
     rc = main()
+    from .console import is_dead, silence
+
+    if not is_dead(sys.stdout):
+        try:   # what a command printed without flushing meets a closed pipe here, not at interpreter exit
+            sys.stdout.flush()
+        except BrokenPipeError:
+            silence(sys.stdout)
+            rc = rc or 141
+        except (OSError, ValueError):
+            silence(sys.stdout)
     if rc in (130, 143):
         for stream in (sys.stdout, sys.stderr):
             try:
