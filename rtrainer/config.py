@@ -258,7 +258,8 @@ class TrainConfig:
     ff: bool = _f(False, "Forward-Forward local objective on each unfrozen layer's D_skip, every step",
                   details="`mamba-lite` layers only. Off, a run is exactly (bitwise) what it was without the "
                   "key. See [staged training](staged-training.md#forward-forward-on-d_skip).")
-    ff_margin: float = _f(1.0, "FF hinge margin: ff_loss = max(0, margin - goodness gap)", gt=0.0)
+    ff_margin: float = _f(1.0, "FF hinge margin: ff_loss = max(0, margin - goodness gap)", gt=0.0,
+                          details="The Rust trainer rtrainer replaces uses 1.")
     ff_lr: float = _f(1e-4, "learning rate of the plain-SGD FF update of D_skip on FF-only steps; on BP "
                       "steps the FF gradient is added to the backprop one with weight ff_lr / optim.lr", ge=0.0)
     bp_cadence: int = _f(1, "global backprop + AdamW every N steps (steps N, 2N, ...); the other steps "
@@ -288,7 +289,7 @@ class DataConfig:
     format: str = _f(
         "auto", "token file format: auto (by extension) | txt | u8 | u16 | u32 | npy",
         choices=("auto", "txt", "u8", "u16", "u32", "npy"),
-        details="`txt`: whitespace-separated integers; `u8`: raw bytes (byte-level text); `u16`/`u32`: raw "
+        details="`txt`: whitespace-separated integers (the Rust trainer's format); `u8`: raw bytes (byte-level text); `u16`/`u32`: raw "
         "little-endian (nanoGPT `.bin` files are u16); `npy`: a NumPy array file. `auto` decides per file by "
         "extension: `.txt`, `.npy`, `.bin` = u16.",
     )
