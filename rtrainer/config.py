@@ -289,9 +289,9 @@ class DataConfig:
     format: str = _f(
         "auto", "token file format: auto (by extension) | txt | u8 | u16 | u32 | npy",
         choices=("auto", "txt", "u8", "u16", "u32", "npy"),
-        details="`txt`: whitespace-separated integers (the Rust trainer's format); `u8`: raw bytes (byte-level text); `u16`/`u32`: raw "
-        "little-endian (nanoGPT `.bin` files are u16); `npy`: a NumPy array file. `auto` decides per file by "
-        "extension: `.txt`, `.npy`, `.bin` = u16.",
+        details="`txt`: whitespace-separated integers (the Rust trainer's format); `u8`: raw bytes "
+        "(byte-level text); `u16`/`u32`: raw little-endian (nanoGPT `.bin` files are u16); `npy`: a NumPy "
+        "array file. `auto` decides per file by extension: `.txt`, `.npy`, `.bin` = u16.",
     )
     packed: bool = _f(True, "packed windows (row b's last target = row b+1's first input); false = "
                       "independent windows of seq_len+1 tokens that share no token",
