@@ -1,6 +1,6 @@
 """Command line: `rtrainer run CONFIG [--set section.key=value ...] [--resume PATH|auto] [--headless]`,
 `rtrainer parity CONFIG [--steps N]`, `rtrainer prepare DIR` (index a shard directory),
-`rtrainer info`, `rtrainer keys`.
+`rtrainer info`, `rtrainer keys [--markdown]`.
 
 Every error is one line on stderr starting `rtrainer: error:` and a non-zero exit code:
 2 configuration or usage, 3 data or checkpoint integrity, 4 non-finite stop, 5 I/O error (disk full, permission),
@@ -32,6 +32,7 @@ examples:
   rtrainer run examples/quickstart.toml --dry-run          # the plan: parameters, memory, FLOPs, time
   rtrainer parity examples/quickstart.toml --steps 20       # straight == paused + resumed, bitwise?
   rtrainer keys                                            # every run-file key with its default
+  rtrainer keys --markdown                                 # the same as docs/run-file.md
   rtrainer prepare data/shards                             # index (and check) a shard directory once
 """
 
@@ -44,7 +45,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="rtrainer", description="Train Mamba (selective state-space) models with an HPN head "
+    p = _Parser(prog="rtrainer", description="Train Mamba (selective state-space) models with an HPN or softmax head "
                 "on the CPU, from a TOML run file.", epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"rtrainer {__version__}")
@@ -85,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--glob", default="", help="file name pattern of the shards (as data.shard_glob)")
     pr.add_argument("--rebuild", action="store_true", help="rebuild the manifest from scratch")
     sub.add_parser("info", help="build and machine information (OpenMP, threads, BLAS)")
-    sub.add_parser("keys", help="list every run-file key with its default and meaning")
+    k = sub.add_parser("keys", help="list every run-file key with its default and meaning")
+    k.add_argument("--markdown", action="store_true",
+                   help="print the run-file reference in Markdown instead (what docs/run-file.md holds)")
     return p
 
 
@@ -179,6 +182,10 @@ def _main(argv=None) -> int:
             _prepare(args)
         elif args.command == "info":
             _info()
+        elif args.command == "keys" and args.markdown:
+            from .docgen import runfile_markdown
+
+            sys.stdout.write(runfile_markdown())
         elif args.command == "keys":
             from .config import describe_keys
 
