@@ -582,8 +582,8 @@ class Trainer:
         self.flat.load_state_tensors(tensors, source=path)
         if int(state.get("n_threads", self.n_threads)) != self.n_threads:
             self.events.emit("threads_changed", f"the checkpoint was written with {state['n_threads']} threads, this "
-                             f"run uses {self.n_threads}: results will not be bitwise identical to an uninterrupted run",
-                             old=int(state["n_threads"]), new=self.n_threads)
+                             f"run uses {self.n_threads}: results will not be bitwise identical to an uninterrupted "
+                             "run", old=int(state["n_threads"]), new=self.n_threads)
         # what may change is applied from the resume step on, with a warning naming old -> new
         for event, message, fields in resume_mod.changed_settings(saved, now, defaults, int(state["step"])):
             self.events.emit(event, message, **fields)

@@ -470,3 +470,12 @@ def test_an_intact_metrics_log_resumes_and_an_old_checkpoint_without_checksum_to
     recs = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in recs if r["kind"] == "train"] == list(range(1, 31))
     assert not list(run.glob("metrics.jsonl.damaged-*"))
+
+
+def test_resume_auto_with_nothing_to_resume_is_a_warning_headless(tmp_path):
+    cfg = tiny_config(tmp_path, steps=5)
+    p = run_cli("run", cfg, "--resume", "auto", "--headless")
+    assert p.returncode == 0 and "rtrainer: warning: --resume auto: no checkpoint yet" in p.stderr, p.stderr
+    s = orjson.loads((tmp_path / "run" / "summary.json").read_bytes())
+    assert [e["event"] for e in s["events"]] == ["resume_found_nothing"] and s["events"][0]["step"] == 0
+    assert _events(tmp_path / "run")[0]["event"] == "resume_found_nothing"
