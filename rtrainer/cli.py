@@ -5,6 +5,11 @@
 Every error is one line on stderr starting `rtrainer: error:` and a non-zero exit code:
 2 configuration or usage, 3 data or checkpoint integrity, 4 non-finite stop, 5 I/O error (disk full, permission),
 6 run directory locked by another live run.
+
+Console output is best effort (rtrainer/console.py): training never stops because stdout or stderr
+went away. A command whose only job is printing (`keys`, `info`, `prepare`'s summary, `--dry-run`)
+exits 141 (128 + SIGPIPE, what a shell reports for a command stopped by a closed pipe) and quietly
+when its stdout is closed early, e.g. `rtrainer keys | head`.
 """
 from __future__ import annotations
 
@@ -14,14 +19,17 @@ import sys
 from . import __version__
 
 EPILOG = """\
-exit codes: 0 finished, 2 configuration/usage error, 3 data or checkpoint integrity error,
-4 non-finite loss/gradient stop, 5 I/O error (disk full, permission denied), 6 run directory in use by another run,
-130/143 interrupted by SIGINT/SIGTERM (after a checkpoint). `rtrainer parity` exits 1 on a mismatch.
+exit codes: 0 finished, 2 configuration/usage error (also: a run that does not fit in memory),
+3 data or checkpoint integrity error, 4 non-finite loss/gradient stop, 5 I/O error (disk full, permission
+denied, read-only output), 6 run directory in use by another run, 130/143 interrupted by SIGINT/SIGTERM
+(after a checkpoint; a second Ctrl-C stops at once, also 130), 141 stdout closed early (`keys | head`).
+`rtrainer parity` exits 1 on a mismatch.
 
 examples:
   rtrainer run examples/quickstart.toml
   rtrainer run examples/quickstart.toml --set train.steps=50 --set run.out_dir='"runs/try"'
   rtrainer run examples/quickstart.toml --resume auto      # continue from out_dir's latest checkpoint
+  rtrainer run examples/quickstart.toml --dry-run          # the plan: parameters, memory, FLOPs, time
   rtrainer parity examples/quickstart.toml --steps 20       # straight == paused + resumed, bitwise?
   rtrainer keys                                            # every run-file key with its default
   rtrainer keys --markdown                                 # the same as docs/run-file.md
@@ -55,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from scratch even if out_dir already holds a run (its checkpoint is replaced)")
     r.add_argument("--headless", action="store_true", help="no console progress (metrics.jsonl only)")
     r.add_argument("--stop-at", type=int, metavar="STEP", default=None,
-                   help="pause after STEP with a checkpoint (exit 0, stop_reason 'paused'); continue with --resume")
+                   help="pause after STEP (>= 1) with a checkpoint (exit 0, stop_reason 'paused'); continue with "
+                        "--resume")
+    r.add_argument("--dry-run", action="store_true",
+                   help="check the run file and the data, print the run plan (parameters, memory, FLOPs per step, "
+                        "tokens per epoch, an estimated time from a short timed step) and exit without writing")
     q = sub.add_parser("parity", help="probe: N steps straight == N/2 + checkpoint + resume + N/2, bitwise",
                        description="Train the run file's model twice in a scratch directory: N steps straight, "
                        "and N/2 steps + checkpoint + a new trainer resuming to N. Parameters, moments, optimizer "
@@ -64,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("config", metavar="CONFIG", help="the TOML run file (its out_dir is not touched)")
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a run-file key (repeatable)")
-    q.add_argument("--steps", type=int, default=None, help="N (default: min(train.steps, 20))")
+    q.add_argument("--steps", type=int, default=None, help="N >= 2 (default: min(train.steps, 20))")
     q.add_argument("--workdir", default=None, help="where the scratch directory is made (default: the system's)")
     pr = sub.add_parser("prepare", help="index a shard directory: build and verify its data manifest, convert "
                         "text shards to their binary cache")
@@ -80,7 +92,64 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_flags(args) -> None:
+    """Flag values that make no sense: one ConfigError line (exit 2) naming the flag."""
+    from .config import MAX_STEPS
+    from .errors import ConfigError
+
+    if getattr(args, "stop_at", None) is not None and not 1 <= args.stop_at <= MAX_STEPS:
+        raise ConfigError(f"--stop-at must be a step in [1, {MAX_STEPS}], got {args.stop_at} (the run pauses after "
+                          "that step)")
+    if getattr(args, "resume", None) == "auto" and getattr(args, "overwrite", False):
+        # (--resume PATH --overwrite is meaningful: start out_dir over from another run's checkpoint)
+        raise ConfigError("--resume auto and --overwrite cannot be used together: --resume auto continues the run in "
+                          "out_dir, --overwrite starts it over; give one of them")
+    if args.command == "parity" and args.steps is not None:   # (0 would silently mean the default)
+        if args.steps < 2:
+            raise ConfigError(f"--steps: the parity probe needs at least 2 steps, got {args.steps}")
+        if args.steps > MAX_STEPS:
+            raise ConfigError(f"--steps = {args.steps} is above its limit of {MAX_STEPS}")
+    if getattr(args, "resume", None) == "":
+        raise ConfigError("--resume needs a checkpoint path, a run directory or 'auto'")
+
+
+def entry() -> None:
+    """The `rtrainer` command (and `python -m rtrainer`). An interrupted run ends with os._exit
+    after flushing the console: the interpreter's own shutdown resets the signal handlers, and a
+    further Ctrl-C during it would end the process with a raw SIGINT status instead of 130."""
+    import os
+
+    rc = main()
+    from .console import is_dead, silence
+
+    if not is_dead(sys.stdout):
+        try:   # what a command printed without flushing meets a closed pipe here, not at interpreter exit
+            sys.stdout.flush()
+        except BrokenPipeError:
+            silence(sys.stdout)
+            rc = rc or 141
+        except (OSError, ValueError):
+            silence(sys.stdout)
+    if rc in (130, 143):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (AttributeError, OSError, ValueError):
+                pass
+        os._exit(rc)
+    sys.exit(rc)
+
+
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:   # a Ctrl-C that came while an error or an interrupt was being reported
+        _exit_on_next_interrupt()
+        _err("rtrainer: interrupted")
+        return 130
+
+
+def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command is None:
         build_parser().print_help()
@@ -88,20 +157,27 @@ def main(argv=None) -> int:
     from .errors import RtrainerError
 
     try:
+        _check_flags(args)
         if args.command == "run":
             from .trainer import Trainer
 
-            Trainer.from_file(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite,
-                              console=not args.headless, stop_at=args.stop_at).fit()
+            trainer = Trainer.from_file(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite,
+                                        console=not args.headless, stop_at=args.stop_at)
+            if args.dry_run:
+                from .plan import dry_run
+
+                dry_run(trainer, out=_out)
+            else:
+                trainer.fit()
         elif args.command == "parity":
             from .probe import ParityMismatch, config_for_probe, run_parity
 
             try:
                 run_parity(config_for_probe(args.config, args.overrides), steps=args.steps, workdir=args.workdir)
             except ParityMismatch as e:
-                print(f"parity: FAILED: {e}", file=sys.stderr)
+                _err(f"parity: FAILED: {e}")
                 return 1
-            print("parity: OK")
+            _out("parity: OK")
         elif args.command == "prepare":
             _prepare(args)
         elif args.command == "info":
@@ -114,24 +190,58 @@ def main(argv=None) -> int:
             from .config import describe_keys
 
             for section, key, default, doc in describe_keys():
-                print(f"{section}.{key} = {default!r}\n    {doc}")
+                _out(f"{section}.{key} = {default!r}\n    {doc}")
     except RtrainerError as e:
-        print(f"rtrainer: error: {e}", file=sys.stderr)
+        if e.exit_code in (130, 143):   # interrupted after a checkpoint: a further Ctrl-C ends at once
+            _exit_on_next_interrupt()
+        _err(f"rtrainer: error: {e}")
         return e.exit_code
     except KeyboardInterrupt:
-        print("rtrainer: interrupted", file=sys.stderr)
+        _exit_on_next_interrupt()
+        _err("rtrainer: interrupted")
         return 130
+    except BrokenPipeError:   # the reader of stdout went away (`rtrainer keys | head`)
+        from .console import silence
+
+        silence(sys.stdout)
+        return 141
     return 0
+
+
+def _out(msg: str) -> None:
+    """A line of a command's output on stdout: a closed pipe raises BrokenPipeError (exit 141)."""
+    print(msg, flush=True)
+
+
+def _err(msg: str) -> None:
+    from .console import say
+
+    say(msg, sys.stderr)
+
+
+def _exit_on_next_interrupt() -> None:
+    """After an interrupt was handled, a further Ctrl-C (or SIGTERM) while the process winds down
+    ends it at once with the same status, never with a raw signal status or a traceback."""
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        try:
+            signal.signal(sig, lambda *_a, _c=code: os._exit(_c))
+        except (ValueError, OSError):
+            pass
 
 
 def _prepare(args) -> None:
     from .shards import prepare_dir
 
-    m = prepare_dir(args.dir, args.format, args.glob, rebuild=args.rebuild, verify="full",
-                    say=lambda msg: print(msg, file=sys.stderr))
+    m = prepare_dir(args.dir, args.format, args.glob, rebuild=args.rebuild, verify="full", say=_err)
     n = sum(e["tokens"] for e in m["shards"])
     top = max(e["max_id"] for e in m["shards"])
-    print(f"{args.dir}: {len(m['shards'])} shards, {n:,} tokens, max token id {top}; manifest verified")
+    _out(f"{args.dir}: {len(m['shards'])} shards, {n:,} tokens, max token id {top}; manifest verified")
 
 
 def _info() -> None:
@@ -142,14 +252,14 @@ def _info() -> None:
     from ._kernels import info
     from .threads import available_cores, resolve_threads
 
-    print(f"rtrainer {__version__}")
-    print(f"openmp: {'yes' if openmp_enabled() else 'no'} (omp_get_max_threads = {info.openmp_max_threads()})")
-    print(f"cores available: {available_cores()}, threads used by default: {resolve_threads(0)}")
-    print(f"numpy {np.__version__}")
+    _out(f"rtrainer {__version__}")
+    _out(f"openmp: {'yes' if openmp_enabled() else 'no'} (omp_get_max_threads = {info.openmp_max_threads()})")
+    _out(f"cores available: {available_cores()}, threads used by default: {resolve_threads(0)}")
+    _out(f"numpy {np.__version__}")
     for lib in threadpool_info():
-        print(f"threadpool: {lib.get('user_api')} {lib.get('internal_api')} {lib.get('version')} "
-              f"threads={lib.get('num_threads')} ({lib.get('filepath')})")
+        _out(f"threadpool: {lib.get('user_api')} {lib.get('internal_api')} {lib.get('version')} "
+                 f"threads={lib.get('num_threads')} ({lib.get('filepath')})")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -42,6 +42,23 @@ else:  # pragma: no cover - Python < 3.11
 from . import grammar
 from .errors import ConfigError
 
+# Upper bounds of every size and count a run file can set: far above anything this trainer can run
+# on a CPU, low enough that no product of them overflows or asks for an absurd allocation before the
+# run plan (rtrainer/plan.py) checks the memory the run needs against what the machine has.
+MAX_STEPS = 10**12          # train.steps, schedule.warmup_steps, every "every N steps" cadence
+MAX_BATCH = 1 << 20         # train.batch_size
+MAX_SEQ_LEN = 1 << 22       # train.seq_len, eval.extra_lengths, model.scan_chunk
+MAX_WIDTH = 1 << 16         # model.d_model, model.dt_rank
+MAX_STATE = 1 << 12         # model.d_state
+MAX_CONV = 1 << 10          # model.d_conv
+MAX_EXPAND = 64             # model.expand
+MAX_LAYERS = 1 << 10        # model.base_layers, model.target_layers
+MAX_VOCAB = 1 << 24         # model.vocab_size, data.task_vocab, and a vocabulary inferred from the data
+MAX_THREADS = 1 << 10       # run.threads
+MAX_EVAL_BATCHES = 1 << 16  # eval.eval_batches
+MAX_WORKERS = 256           # data.prefetch_workers
+MAX_BUFFER = 1 << 12        # data.prefetch_buffer
+
 __all__ = [
     "RunConfig",
     "ModelConfig",
@@ -75,13 +92,15 @@ def _f(
     lt: float | None = None,
     choices: tuple[str, ...] | None = None,
     details: str = "",
+    limit: int | None = None,
 ) -> Any:
     """A dataclass field with its one-line doc, its validation rule (range or choices) and optional
-    longer ``details`` (Markdown) for the run-file reference, docs/run-file.md."""
+    longer ``details`` (Markdown) for the run-file reference, docs/run-file.md; ``limit`` is the
+    largest value accepted for a size or count (the MAX_* bounds above)."""
     return field(
         default=default,
         metadata={"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices,
-                  "details": details},
+                  "details": details, "limit": limit},
     )
 
 
@@ -99,11 +118,12 @@ class RunConfig:
     out_dir: str = _f("runs/default", "run directory (metrics, checkpoints, resolved config)",
                       details="A fresh run refuses a directory that already holds a checkpoint unless "
                       "`--resume auto` or `--overwrite` is given; see [checkpoints](checkpoints.md).")
-    seed: int = _f(42, "seed of every random stream (init, data order)")
+    seed: int = _f(42, "seed of every random stream (init, data order)", ge=0)
     threads: int = _f(0, "kernel threads; 0 = all available cores", ge=0,
                       details="0 = `OMP_NUM_THREADS` if it is set, else every core this process may use. "
                       "The same number caps numpy's BLAS (threadpoolctl); the resolved number is written "
-                      "to `config.toml`. Results are bitwise reproducible for a fixed seed and thread count.")
+                      "to `config.toml`. Results are bitwise reproducible for a fixed seed and thread count.",
+                      limit=MAX_THREADS)
 
 
 @dataclass(frozen=True)
@@ -119,21 +139,23 @@ class ModelConfig:
         "and gate, conv, selective scan, y·silu(z), out_proj. Formulas: "
         "[architecture](architecture.md#the-model).",
     )
-    d_model: int = _f(512, "model width D", ge=1)
-    d_state: int = _f(16, "SSM state size N", ge=1)
-    d_conv: int = _f(4, "causal depthwise conv width K", ge=1)
+    d_model: int = _f(512, "model width D", ge=1, limit=MAX_WIDTH)
+    d_state: int = _f(16, "SSM state size N", ge=1, limit=MAX_STATE)
+    d_conv: int = _f(4, "causal depthwise conv width K", ge=1, limit=MAX_CONV)
     dt_rank: int = _f(
         0, "rank R of the delta projection; 0 = auto: 1 for mamba-lite, ceil(d_model/16) for mamba",
         ge=0,
         details="Auto gives `mamba-lite` its historical rank 1, so older run files resolve to exactly what "
         "they had. The resolved value is written to `config.toml`.",
+        limit=MAX_WIDTH,
     )
     expand: int = _f(2, "inner expansion E (only used by layer = 'mamba')", ge=1,
-                     details="The block works on E·D channels.")
-    base_layers: int = _f(2, "layers at the start of the run (fresh or from a checkpoint)", ge=1)
+                     details="The block works on E·D channels.", limit=MAX_EXPAND)
+    base_layers: int = _f(2, "layers at the start of the run (fresh or from a checkpoint)", ge=1, limit=MAX_LAYERS)
     target_layers: int = _f(2, "layers after expansion (new layers placed by model.placement)", ge=1,
                             details="Must be `>= base_layers`. The `target_layers - base_layers` new layers "
-                            "start as identity blocks that learn; see [staged training](staged-training.md).")
+                            "start as identity blocks that learn; see [staged training](staged-training.md).",
+                            limit=MAX_LAYERS)
     placement: str = _f(
         "append",
         "where new layers go when expanding: append | prepend | insert:N | specific:i,j,...",
@@ -151,10 +173,10 @@ class ModelConfig:
         "rtrainer replaces. Per tensor: [architecture](architecture.md#initialisation).",
     )
     vocab_size: int = _f(0, "vocabulary size V; 0 = max token id in the data + 1", ge=0,
-                         details="With a synthetic task, 0 = `data.task_vocab`.")
+                         details="With a synthetic task, 0 = `data.task_vocab`.", limit=MAX_VOCAB)
     scan_chunk: int = _f(64, "scan checkpoint interval in steps (memory/speed knob only)", ge=1,
                          details="The scan keeps its state every `scan_chunk` steps and recomputes in "
-                         "between; results do not depend on it.")
+                         "between; results do not depend on it.", limit=MAX_SEQ_LEN)
     selective: bool = _f(
         True, "false = ablation: delta, B, C input-independent learned values (an LTI SSM)",
         details="For both layer kinds: `x_proj_w` and `dt_proj_w` are replaced by learned vectors `B_lti`, "
@@ -226,7 +248,7 @@ class OptimConfig:
 class ScheduleConfig:
     """[schedule]: linear warmup then cosine decay, from the global step."""
 
-    warmup_steps: int = _f(0, "linear warmup steps", ge=0)
+    warmup_steps: int = _f(0, "linear warmup steps", ge=0, limit=MAX_STEPS)
     min_lr_scale: float = _f(0.1, "final learning rate as a fraction of optim.lr", ge=0.0, le=1.0,
                              details="The cosine decay runs from the end of the warmup to `train.steps` and "
                              "ends at `min_lr_scale * optim.lr`. It is keyed to the global step, so a "
@@ -238,9 +260,9 @@ class TrainConfig:
     """[train]: length and shape of the run."""
 
     steps: int = _f(5000, "TOTAL optimizer steps of the run (a resumed run continues to it)", ge=1,
-                    details="The schedule is keyed to this number.")
-    batch_size: int = _f(8, "sequences per batch B", ge=1)
-    seq_len: int = _f(64, "tokens per sequence T", ge=1)
+                    details="The schedule is keyed to this number.", limit=MAX_STEPS)
+    batch_size: int = _f(8, "sequences per batch B", ge=1, limit=MAX_BATCH)
+    seq_len: int = _f(64, "tokens per sequence T", ge=1, limit=MAX_SEQ_LEN)
     fail_on_non_finite: bool = _f(False, "stop (exit 4, diagnostic checkpoint) at the first non-finite "
                                   "loss or gradient instead of skipping the update",
                                   details="`false`: such a step changes no parameter or moment and is counted "
@@ -248,7 +270,8 @@ class TrainConfig:
                                   "keeps the parameters, moments and gradients of that step in "
                                   "`checkpoints/non-finite-step-N.safetensors`.")
     max_consecutive_skips: int = _f(10, "abort (exit 4) after this many consecutive skipped updates", ge=1,
-                                    details="The run aborts after *more than* this many skipped steps in a row.")
+                                    details="The run aborts after *more than* this many skipped steps in a row.",
+                                    limit=MAX_STEPS)
     freeze: str = _f("none", "layers that are not trained: none | first:N | indices:i,j,... "
                      "(indices of the expanded model)",
                      details="Frozen tensors get no update, no weight decay, no moment change and no FF "
@@ -263,7 +286,7 @@ class TrainConfig:
     ff_lr: float = _f(1e-4, "learning rate of the plain-SGD FF update of D_skip on FF-only steps; on BP "
                       "steps the FF gradient is added to the backprop one with weight ff_lr / optim.lr", ge=0.0)
     bp_cadence: int = _f(1, "global backprop + AdamW every N steps (steps N, 2N, ...); the other steps "
-                         "apply only the FF update (needs train.ff = true when > 1)", ge=1)
+                         "apply only the FF update (needs train.ff = true when > 1)", ge=1, limit=MAX_STEPS)
     surgery: str = _f("pcgrad", "how the FF gradient of D_skip is combined with its backprop gradient on BP "
                       "steps", choices=("none", "pcgrad", "orthograd", "gradnorm", "cagrad"),
                       details="Formulas: [staged training](staged-training.md#gradient-surgery).")
@@ -305,8 +328,8 @@ class DataConfig:
                                details="The permutation is recomputed from the cursor on resume, so a resumed "
                                "run continues the same order: [data](data.md#order).")
     prefetch_workers: int = _f(0, "background threads reading batches ahead; 0 = read on the training thread "
-                               "(the batches are the same for every value)", ge=0)
-    prefetch_buffer: int = _f(16, "batches read ahead at most (with prefetch_workers > 0)", ge=1)
+                               "(the batches are the same for every value)", ge=0, limit=MAX_WORKERS)
+    prefetch_buffer: int = _f(16, "batches read ahead at most (with prefetch_workers > 0)", ge=1, limit=MAX_BUFFER)
     random_windows: bool = _f(False, "every row a window at a uniformly random position of a random shard "
                               "(nanoGPT style) instead of streaming the shards in order",
                               details="Positions are uniform over all windows of all shards, drawn from the "
@@ -322,10 +345,11 @@ class DataConfig:
         choices=("", "selective_copying", "induction_heads"),
         details="Then `data.train` and `data.val` stay empty. See [data](data.md#synthetic-tasks).",
     )
-    task_tokens: int = _f(8, "selective_copying: data tokens to copy M (L_noise = train.seq_len - 2M)", ge=1)
+    task_tokens: int = _f(8, "selective_copying: data tokens to copy M (L_noise = train.seq_len - 2M)", ge=1,
+                          limit=MAX_SEQ_LEN)
     task_vocab: int = _f(16, "task alphabet: selective_copying A (0 noise, 1..A-2 data, A-1 marker); "
                          "induction_heads V (0..V-2 content, V-1 the special token)", ge=3,
-                         details="`model.vocab_size = 0` takes this value.")
+                         details="`model.vocab_size = 0` takes this value.", limit=MAX_VOCAB)
 
 
 @dataclass(frozen=True)
@@ -333,13 +357,13 @@ class EvalConfig:
     """[eval]: validation on a fixed set of windows."""
 
     val_every: int = _f(200, "validate every N steps; 0 = never", ge=0,
-                        details="A run also validates at its last step.")
+                        details="A run also validates at its last step.", limit=MAX_STEPS)
     eval_batches: int = _f(8, "validation batches (the same windows at every evaluation)", ge=1,
                            details="`eval_batches × train.batch_size` windows spread evenly over the "
-                           "validation tokens.")
+                           "validation tokens.", limit=MAX_EVAL_BATCHES)
     patience: int = _f(0, "stop after this many evaluations without an improvement of more than "
                        "min_delta; 0 = never stop early", ge=0,
-                       details="The run then ends with `stop_reason = \"early_stopping\"` and exit 0.")
+                       details="The run then ends with `stop_reason = \"early_stopping\"` and exit 0.", limit=MAX_STEPS)
     min_delta: float = _f(0.0, "smallest decrease of val_loss that counts as an improvement", ge=0,
                           details="An evaluation improves when `val_loss < best_val_loss - min_delta`; only "
                           "then are `best_val_loss` and the `best` checkpoint updated.")
@@ -347,7 +371,7 @@ class EvalConfig:
                               "val_acc@L): length extrapolation", ge=1,
                               details="Each length has its own fixed set of `eval_batches × batch_size` "
                               "sequences (tasks) or windows (token files). These metrics do not affect "
-                              "`best_val_loss` or early stopping.")
+                              "`best_val_loss` or early stopping.", limit=MAX_SEQ_LEN)
 
 
 @dataclass(frozen=True)
@@ -356,10 +380,10 @@ class CheckpointConfig:
 
     save_every: int = _f(200, "checkpoint every N steps; 0 = only at the end", ge=0,
                          details="A checkpoint is also written at the end, on SIGINT/SIGTERM, at `--stop-at` "
-                         "and at each improving validation (the `best` one).")
+                         "and at each improving validation (the `best` one).", limit=MAX_STEPS)
     keep_last: int = _f(3, "step checkpoints to keep (the newest N, plus the best one); 0 = keep all", ge=0,
                         details="Older ones are deleted after each commit. The newest and the best "
-                        "checkpoint are never deleted.")
+                        "checkpoint are never deleted.", limit=MAX_STEPS)
 
 
 @dataclass(frozen=True)
@@ -368,7 +392,7 @@ class LogConfig:
 
     log_every: int = _f(20, "write a train line to metrics.jsonl every N steps", ge=1,
                         details="And at the last step; the console prints the same lines. Keys: "
-                        "[metrics](metrics.md).")
+                        "[metrics](metrics.md).", limit=MAX_STEPS)
 
 
 @dataclass(frozen=True)
@@ -462,6 +486,12 @@ def _check_scalar(name: str, default: Any, value: Any, where: str) -> Any:
     raise AssertionError(f"unsupported default type for {name}")  # pragma: no cover
 
 
+def _check_limit(name: str, value: int, md: Mapping[str, Any], where: str) -> None:
+    lim = md.get("limit")
+    if lim is not None and value > lim:
+        raise ConfigError(f"{name} = {value} is above its limit of {lim}{where}")
+
+
 def _check_value(section: str, f: Any, value: Any, where: str) -> Any:
     """Validate one field's value: type, finiteness, range, choices. Returns the stored value."""
     name = f"{section}.{f.name}"
@@ -474,6 +504,7 @@ def _check_value(section: str, f: Any, value: Any, where: str) -> Any:
             v = _check_scalar(f"{name}[{i}]", 0, v, where)
             if not _in_range(v, md):
                 raise ConfigError(f"{name}[{i}] must be {_range_text(md)}, got {v!r}{where}")
+            _check_limit(f"{name}[{i}]", v, md, where)
             out.append(v)
         return tuple(out)
     if isinstance(f.default, tuple):
@@ -494,6 +525,8 @@ def _check_value(section: str, f: Any, value: Any, where: str) -> Any:
     value = _check_scalar(name, f.default, value, where)
     if isinstance(value, (int, float)) and not isinstance(value, bool) and not _in_range(value, md):
         raise ConfigError(f"{name} must be {_range_text(md)}, got {value!r}{where}")
+    if isinstance(value, int) and not isinstance(value, bool):
+        _check_limit(name, value, md, where)
     if md["choices"] is not None and value not in md["choices"]:
         allowed = ", ".join(repr(c) for c in md["choices"])
         raise ConfigError(f"{name} must be one of {allowed}, got {value!r}{where}")

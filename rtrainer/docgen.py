@@ -62,8 +62,10 @@ def _toml(value: Any) -> str:
 def _allowed(md) -> str:
     if md["choices"] is not None:
         return ", ".join(f"`{_toml(c)}`" for c in md["choices"])
-    text = _range_text(md)
-    return text.replace(">=", "≥").replace("<=", "≤") if text else ""
+    text = _range_text(md) or ""
+    if md.get("limit") is not None:   # the upper bound of a size or count (config.MAX_*)
+        text = f"{text}, at most {md['limit']:,}" if text else f"at most {md['limit']:,}"
+    return text.replace(">=", "≥").replace("<=", "≤")
 
 
 def _cell(text: str) -> str:

@@ -28,7 +28,8 @@ from .metrics import read_metrics
 
 TIMING_KEYS = ("tokens_per_s", "elapsed_s", "rss_mb")
 # state fields that legitimately differ between two runs of the same training
-_STATE_IGNORED = ("elapsed_s", "metrics_offset", "config")
+# (and the metrics checksum: event lines legitimately differ between a straight and a resumed run)
+_STATE_IGNORED = ("elapsed_s", "metrics_offset", "metrics_sha256", "config")
 
 
 class ParityMismatch(Exception):
@@ -109,8 +110,10 @@ def run_parity(config, steps: int | None = None, workdir: str | None = None, say
         diff = _first_value_difference(strip(sa), strip(sb))
         if diff:
             raise ParityMismatch(f"straight vs resumed at step {n}: checkpoint state {diff}")
-        ma = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(da / "metrics.jsonl")]
-        mb = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(db / "metrics.jsonl")]
+        ma = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(da / "metrics.jsonl")
+              if r.get("kind") != "event"]
+        mb = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(db / "metrics.jsonl")
+              if r.get("kind") != "event"]
         for i, (x, y) in enumerate(zip(ma, mb)):
             diff = _first_value_difference(x, y)
             if diff:

@@ -237,13 +237,67 @@ def _checksums(path: str) -> list[str]:
     return [_digest(b) for _, b in _blocks(path)]
 
 
-def _verify_blocks(path: str, name: str, expected: Sequence[str]) -> None:
+_ROW = 4096   # bytes per row of the moment products: every partial sum stays exact in float64
+
+
+def _moments(b: bytes) -> list[int]:
+    """[sum b_i, sum i*b_i, sum i^2*b_i] over the bytes of one block (i = offset in the block),
+    exact integers. With the block checksum they locate a single changed byte: if byte p changed
+    by d, the three sums change by d, p*d and p^2*d (:func:`_locate_change`)."""
+    a = np.frombuffer(b, dtype=np.uint8)
+    n = len(a)
+    rows = -(-n // _ROW)
+    m = np.zeros(rows * _ROW, np.float64)
+    m[:n] = a
+    m = m.reshape(rows, _ROW)
+    j = np.arange(_ROW, dtype=np.float64)
+    w = np.stack([np.ones(_ROW), j, j * j], axis=1)       # (ROW, 3) weights 1, j, j^2
+    part = m @ w                                          # (rows, 3), each exact (< 2^53)
+    s0 = s1 = s2 = 0
+    for r, (p0, p1, p2) in enumerate(part.tolist()):
+        base, p0, p1, p2 = r * _ROW, int(p0), int(p1), int(p2)
+        s0 += p0
+        s1 += base * p0 + p1
+        s2 += base * base * p0 + 2 * base * p1 + p2
+    return [s0, s1, s2]
+
+
+def _block_moments(path: str) -> list[list[int]]:
+    return [_moments(b) for _, b in _blocks(path)]
+
+
+def _locate_change(b: bytes, recorded) -> int | None:
+    """The offset in the block of the one byte that changed since ``recorded`` (its _moments), or
+    None when more than one byte changed (or nothing recorded)."""
+    try:
+        r0, r1, r2 = (int(x) for x in recorded)
+    except (TypeError, ValueError):
+        return None
+    n0, n1, n2 = _moments(b)
+    d, d1, d2 = n0 - r0, n1 - r1, n2 - r2
+    if d == 0 or d1 % d:
+        return None
+    p = d1 // d
+    if not 0 <= p < len(b) or d2 != p * p * d or not 0 <= b[p] - d <= 255:
+        return None
+    return p
+
+
+def _verify_blocks(path: str, name: str, expected: Sequence[str], moments: Sequence | None = None) -> None:
     n = 0
     for n, (off, b) in enumerate(_blocks(path), 1):
         if n > len(expected) or _digest(b) != expected[n - 1]:
+            where = None
+            if moments is not None and n <= len(moments) and n <= len(expected):
+                where = _locate_change(b, moments[n - 1])
+            if where is not None:
+                raise DataError(f"{name}: content no longer matches the manifest: the byte at offset {off + where} "
+                                f"changed (now {b[where]:#04x}) since the manifest was built; restore the file or "
+                                f"rebuild the manifest with `rtrainer prepare --rebuild {os.path.dirname(name)}`")
+            several = " (more than one byte of it changed)" if moments is not None and n <= len(moments) else ""
             raise DataError(f"{name}: content no longer matches the manifest at byte offset {off} (block of "
-                            f"{_BLOCK} bytes changed since the manifest was built); rebuild it with "
-                            f"`rtrainer prepare --rebuild {os.path.dirname(name)}`")
+                            f"{_BLOCK} bytes, up to offset {off + len(b)}, changed since the manifest was built"
+                            f"{several}); rebuild it with `rtrainer prepare --rebuild {os.path.dirname(name)}`")
     if n != len(expected):  # pragma: no cover - the size check catches this first
         raise DataError(f"{name}: shorter than the manifest records")
 
@@ -297,12 +351,13 @@ def _scan_entry(d: str, name: str, fmt: str) -> dict:
     kind = tokenfiles.resolve_format(p, fmt)
     st = os.stat(p)
     ent: dict[str, Any] = {"path": name, "format": kind, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
-                           "checksums": _checksums(p)}
+                           "checksums": _checksums(p), "moments": _block_moments(p)}
     if kind == "txt":
         cache = os.path.join(MANIFEST_DIR, name + ".u32")
         _convert_text(p, os.path.join(d, cache), label)
         ent.update(cache=cache, cache_bytes=os.path.getsize(os.path.join(d, cache)),
-                   cache_checksums=_checksums(os.path.join(d, cache)))
+                   cache_checksums=_checksums(os.path.join(d, cache)),
+                   cache_moments=_block_moments(os.path.join(d, cache)))
         dtype, header, n = np.dtype("<u4"), 0, ent["cache_bytes"] // 4
         src = os.path.join(d, cache)
     elif kind == "npy":
@@ -356,12 +411,16 @@ def prepare_dir(d: str, fmt: str = "auto", glob: str = "", rebuild: bool = False
     shards to their binary cache. Returns the manifest."""
     d = os.fspath(d)
     if not os.path.isdir(d):
-        raise DataError(f"{d}: not a directory")
+        raise DataError(_not_a_dir(d))
     names = _list_dir(d, fmt, glob)
     old = None if rebuild else _read_manifest(d)
+    if old and not all(isinstance(e, dict) for e in old["shards"]):
+        raise DataError(f"{_manifest_path(d)}: unreadable data manifest (a shard entry is not an object); rebuild "
+                        f"it with `rtrainer prepare --rebuild {d}`")
     by_name = {e.get("path"): e for e in old["shards"]} if old else {}
     root = os.path.realpath(d)
     for e in by_name.values():
+        _check_entry(d, e)
         p = e.get("path")
         if not isinstance(p, str) or os.path.isabs(p) or ".." in p.split("/") or "/" in p or \
                 not _inside(root, os.path.join(d, p)):
@@ -399,6 +458,71 @@ def prepare_dir(d: str, fmt: str = "auto", glob: str = "", rebuild: bool = False
     return {"version": MANIFEST_VERSION, "block_bytes": _BLOCK, "shards": entries}
 
 
+def _check_entry(d: str, e: dict) -> None:
+    """Every field of a manifest entry has the type and range the reader relies on (a damaged or
+    hand-edited manifest is a DataError naming the field, never a traceback). Optional block moments
+    that do not fit are dropped (the changed block is then named instead of the byte)."""
+    name = e.get("path")
+
+    def bad(key, why):
+        return DataError(f"{_manifest_path(d)}: shard {name!r}: {key!r} is {e.get(key)!r}, {why}; rebuild it with "
+                         f"`rtrainer prepare --rebuild {d}`")
+
+    def integer(key, lo=0, hi=None):
+        v = e.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            raise bad(key, "not an integer" + (f" in [{lo}, {hi}]" if hi is not None else f" >= {lo}" if lo > -(2**63)
+                                                else ""))
+        return v
+
+    def digests(key, size_key):
+        v = e.get(key)
+        n = -(-e[size_key] // _BLOCK)
+        if not isinstance(v, list) or len(v) != n or not all(isinstance(x, str) for x in v):
+            raise bad(key, f"not a list of {n} block checksums")
+        mkey = key.replace("checksums", "moments")
+        mom = e.get(mkey)
+        if mom is not None and not (isinstance(mom, list) and len(mom) == n and all(
+                isinstance(x, list) and len(x) == 3 and all(isinstance(y, int) and not isinstance(y, bool) for y in x)
+                for x in mom)):
+            e.pop(mkey)
+
+    if e.get("format") not in _DEFAULT_GLOBS or e.get("format") == "auto":
+        raise bad("format", "not one of txt, u8, u16, u32, npy")
+    size = integer("bytes")
+    integer("mtime_ns", lo=-(2**63))
+    digests("checksums", "bytes")
+    try:
+        dt = np.dtype(e.get("dtype"))
+    except TypeError:
+        raise bad("dtype", "not a numpy dtype") from None
+    if dt.kind not in "iu" or dt.itemsize > 8:
+        raise bad("dtype", "not an integer dtype")
+    data_bytes = size
+    if e["format"] == "txt":
+        if not isinstance(e.get("cache"), str):
+            raise bad("cache", "not a path")
+        data_bytes = integer("cache_bytes")
+        digests("cache_checksums", "cache_bytes")
+    header = integer("header", hi=data_bytes)
+    integer("tokens", hi=(data_bytes - header) // dt.itemsize)
+    if e["tokens"] * dt.itemsize != data_bytes - header:
+        raise bad("tokens", f"not the {(data_bytes - header) // dt.itemsize} tokens of {data_bytes - header} data "
+                            "bytes")
+    lo, hi = integer("min_id", lo=-(2**63)), integer("max_id", lo=-(2**63))
+    if lo > hi or (dt.kind == "u" and lo < 0) or hi >= 2 ** (8 * dt.itemsize):
+        raise bad("max_id", f"inconsistent with min_id {lo} and dtype {dt}")
+
+
+def _not_a_dir(d: str) -> str:
+    """Why ``d`` is not a shard directory, in words: missing, a dangling link, or a file."""
+    if not os.path.lexists(d):
+        return f"{d}: no such directory"
+    if not os.path.exists(d):
+        return f"{d}: a symbolic link to a missing path ({os.path.realpath(d)})"
+    return f"{d}: is a file, not a directory (rtrainer prepare indexes a directory of shard files)"
+
+
 def _verify_entry(d: str, e: dict, fmt: str, verify: str) -> bool:
     """Check one manifest entry against its file; True when the mtime moved (content verified)."""
     name = os.path.join(d, e["path"])
@@ -415,7 +539,7 @@ def _verify_entry(d: str, e: dict, fmt: str, verify: str) -> bool:
                         f"offset {min(st.st_size, e['bytes'])}); rebuild it with `rtrainer prepare --rebuild {d}`")
     touched = st.st_mtime_ns != e["mtime_ns"]
     if verify == "full" or touched:
-        _verify_blocks(name, name, e["checksums"])
+        _verify_blocks(name, name, e["checksums"], e.get("moments"))
         e["mtime_ns"] = st.st_mtime_ns  # same content: remember the new mtime
     if kind == "txt":
         cache = os.path.join(d, e.get("cache", ""))
@@ -425,7 +549,7 @@ def _verify_entry(d: str, e: dict, fmt: str, verify: str) -> bool:
             raise DataError(f"{cache}: the binary cache of {name} is missing or has the wrong size; rebuild it with "
                             f"`rtrainer prepare --rebuild {d}`")
         if verify == "full":
-            _verify_blocks(cache, cache, e["cache_checksums"])
+            _verify_blocks(cache, cache, e["cache_checksums"], e.get("cache_moments"))
     return touched
 
 

@@ -29,7 +29,10 @@ from threadpoolctl import threadpool_limits
 
 from . import checkpoint as ckpt
 from . import config as config_mod
+from . import console as console_mod
 from . import faults
+from . import plan as plan_mod
+from . import resume as resume_mod
 from . import staged as staged_mod
 from . import shards as shards_mod
 from . import stream as stream_mod
@@ -98,6 +101,8 @@ class Trainer:
         self.data = None
         self._lock = None
         self.last_val = None
+        self.metrics = None
+        self.events = console_mod.Events()   # warnings and integrity events: stderr, metrics, summary
 
     @classmethod
     def from_file(cls, path: str, overrides=(), **kw):
@@ -112,8 +117,8 @@ class Trainer:
         shards = shards_mod.open_source(train_path, d.format, d.shard_glob, d.verify)
         val_shards = shards_mod.open_source(_abspath(d.val), d.format, d.shard_glob, d.verify) if d.val else None
         V = c.model.vocab_size
-        if V == 0:  # whole shards: the manifest knows their largest id
-            V = shards_mod.shards_max_token(shards + (val_shards or [])) + 1
+        if V == 0:  # whole shards: the manifest knows their largest id (bounded: rtrainer/plan.py)
+            V = plan_mod.infer_vocab(shards + (val_shards or []))
         if not d.val and d.val_ratio > 0:
             shards, val_shards = shards_mod.split_shards(shards, d.val_ratio)
         shards_mod.check_shards_range(shards, V)
@@ -247,7 +252,12 @@ class Trainer:
             with threadpool_limits(limits=self.n_threads, user_api="blas"):
                 yield
         except OSError as e:  # disk full, permission denied, ... while the run was going
-            raise RunIOError(f"{getattr(e, 'filename', None) or self.cfg.run.out_dir}: {e.strerror or e}") from e
+            err = RunIOError(f"{getattr(e, 'filename', None) or self.cfg.run.out_dir}: {e.strerror or e}")
+            self._failure_summary(err)
+            raise err from e
+        except RunIOError as e:   # e.g. the last checkpoint could not be written: never "completed"
+            self._failure_summary(e)
+            raise
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
@@ -266,9 +276,17 @@ class Trainer:
         """Everything before the first step; returns the run time already spent (resume). Bad input
         fails here before anything is written."""
         c = self.cfg
+        # the run plan: memory checked before anything is allocated (from the config alone, then
+        # with the vocabulary once the data has given it)
+        avail = plan_mod.available_memory()
+        plan_mod.require_fits(plan_mod.make_plan(c), c, avail)
         self.data = self.build_data()
         V = self.data.vocab_size
-        self.net = Net.build(c, V, n_threads=self.n_threads, model=self.build_model(V), head=self.build_head(V))
+        model, head = self.build_model(V), self.build_head(V)
+        tpe = self.data.train.tokens_per_epoch() if hasattr(self.data.train, "tokens_per_epoch") else None
+        self.plan = plan_mod.make_plan(c, V, model=model, head=head, tokens_per_epoch=tpe)
+        plan_mod.require_fits(self.plan, c, avail)
+        self.net = Net.build(c, V, n_threads=self.n_threads, model=model, head=head)
         self.model, self.head, self.flat = self.net.model, self.net.head, self.net.flat
         self.staged = staged_mod.Staged(c)   # expansion, Forward-Forward, BP cadence, surgery
         self.policy = self.staged if self.staged.active else None
@@ -289,12 +307,13 @@ class Trainer:
         }
         # one writer per run directory: the lock dies with its holder (flock), so a killed run
         # never leaves the directory locked
+        plan_mod.check_outputs(out_dir)   # a file where out_dir belongs, read-only checkpoints/, ...
         out_dir.mkdir(parents=True, exist_ok=True)
         self._lock = _lock_run_dir(out_dir)
         swept = ckpt.sweep(self.ckpt_dir)   # what a killed writer left: .tmp-* and .trash-*
         if swept:
-            self._say(f"rtrainer: removed {len(swept)} leftover temporary checkpoint file(s) in {self.ckpt_dir}: "
-                      + ", ".join(swept))
+            self.events.emit("leftovers_removed", f"removed {len(swept)} leftover temporary checkpoint file(s) in "
+                             f"{self.ckpt_dir}: " + ", ".join(swept), paths=list(swept))
         state = self._load_resume_state()
         existing = ckpt.find_checkpoints(self.ckpt_dir)
         if state is None and existing:
@@ -309,7 +328,7 @@ class Trainer:
                                    staged_mod.peek(self.data.train))
             self.step, self.skipped, self.best_val_loss, elapsed0 = 0, 0, math.inf, 0.0
             self.bad_evals, self.best_step = 0, None
-            metrics_offset = None
+            metrics_offset = metrics_sha256 = None
         else:
             self.step = int(state["step"])
             self.optimizer.t = int(state["optimizer_updates"])
@@ -325,6 +344,7 @@ class Trainer:
             # another run directory starts this directory's metrics afresh
             same_run = self.ckpt_dir.resolve() in Path(self._resume_path).resolve().parents
             metrics_offset = int(state["metrics_offset"]) if same_run else None
+            metrics_sha256 = state.get("metrics_sha256") if same_run else None   # absent: an older checkpoint
             if same_run:
                 self._set_aside_newer(existing)
                 self.paths["latest"] = self._resume_path
@@ -334,15 +354,29 @@ class Trainer:
         # the run directory
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_text_atomic(self.paths["config"], config_mod.config_to_toml(self.resolved))
-        self.metrics = MetricsWriter(self.paths["metrics"], truncate_to=metrics_offset)
+        try:   # the summary of an earlier segment must not pass for this one's (written again at the end)
+            os.unlink(self.paths["summary"])
+        except FileNotFoundError:
+            pass
+        self.metrics = MetricsWriter(self.paths["metrics"], truncate_to=metrics_offset,
+                                     expect_sha256=metrics_sha256)
+        if self.metrics.set_aside is not None:   # the log did not match the checkpoint: kept aside, never continued
+            moved, why = self.metrics.set_aside
+            self.events.emit("metrics_set_aside", f"{self.paths['metrics']} does not match the checkpoint ({why}): "
+                             f"it is damaged; kept as {moved}, a new metrics file starts at step {self.step}",
+                             path=self.paths["metrics"], moved_to=moved, reason=why)
+        self.events.attach(self.metrics, self.step)
         import rtrainer
 
         hint = rtrainer.threading_warning() if self.n_threads > 1 else None
         if hint:
-            self._say(f"rtrainer: warning: {hint}")
+            self.events.emit("blas_spin_wait", hint, step=self.step)
+        for event, message, fields in plan_mod.surprises(c, self.n_threads):
+            self.events.emit(event, message, step=self.step, **fields)
         self._say(f"rtrainer: {'resuming at step ' + str(self.step) if state else 'starting'}: "
                   f"{self.flat.n_trainable:,} trainable parameters, V={V}, threads={self.n_threads}, "
-                  f"out_dir={out_dir}")
+                  f"out_dir={out_dir}; plan: memory about {plan_mod._human(self.plan['memory']['total'])}, "
+                  f"{self.plan['flops_per_step']['total'] / 1e9:.3f} GFLOP/step")
         return elapsed0
 
     def _log(self, r, lr: float, meter: "_Meter", tokens_per_step: int) -> None:
@@ -371,12 +405,30 @@ class Trainer:
             "last_val": self.last_val,
             "skipped_steps": self.skipped,
             "paths": self.paths,
+            "events": self.events.items,
         }
         self.metrics.close()
         ckpt.write_json_atomic(self.paths["summary"], summary)
         return summary
 
     # ================================================================ internals
+    def _failure_summary(self, err: Exception) -> None:
+        """An I/O error stopped the run: summary.json says so (stop_reason "io_error", the message
+        in "error"), best effort: the directory may be what failed."""
+        if getattr(self, "metrics", None) is None:
+            return   # stopped before the run directory was set up: nothing of this run to summarise
+        try:
+            self.metrics.close()
+        except RtrainerError:
+            pass
+        try:
+            ckpt.write_json_atomic(self.paths["summary"], {
+                "final_step": self.step, "stop_reason": "io_error", "error": str(err),
+                "best_val_loss": _json_float(self.best_val_loss), "last_val": getattr(self, "last_val", None),
+                "skipped_steps": self.skipped, "paths": self.paths, "events": self.events.items})
+        except (OSError, RtrainerError):
+            pass
+
     def _non_finite(self, r) -> None:
         """With train.fail_on_non_finite: keep the state that produced it for diagnosis and stop."""
         if not self.cfg.train.fail_on_non_finite:
@@ -443,6 +495,7 @@ class Trainer:
             "data": {"train": self.data.train.state()},
             "rng": self.rng.bit_generator.state,
             "metrics_offset": self.metrics.offset(),
+            "metrics_sha256": self.metrics.sha256(),   # of those bytes: the log is checked on resume
             "elapsed_s": elapsed,
             "n_threads": self.n_threads,
             "config": config_mod.config_to_dict(self.resolved),
@@ -482,8 +535,8 @@ class Trainer:
                 new = self.ckpt_dir / f"superseded-{Path(path).name}-{stamp}"
                 os.rename(path, new)
                 ckpt.fsync_dir(str(self.ckpt_dir))
-                self._say(f"rtrainer: warning: {path} is newer than the checkpoint this run resumes from; "
-                          f"moved to {new}")
+                self.events.emit("checkpoint_set_aside", f"{path} is newer than the checkpoint this run resumes "
+                                 f"from; moved to {new}", path=str(path), moved_to=str(new))
 
     def _load_newest_valid(self, ckpt_dir: Path):
         """--resume auto: the newest step checkpoint that verifies; corrupt or partial ones are
@@ -495,7 +548,7 @@ class Trainer:
                 return path, ckpt.load_checkpoint(path)
             except CheckpointError as e:
                 problems.append(str(e))
-                self._say(f"rtrainer: warning: skipping {path}: {e}")
+                self.events.emit("checkpoint_skipped", f"skipping {path}: {e}", path=str(path), reason=str(e))
         if found:
             raise CheckpointError(f"no valid checkpoint in {ckpt_dir}: " + "; ".join(problems))
         return None, None
@@ -514,7 +567,8 @@ class Trainer:
         else:
             path, loaded = r, ckpt.load_checkpoint(r)
         if path is None:
-            self._say("rtrainer: --resume auto: no checkpoint yet, starting fresh")
+            self.events.emit("resume_found_nothing", f"--resume {r}: no checkpoint yet in {self.ckpt_dir}, starting "
+                             "fresh", out_dir=str(self.paths["out_dir"]))
             return None
         self._resume_path = path = str(path)
         tensors, state = loaded
@@ -523,18 +577,16 @@ class Trainer:
         saved = state.get("config", {})
         now = config_mod.config_to_dict(self.resolved)
         defaults = config_mod.config_to_dict(config_mod.Config())
-        for section in _FROZEN_SECTIONS:
-            for key, value in now[section].items():
-                # a key added after the checkpoint was written stands at its default there
-                was = saved.get(section, {}).get(key, defaults[section][key])
-                if was != value:
-                    raise ConfigError(
-                        f"cannot resume from {path}: {section}.{key} is {was!r} in the checkpoint but {value!r} "
-                        "in this run")
+        # [model] and [head] must not change (a key added after the checkpoint stands at its default there)
+        resume_mod.check_frozen(path, saved, now, defaults, self.cfg.model.vocab_size)
         self.flat.load_state_tensors(tensors, source=path)
         if int(state.get("n_threads", self.n_threads)) != self.n_threads:
-            self._say(f"rtrainer: warning: the checkpoint was written with {state['n_threads']} threads, this run "
-                      f"uses {self.n_threads}: results will not be bitwise identical to an uninterrupted run")
+            self.events.emit("threads_changed", f"the checkpoint was written with {state['n_threads']} threads, this "
+                             f"run uses {self.n_threads}: results will not be bitwise identical to an uninterrupted "
+                             "run", old=int(state["n_threads"]), new=self.n_threads)
+        # what may change is applied from the resume step on, with a warning naming old -> new
+        for event, message, fields in resume_mod.changed_settings(saved, now, defaults, int(state["step"])):
+            self.events.emit(event, message, **fields)
         return state
 
     def _resolved_config(self, vocab_size: int):
@@ -552,8 +604,10 @@ class Trainer:
         return config_mod.config_from_dict(d)
 
     def _say(self, msg: str) -> None:
+        """Console output, best effort (rtrainer/console.py): a closed or broken console never
+        stops the run."""
         if self.console:
-            print(msg, file=sys.stderr if msg.startswith("rtrainer:") else sys.stdout, flush=True)
+            console_mod.say(msg, sys.stderr if msg.startswith("rtrainer:") else sys.stdout)
 
 
 def _lock_run_dir(out_dir: Path):

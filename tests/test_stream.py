@@ -135,10 +135,18 @@ def test_content_changed_names_the_offset(tmp_path, monkeypatch):
     p.write_bytes(bytes(b))
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: quick misses it
     SH.open_source(str(d))
-    with pytest.raises(DataError, match=r"s03\.bin: content no longer matches the manifest at byte offset 192"):
+    # the changed byte itself, not the start of its checksum block (192)
+    with pytest.raises(DataError, match=r"s03\.bin: content no longer matches the manifest: the byte at offset 200 "
+                                        r"changed"):
         SH.open_source(str(d), verify="full")
     os.utime(p)  # a new mtime: the quick check re-hashes it
-    with pytest.raises(DataError, match=r"s03\.bin: content no longer matches the manifest at byte offset 192"):
+    with pytest.raises(DataError, match=r"s03\.bin: content no longer matches the manifest: the byte at offset 200 "
+                                        r"changed"):
+        SH.open_source(str(d))
+    b[201] ^= 0x0F   # two changed bytes: the block is named
+    p.write_bytes(bytes(b))
+    with pytest.raises(DataError, match=r"s03\.bin: content no longer matches the manifest at byte offset 192 .*"
+                                        r"more than one byte"):
         SH.open_source(str(d))
 
 
