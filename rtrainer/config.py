@@ -17,7 +17,7 @@ the key as ``section.key`` and where the value came from (the file, or the ``--s
   cannot work (``head.prototype_separation > 0`` with fixed prototypes);
 * TOML syntax errors (with tomllib's line and column), a missing or unreadable file.
 
-Paths (``run.out_dir``, ``data.train``, ``data.val``) are stored as given; the caller resolves them
+Paths (``run.out_dir``, ``data.train``, ``data.val``, ``data.tokenizer``) are stored as given; the caller resolves them
 against the current directory.
 
 The dataclasses are frozen: derive a changed copy with :func:`dataclasses.replace`, e.g.
@@ -228,6 +228,8 @@ class DataConfig:
                          "(*.bin, *.npy, *.txt)")
     verify: str = _f("quick", "shard directory: 'quick' = check sizes, and block checksums of shards whose "
                      "mtime changed; 'full' = every checksum at every start", choices=("quick", "full"))
+    tokenizer: str = _f("", "tokenizer.json of the token data (written by `rtrainer tokenize`); model.vocab_size = 0 "
+                        "takes V from it, and the checkpoint records its SHA-256; empty = none (bytes or ids)")
     task: str = _f(
         "", "synthetic task instead of token files: '' (none) | selective_copying | induction_heads",
         choices=("", "selective_copying", "induction_heads"),
@@ -456,6 +458,9 @@ def _cross_checks(
         if d.train or d.val:
             raise ConfigError(f"data.task = {d.task!r} generates its own data: leave data.train and data.val empty"
                               + _where(origins, "data", "task"))
+        if d.tokenizer:
+            raise ConfigError(f"data.task = {d.task!r} generates token ids, not text: leave data.tokenizer empty"
+                              + _where(origins, "data", "tokenizer"))
         from .tasks import check_task
         try:
             check_task(d.task, cfg.train.seq_len, d.task_tokens, d.task_vocab)

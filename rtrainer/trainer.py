@@ -27,8 +27,10 @@ from . import checkpoint as ckpt
 from . import config as config_mod
 from . import data as data_mod  # noqa: F401 - subclasses use it
 from . import faults
+from . import progress as progress_mod
 from . import staged as staged_mod
 from . import stream as stream_mod
+from . import tokenizer as tokenizer_mod
 from .errors import CheckpointError, ConfigError, NonFiniteError, RtrainerError, RunIOError, RunLockedError
 from .heads import HPNHead, SoftmaxHead
 from .metrics import MetricsWriter
@@ -95,6 +97,8 @@ class Trainer:
         shards = stream_mod.open_source(train_path, d.format, d.shard_glob, d.verify)
         val_shards = stream_mod.open_source(_abspath(d.val), d.format, d.shard_glob, d.verify) if d.val else None
         V = c.model.vocab_size
+        self.tokenizer = tokenizer_mod.for_run(d.tokenizer, V)   # data.tokenizer: V comes from it
+        V = V or (self.tokenizer.vocab_size if self.tokenizer is not None else 0)
         if V == 0:  # whole shards: the manifest knows their largest id
             V = stream_mod.shards_max_token(shards + (val_shards or [])) + 1
         if not d.val and d.val_ratio > 0:
@@ -288,6 +292,7 @@ class Trainer:
         total = c.train.steps
         B, T = c.train.batch_size, c.train.seq_len
         dz = np.empty((B * T, c.model.d_model), np.float32)
+        self.progress = progress_mod.Progress(total, self.step, self.console and progress_mod.on_terminal(), B * T)
         t_start = time.perf_counter()
         t_last, step_last = t_start, self.step
         proc = psutil.Process()
@@ -316,6 +321,7 @@ class Trainer:
                 consecutive_skips += 1
             self.step += 1
             last = self.step == total
+            self.progress.update(self.step, loss)
 
             if self.step % c.log.log_every == 0 or last:
                 now = time.perf_counter()
@@ -379,6 +385,9 @@ class Trainer:
         }
         self.metrics.close()
         ckpt.write_json_atomic(self.paths["summary"], summary)
+        if getattr(self, "progress", None) is not None:
+            self.progress.close()
+        self._say(progress_mod.closing_message(summary, self.paths, total=self.cfg.train.steps))
         return summary
 
     # ================================================================ internals
@@ -410,6 +419,7 @@ class Trainer:
         rec = {"kind": "val", "step": self.step, **r, "best_val_loss": self.best_val_loss}
         self.last_val = {k: _json_float(v) for k, v in rec.items() if k != "kind"}
         self.metrics.write(rec)
+        self.progress.validation(r["val_loss"], r["val_acc"])
         self._say(f"step {self.step:>6}  val_loss {r['val_loss']:.5f}  val_acc {r['val_acc']:.4f}"
                   f"  best {self.best_val_loss:.5f}")
         return improved
@@ -449,6 +459,7 @@ class Trainer:
             "n_threads": self.n_threads,
             "config": config_mod.config_to_dict(self.resolved),
             "staged": self.staged.state(),
+            "tokenizer": tokenizer_mod.run_record(getattr(self, "tokenizer", None)),   # path, sha256, V
         }
         path = ckpt.write_step_checkpoint(self.ckpt_dir, self.step, self.flat.state_tensors(), state,
                                           extra={"n_threads": self.n_threads})
@@ -533,6 +544,7 @@ class Trainer:
                     raise ConfigError(
                         f"cannot resume from {path}: {section}.{key} is {was!r} in the checkpoint but {value!r} "
                         "in this run")
+        tokenizer_mod.check_resume(state, getattr(self, "tokenizer", None), path)
         self.flat.load_state_tensors(tensors, source=path)
         if int(state.get("n_threads", self.n_threads)) != self.n_threads:
             self._say(f"rtrainer: warning: the checkpoint was written with {state['n_threads']} threads, this run "
@@ -548,14 +560,15 @@ class Trainer:
         if d["model"]["init_from"]:
             d["model"]["init_from"] = _abspath(d["model"]["init_from"])
         d["model"]["dt_rank"] = resolve_dt_rank(d["model"]["layer"], d["model"]["d_model"], d["model"]["dt_rank"])
-        for k in ("train", "val"):
+        for k in ("train", "val", "tokenizer"):
             if d["data"][k]:
                 d["data"][k] = _abspath(d["data"][k])
         return config_mod.config_from_dict(d)
 
     def _say(self, msg: str) -> None:
         if self.console:
-            print(msg, file=sys.stderr if msg.startswith("rtrainer:") else sys.stdout, flush=True)
+            progress_mod.write(msg, sys.stderr if msg.startswith("rtrainer:") else sys.stdout,
+                               getattr(self, "progress", None))
 
 
 def _lock_run_dir(out_dir: Path):
