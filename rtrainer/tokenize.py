@@ -22,7 +22,8 @@ error leaves nothing behind and an existing directory is only replaced with ``ov
 The text is read in chunks (``_CHUNK_BYTES``) and encoded piece by piece, so memory stays flat
 whatever the corpus size. Pieces are cut only where a non-space character is followed by white
 space, where byte-level BPE's pre-tokenizer splits anyway, so the ids equal those of encoding each
-document whole. Special-token text inside the documents (``<|endoftext|>`` written out) is encoded
+document whole (unless a run of more than ``_PIECE_CHARS`` characters holds no white space at
+all: it is cut hard). Special-token text inside the documents (``<|endoftext|>`` written out) is encoded
 as ordinary text: only the inserted end-of-document tokens carry the special id.
 """
 
@@ -217,7 +218,7 @@ def _documents_as_pieces(pieces: Iterator[str | None]) -> Iterator[str | None]:
             continue
         buf += p
         while len(buf) > _PIECE_CHARS:
-            c = _cut_point(buf[:_PIECE_CHARS]) or _cut_point(buf) or len(buf)
+            c = _cut_point(buf[:_PIECE_CHARS]) or _PIECE_CHARS   # no white space at all: a hard cut
             yield buf[:c]
             buf = buf[c:]
     if buf:  # pragma: no cover - every document ends with _END
