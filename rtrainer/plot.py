@@ -53,10 +53,13 @@ def _series(recs: list[dict], key: str):
 
 
 def _labels(run_dirs: Sequence[str]) -> list[str]:
-    names = [os.path.basename(os.path.normpath(d)) or d for d in run_dirs]
-    if len(set(names)) < len(names):  # same base name: show more of the path
-        names = [os.path.normpath(d) for d in run_dirs]
-    return names
+    """The shortest path tails that tell the runs apart ("run", or "a/run" and "b/run")."""
+    parts = [os.path.abspath(d).strip(os.sep).split(os.sep) for d in run_dirs]
+    for k in range(1, max(len(p) for p in parts) + 1):
+        names = [os.sep.join(p[-k:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [os.path.normpath(d) for d in run_dirs]
 
 
 def plot_runs(run_dirs: Sequence[str], output: str | None = None) -> str:

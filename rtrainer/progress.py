@@ -58,7 +58,7 @@ class Progress:
             self.bar = tqdm(total=self.total, initial=self.initial, desc=desc, unit="step", file=sys.stderr,
                             dynamic_ncols=True, leave=False, smoothing=0.1, mininterval=0.2,
                             bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                                       "[{elapsed}<{remaining}]{postfix}")
+                                       "[{elapsed}<{remaining}{postfix}]")
 
     def update(self, step: int, loss: float | None = None, tok_s: float | None = None) -> None:
         """The run is at ``step`` with this training loss; ``tok_s`` defaults to the mean
@@ -87,7 +87,7 @@ class Progress:
             parts.append(f"val {self.val_loss:.4f}" + (f" acc {self.val_acc:.3f}" if self.val_acc is not None else ""))
         if self.tok_s:
             parts.append(f"{self.tok_s:,.0f} tok/s")
-        return "  " + "  ".join(parts) if parts else ""
+        return "  ".join(parts)   # tqdm puts ", " before a non-empty postfix
 
     def write(self, line: str, file=None) -> None:
         """Print ``line`` (to ``file``, default stdout); on a live bar, above it."""

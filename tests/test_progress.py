@@ -42,7 +42,7 @@ def test_bar_on_a_terminal(tmp_path):
     cfg.write_text(cfg.read_text().replace("log_every = 1", "log_every = 4"))
     code, out = run_on_pty("run", cfg)
     assert code == 0, out
-    assert re.search(r"train +\d+%\|.*\| *\d+/12 \[\d\d:\d\d<\d\d:\d\d\]", out), out
+    assert re.search(r"train +\d+%\|.*\| *\d+/12 \[\d\d:\d\d<\d\d:\d\d, loss \d\.\d{4}.*tok/s\]", out), out
     assert "tok/s" in out and re.search(r"loss \d\.\d{4}", out) and re.search(r"val \d\.\d{4} acc", out), out
     assert "\r" in out     # redrawn in place
     # the log lines are still printed, whole, above the bar
