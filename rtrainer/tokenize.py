@@ -272,7 +272,8 @@ class _ShardWriter:
                 dst.flush()
                 os.fsync(dst.fileno())
             os.unlink(last)
-            self.counts[-2] += self.counts.pop()
+            tail = self.counts.pop()
+            self.counts[-1] += tail
 
 
 def _encode_fn(tok: Tokenizer, dtype: np.dtype) -> Callable[[list[str]], np.ndarray]:

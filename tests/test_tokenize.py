@@ -110,6 +110,8 @@ def test_bytes_identity_across_read_chunks(tmp_path):
     # 1,000,000-token shards; the short last one is folded into the one before
     names = sorted(x.name for x in (out / "train").glob("*.bin"))
     assert names == meta["shards"]["train"] and len(names) == 4
+    sizes = [(out / "train" / n).stat().st_size // 2 for n in names]
+    assert sizes[:3] == [1_000_000] * 3 and sizes[3] == len(text.encode()) + 1 - 3_000_000 > 1_000_000
     ids = read_shards(out / "train", "u16")
     assert ids.tolist()[:-1] == list(text.encode("utf-8")) and ids[-1] == 256
     # the tokenizer.json is an ordinary Hugging Face tokenizer: byte b <-> id b
