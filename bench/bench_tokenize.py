@@ -13,6 +13,9 @@ line. Three runs of the command, each its own process (peak RSS = that process's
 
 Flat memory: runs 2 and 3 are repeated on a corpus of a quarter of the size; their peak RSS should
 not grow with the corpus (the text is read in 4 MiB chunks and written shard by shard).
+
+Wall time depends on what else the machine runs; the CPU seconds of the process (user + system,
+all its threads) are printed too, and MB per CPU-second is the figure to compare between machines.
 """
 from __future__ import annotations
 
@@ -78,16 +81,16 @@ def run_tokenize(args: list[str]) -> dict:
         raise RuntimeError(f"tokenize failed ({status}): {err}")
     with open(os.path.join(out, "meta.json")) as f:
         meta = json.load(f)
-    return {"wall_s": wall, "rss_mib": ru.ru_maxrss / 1024, "meta": meta}
+    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "rss_mib": ru.ru_maxrss / 1024, "meta": meta}
 
 
 def report(name: str, r: dict) -> None:
     m = r["meta"]
     mb = m["input_bytes"] / 1e6
     tok = m["tokens"]["train"] + m["tokens"]["val"]
-    print(f"{name:<34} {mb:7.1f} MB  {r['wall_s']:7.1f} s  {mb / r['wall_s']:6.2f} MB/s  "
-          f"{tok / r['wall_s'] / 1e6:6.2f} M tok/s  {tok / 1e6:7.2f} M tokens  V={m['vocab_size']:<6} "
-          f"peak RSS {r['rss_mib']:6.0f} MiB")
+    print(f"{name:<40} {mb:6.1f} MB {tok / 1e6:6.2f} M tokens V={m['vocab_size']:<5} | wall {r['wall_s']:6.1f} s "
+          f"{mb / r['wall_s']:6.2f} MB/s {tok / r['wall_s'] / 1e6:5.2f} M tok/s | cpu {r['cpu_s']:6.1f} s "
+          f"{mb / r['cpu_s']:6.2f} MB/cpu-s | peak RSS {r['rss_mib']:4.0f} MiB")
 
 
 def main() -> None:
