@@ -217,10 +217,12 @@ def _documents_as_pieces(pieces: Iterator[str | None]) -> Iterator[str | None]:
             yield _END
             continue
         buf += p
-        while len(buf) > _PIECE_CHARS:
-            c = _cut_point(buf[:_PIECE_CHARS]) or _PIECE_CHARS   # no white space at all: a hard cut
-            yield buf[:c]
-            buf = buf[c:]
+        i = 0
+        while len(buf) - i > _PIECE_CHARS:
+            c = _cut_point(buf[i:i + _PIECE_CHARS]) or _PIECE_CHARS   # no white space at all: a hard cut
+            yield buf[i:i + c]
+            i += c
+        buf = buf[i:]
     if buf:  # pragma: no cover - every document ends with _END
         yield buf
 
@@ -276,18 +278,35 @@ class _ShardWriter:
             self.counts[-1] += tail
 
 
-def _encode_fn(tok: Tokenizer, dtype: np.dtype) -> Callable[[list[str]], np.ndarray]:
-    """Pieces -> one token array; bytes tokenizer: the UTF-8 bytes themselves (the same ids as
-    the tokenizer.json, without the trip through the library)."""
+def _encode_fn(tok: Tokenizer, dtype: np.dtype, eod_id: int | None) -> Callable[[list[str], list[bool]], np.ndarray]:
+    """(pieces, ends) -> one token array: the ids of every piece, followed by the
+    end-of-document id where ``ends`` is True. Bytes tokenizer: the UTF-8 bytes themselves (the
+    same ids as the tokenizer.json, without the trip through the library)."""
+    eod = [] if eod_id is None else [eod_id]
     if tok.is_bytes:
-        return lambda pieces: np.frombuffer("".join(pieces).encode("utf-8"), np.uint8).astype(dtype)
+        def enc_bytes(pieces, ends):
+            if not eod or not any(ends):
+                return np.frombuffer("".join(pieces).encode("utf-8"), np.uint8).astype(dtype)
+            parts = []
+            for p, e in zip(pieces, ends):
+                parts.append(np.frombuffer(p.encode("utf-8"), np.uint8).astype(dtype))
+                if e:
+                    parts.append(np.array(eod, dtype))
+            return np.concatenate(parts)
+
+        return enc_bytes
     hf = tok.hf
     hf.encode_special_tokens = True   # special-token text in the data is ordinary text
     fast = getattr(hf, "encode_batch_fast", None) or hf.encode_batch
 
-    def enc(pieces):
+    def enc(pieces, ends):
         encs = fast(pieces, add_special_tokens=False)
-        return np.fromiter((i for e in encs for i in e.ids), dtype=dtype)
+        ids = []
+        for e, end in zip(encs, ends):
+            ids += e.ids
+            if end:
+                ids += eod
+        return np.array(ids, dtype=dtype)
 
     return enc
 
@@ -437,7 +456,7 @@ def _run(paths, tmp, out, mode, tok, vocab_size, min_frequency, specials, eod, s
     eod_arr = np.array([eod_id] if eod_id is not None else [], dtype)
 
     # ---- pass 2: encode into the shards
-    encode = _encode_fn(tok, dtype)
+    encode = _encode_fn(tok, dtype, eod_id)
     writers = {"train": _ShardWriter(os.path.join(tmp, "train"), "train", dtype, shard_tokens)}
     if len(val_docs):
         writers["val"] = _ShardWriter(os.path.join(tmp, "val"), "val", dtype, shard_tokens)
@@ -445,32 +464,37 @@ def _run(paths, tmp, out, mode, tok, vocab_size, min_frequency, specials, eod, s
     reader2 = _Reader(paths, sep)
     bar = _bar(show, total, "encoding")
     reader2.on_bytes = bar.update
-    doc, vi, batch, chars = 0, 0, [], 0
-
-    def split() -> str:
-        return "val" if vi < len(val_docs) and val_docs[vi] == doc else "train"
+    doc, vi = 0, 0
+    batch = {k: ([], [], [0]) for k in writers}     # pieces, "a document ends after it", characters
 
     def flush(where):
-        nonlocal batch, chars
-        if batch:
-            writers[where].write(encode(batch))
-            batch, chars = [], 0
+        pieces, ends, chars = batch[where]
+        if pieces:
+            writers[where].write(encode(pieces, ends))
+            pieces.clear()
+            ends.clear()
+            chars[0] = 0
 
     try:
         for p in _documents_as_pieces(reader2.pieces()):
-            where = split()
+            where = "val" if vi < len(val_docs) and val_docs[vi] == doc else "train"
+            pieces, ends, chars = batch[where]
             if p is _END:
-                flush(where)
-                writers[where].write(eod_arr)
+                if ends:
+                    ends[-1] = True
+                else:  # the document's text went out with the last flush
+                    writers[where].write(eod_arr)
                 docs[where] += 1
-                if where == "val":
-                    vi += 1
+                vi += where == "val"
                 doc += 1
                 continue
-            batch.append(p)
-            chars += len(p)
-            if chars >= _BATCH_CHARS:
+            pieces.append(p)
+            ends.append(False)
+            chars[0] += len(p)
+            if chars[0] >= _BATCH_CHARS:
                 flush(where)
+        for where in writers:
+            flush(where)
     finally:
         bar.close()
     for w in writers.values():
