@@ -48,7 +48,8 @@ DEFAULT_VOCAB = 4096
 DEFAULT_SHARD_TOKENS = 50_000_000
 _CHUNK_BYTES = 4 << 20        # bytes read from a file at a time
 _PIECE_CHARS = 1 << 16        # characters per piece handed to the encoder
-_BATCH_CHARS = 1 << 22        # characters encoded per encode_batch call (about the read chunk)
+_BATCH_CHARS = 1 << 20        # characters per encoder call: 16 pieces for the library's threads; the
+                              # encodings of one call (ids, token strings, offsets) are what memory holds
 _END = None                   # document boundary marker in the piece stream
 
 
@@ -301,12 +302,10 @@ def _encode_fn(tok: Tokenizer, dtype: np.dtype, eod_id: int | None) -> Callable[
 
     def enc(pieces, ends):
         encs = fast(pieces, add_special_tokens=False)
-        ids = []
+        parts = []
         for e, end in zip(encs, ends):
-            ids += e.ids
-            if end:
-                ids += eod
-        return np.array(ids, dtype=dtype)
+            parts.append(np.array(e.ids + eod if end else e.ids, dtype=dtype))
+        return np.concatenate(parts)
 
     return enc
 
