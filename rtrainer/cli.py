@@ -1,6 +1,7 @@
 """Command line: `rtrainer run CONFIG [--set section.key=value ...] [--resume PATH|auto] [--headless]`,
 `rtrainer parity CONFIG [--steps N]`, `rtrainer prepare DIR` (index a shard directory),
-`rtrainer info`, `rtrainer keys`.
+`rtrainer info`, `rtrainer keys`; for trained models `rtrainer generate MODEL`, `rtrainer eval MODEL --data PATH`,
+`rtrainer export MODEL OUT_DIR`, `rtrainer inspect PATH`.
 
 Every error is one line on stderr starting `rtrainer: error:` and a non-zero exit code:
 2 configuration or usage, 3 data or checkpoint integrity, 4 non-finite stop, 5 I/O error (disk full, permission),
@@ -25,6 +26,10 @@ examples:
   rtrainer parity examples/quickstart.toml --steps 20       # straight == paused + resumed, bitwise?
   rtrainer keys                                            # every run-file key with its default
   rtrainer prepare data/shards                             # index (and check) a shard directory once
+  rtrainer generate runs/quickstart --prompt 'ROMEO:' --max-new-tokens 200 --top-k 20
+  rtrainer eval runs/quickstart --data examples/data/shakespeare.txt
+  rtrainer export runs/quickstart exports/quickstart       # weights + config + model card
+  rtrainer inspect runs/quickstart                         # checkpoints, their status, tensors
 """
 
 
@@ -72,9 +77,59 @@ def build_parser() -> argparse.ArgumentParser:
                     help="shard format (as data.format); auto = by extension")
     pr.add_argument("--glob", default="", help="file name pattern of the shards (as data.shard_glob)")
     pr.add_argument("--rebuild", action="store_true", help="rebuild the manifest from scratch")
+    _model_commands(sub)
     sub.add_parser("info", help="build and machine information (OpenMP, threads, BLAS)")
     sub.add_parser("keys", help="list every run-file key with its default and meaning")
     return p
+
+
+MODEL_HELP = ("a step checkpoint (RUN/checkpoints/step-N), a run directory (its best checkpoint, or the latest "
+              "with --checkpoint latest) or an export directory")
+
+
+def _model_args(q) -> None:
+    q.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    q.add_argument("--checkpoint", choices=("best", "latest"), default="best",
+                   help="which checkpoint of a run directory: best validation (default; the latest if the run "
+                        "never validated) or the newest that verifies")
+    q.add_argument("--threads", type=int, default=0, help="threads (0 = every core this process may use)")
+
+
+def _model_commands(sub) -> None:
+    g = sub.add_parser("generate", help="sample text from a trained model (recurrent: constant cost per token)",
+                       description="Sample text from a trained model, streamed as it is generated. The HPN head "
+                       "samples from softmax(cos/tau) over its prototypes, the softmax head from its logits; then "
+                       "--temperature, --top-k and --top-p as in nanoGPT/litgpt. Deterministic for a --seed.")
+    _model_args(g)
+    g.add_argument("--prompt", default=None, help="the prompt text (default: a newline)")
+    g.add_argument("--prompt-file", default=None, metavar="FILE", help="read the prompt from a UTF-8 file")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (arg max); default 0.8")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens only")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus: the smallest set with probability >= P")
+    g.add_argument("--num-samples", type=int, default=1, help="samples, decoded together as one batch")
+    g.add_argument("--seed", type=int, default=1234, help="sample i draws from a generator seeded (seed, i)")
+    g.add_argument("--tau", type=float, default=None,
+                   help="HPN head: the cosine temperature, p ~ exp(cos/tau) (default 0.1)")
+    e = sub.add_parser("eval", help="loss, accuracy (and bits per token/byte) of a trained model on any data")
+    _model_args(e)
+    e.add_argument("--data", required=True, metavar="PATH",
+                   help="a token file (.bin/.npy), a shard directory, or UTF-8 text (through the model's tokenizer)")
+    e.add_argument("--format", default="auto", choices=("auto", "text", "u8", "u16", "u32", "npy", "txt"),
+                   help="how to read PATH; auto = shard directory, .bin/.npy token file, anything else text")
+    e.add_argument("--seq-len", type=int, default=0, help="window length (default: the training seq_len)")
+    e.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    e.add_argument("--max-batches", type=int, default=0, help="score at most this many batches (0 = all the data)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    x = sub.add_parser("export", help="weights (safetensors, no optimizer state), config.json, tokenizer and a "
+                       "model card, into a new directory")
+    x.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    x.add_argument("out_dir", metavar="OUT_DIR", help="the export directory (must be empty or absent)")
+    x.add_argument("--checkpoint", choices=("best", "latest"), default="best", help="as for generate")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    i = sub.add_parser("inspect", help="what a checkpoint, run directory or export holds, and whether it verifies")
+    i.add_argument("path", metavar="PATH", help="a step checkpoint, a run directory or an export directory")
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def main(argv=None) -> int:
@@ -101,6 +156,19 @@ def main(argv=None) -> int:
             print("parity: OK")
         elif args.command == "prepare":
             _prepare(args)
+        elif args.command == "generate":
+            from .generate import run_generate
+
+            run_generate(args)
+        elif args.command == "eval":
+            _eval(args)
+        elif args.command == "export":
+            from .export import export_model
+
+            info = export_model(args.model, args.out_dir, which=args.checkpoint, overwrite=args.overwrite)
+            print(f"exported step {info['step']} ({info['parameters']['total']:,} parameters) to {args.out_dir}")
+        elif args.command == "inspect":
+            _inspect(args)
         elif args.command == "info":
             _info()
         elif args.command == "keys":
@@ -114,7 +182,39 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("rtrainer: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:   # `rtrainer inspect RUN | head`: the reader went away
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
+
+
+def _jsonable(r):
+    from .checkpoint import _nonfinite_to_none
+
+    return _nonfinite_to_none(r)
+
+
+def _eval(args) -> None:
+    import json
+
+    from .evaluate import evaluate_model, format_report
+    from .infer import load_model
+
+    lm = load_model(args.model, which=args.checkpoint, threads=args.threads)
+    r = evaluate_model(lm, args.data, fmt=args.format, seq_len=args.seq_len, batch_size=args.batch_size,
+                       max_batches=args.max_batches)
+    print(json.dumps(_jsonable(r), indent=2) if args.json else format_report(r))
+
+
+def _inspect(args) -> None:
+    import json
+
+    from .inspect import format_report, inspect_path
+
+    r = inspect_path(args.path)
+    print(json.dumps(_jsonable(r), indent=2, default=str) if args.json else format_report(r))
 
 
 def _prepare(args) -> None:
