@@ -158,8 +158,8 @@ def export_model(model: str, out_dir: str, *, which: str = "best", overwrite: bo
     if out.exists() and (out.resolve() == src or out.resolve() in src.parents):
         raise ConfigError(f"{out_dir} holds the model being exported; choose another directory")
     run_dir = run_dir_of(lm)
-    metrics = read_metrics(run_dir)
-    vals = [r for r in metrics if r.get("kind") == "val" and (lm.step is None or r.get("step", 0) <= lm.step)]
+    metrics = [r for r in read_metrics(run_dir) if lm.step is None or r.get("step", 0) <= lm.step]
+    vals = [r for r in metrics if r.get("kind") == "val"]
     last_val = {k: v for k, v in vals[-1].items() if k != "kind"} if vals else None
     tok = lm.tokenizer_path if lm.tokenizer_path and os.path.isfile(lm.tokenizer_path) else None
     if lm.tokenizer_path and tok is None:

@@ -159,7 +159,7 @@ def generate(lm, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0, t
              on_token: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
     """(num_samples, max_new_tokens) generated ids after prompt_ids, the samples decoded together
     (one batch); `on_token(ids)` is called with each step's (num_samples,) ids."""
-    from .infer import InferenceState, sampling_logits
+    from .infer import InferenceState
 
     check_sampling(temperature, top_k, top_p, max_new_tokens, num_samples, lm.vocab_size)
     B = num_samples
@@ -170,7 +170,7 @@ def generate(lm, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0, t
         return out
     z = st.prefill(np.broadcast_to(np.asarray(prompt_ids, np.int64), (B, len(prompt_ids))))
     for t in range(max_new_tokens):
-        nxt = sample_next(sampling_logits(lm.head, z, tau), rngs, temperature, top_k, top_p)
+        nxt = sample_next(st.scorer.sampling_logits(z, tau), rngs, temperature, top_k, top_p)
         out[:, t] = nxt
         if on_token is not None:
             on_token(nxt)
@@ -227,6 +227,8 @@ def run_generate(args, out=None) -> None:
     # flags first (no model read needed for these), then the model
     if args.max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.tau is not None and not (math.isfinite(args.tau) and args.tau > 0):
+        raise ConfigError(f"--tau must be > 0, got {args.tau}")
     lm = load_model(args.model, which=args.checkpoint, threads=args.threads)
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.num_samples, lm.vocab_size)
     codec = text_codec(lm)

@@ -197,32 +197,47 @@ def load_model(path: str, which: str = "best", threads: int = 0) -> LoadedModel:
 
 # ============================================================================================ heads
 
+class HeadScorer:
+    """The head's scores over the vocabulary, (n, V) float32 for z (n, D): the softmax head's logits
+    z @ W^T + b, or the HPN head's cosines zhat . Pt_k (zhat = z/max(|z|, 1e-8), Pt = the unit
+    prototypes, or raw P when normalize_prototypes = false) — the quantities each head's loss and
+    prediction are built on. The unit prototypes are computed once, at construction."""
+
+    def __init__(self, head):
+        self.head = head
+        self.softmax = is_softmax(head)
+        if not self.softmax:
+            P = head.p["head.prototypes"]
+            if head.normalize:
+                P = P / np.maximum(np.linalg.norm(P, axis=1, keepdims=True), np.float32(1e-8))
+            self.PT = np.ascontiguousarray(P.T)
+
+    def __call__(self, z: np.ndarray) -> np.ndarray:
+        if self.softmax:
+            return self.head._logits(z, np.empty((z.shape[0], self.head.V), np.float32))
+        zn = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), np.float32(1e-8))
+        return zn @ self.PT
+
+    def sampling_logits(self, z: np.ndarray, tau: float | None = None) -> np.ndarray:
+        """float64 (n, V) logits to sample from: the softmax head's logits, or cos / tau for HPN
+        (tau: the head's `temperature` attribute if it has one, else HPN_TAU)."""
+        s = self(z).astype(np.float64)
+        if self.softmax:
+            return s
+        if tau is None:
+            tau = float(getattr(self.head, "temperature", HPN_TAU))
+        if not tau > 0:
+            raise ConfigError(f"the HPN temperature tau must be > 0, got {tau}")
+        return s / tau
+
+
 def scores(head, z: np.ndarray) -> np.ndarray:
-    """(n, V) float32 scores of z (n, D): the softmax head's logits z @ W^T + b, or the HPN head's
-    cosines zhat . Pt_k (zhat = z/max(|z|, 1e-8), Pt = the unit prototypes, or raw P when
-    normalize_prototypes = false) — the quantities each head's loss and prediction are built on."""
-    if hasattr(head, "_logits"):
-        return head._logits(z, np.empty((z.shape[0], head.V), np.float32))
-    P = head.p["head.prototypes"]
-    if head.normalize:
-        P = P / np.maximum(np.linalg.norm(P, axis=1, keepdims=True), np.float32(1e-8))
-    zn = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), np.float32(1e-8))
-    return zn @ P.T
+    """HeadScorer(head)(z): the head's (n, V) scores of z (n, D)."""
+    return HeadScorer(head)(z)
 
 
 def is_softmax(head) -> bool:
     return "head.W" in head.p
-
-
-def sampling_logits(head, z: np.ndarray, tau: float | None = None) -> np.ndarray:
-    """float64 (n, V) logits to sample from: the softmax head's logits, or cos / tau for HPN
-    (tau: the head's `temperature` attribute if it has one, else HPN_TAU)."""
-    s = scores(head, z).astype(np.float64)
-    if is_softmax(head):
-        return s
-    if tau is None:
-        tau = float(getattr(head, "temperature", HPN_TAU))
-    return s / tau
 
 
 # ============================================================================================ stepping
@@ -274,6 +289,7 @@ class InferenceState:
             self.yg = np.empty((B, C), f)
         self.ids = np.empty((B, 1), np.int64)
         self.position = 0
+        self.scorer = HeadScorer(head)
 
     def reset(self) -> None:
         for a in self.conv_state + self.h:
@@ -333,4 +349,4 @@ class InferenceState:
 
     def outputs(self, z: np.ndarray | None = None) -> np.ndarray:
         """The head's scores (B, V) of z (default: the last step's)."""
-        return scores(self.head, self.z if z is None else z)
+        return self.scorer(self.z if z is None else z)

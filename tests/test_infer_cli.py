@@ -345,6 +345,7 @@ def test_bad_input_is_one_error_line_and_changes_nothing(runs, tmp_path):
         (["generate", run, "--max-new-tokens", "-1"], 2, "--max-new-tokens must be >= 0"),
         (["generate", run, "--top-p", "0"], 2, "--top-p"),
         (["generate", run, "--num-samples", "0"], 2, "--num-samples"),
+        (["generate", run, "--tau", "0"], 2, "--tau must be > 0"),
         (["generate", run, "--prompt", ""], 2, "encodes to no tokens"),
         (["generate", run, "--prompt-file", empty_prompt], 2, "encodes to no tokens"),
         (["generate", run, "--prompt", "caf\u00e9"], 2, "which the model (V = 126) does not have"),
