@@ -148,14 +148,14 @@ def _model_card(info: dict, has_curve: bool, name: str) -> str:
 
 def export_model(model: str, out_dir: str, *, which: str = "best", overwrite: bool = False) -> dict:
     """Write the export (see the module docstring); returns what config.json says."""
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out_dir} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out_dir} is not empty; choose another directory or pass --overwrite")
     lm = load_model(model, which=which)
     src = Path(lm.path).resolve()
-    if out.exists() and (out.resolve() == src or out.resolve() in src.parents):
+    if out.exists() and (out == src or out in src.parents):
         raise ConfigError(f"{out_dir} holds the model being exported; choose another directory")
     run_dir = run_dir_of(lm)
     metrics = [r for r in read_metrics(run_dir) if lm.step is None or r.get("step", 0) <= lm.step]
@@ -182,7 +182,7 @@ def export_model(model: str, out_dir: str, *, which: str = "best", overwrite: bo
         "best_val_loss": lm.state.get("best_val_loss"),
         "config": lm.config,
     }
-    parent = out.resolve().parent
+    parent = out.parent
     tmp = parent / f".tmp-export-{out.name}-{secrets.token_hex(4)}"
     trash = None
     try:

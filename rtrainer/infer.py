@@ -162,7 +162,9 @@ def build_from_config(config: dict, threads: int = 0):
 def load_model(path: str, which: str = "best", threads: int = 0) -> LoadedModel:
     """The model and head of a step checkpoint, a run directory (`which` = "best" | "latest") or an
     export, built and bound, with their saved parameters (bitwise). Raises CheckpointError for
-    anything that is not one, or that does not verify."""
+    anything that is not one, or that does not verify; ConfigError for threads < 0."""
+    if int(threads) < 0:
+        raise ConfigError(f"--threads must be >= 0 (0 = every core), got {threads}")
     target, kind = resolve_model_path(path, which)
     tfile = os.path.join(target, ckpt.TENSOR_FILE) if os.path.isdir(target) else target
     if kind == "checkpoint" and os.path.isdir(target):
@@ -247,7 +249,9 @@ class InferenceState:
 
     `prefill(ids)` (B, T) feeds a prompt token by token and returns z of its last token;
     `step(token_ids)` (B,) feeds one token per sequence and returns z (B, D) (a view, overwritten
-    by the next call); `reset()` forgets everything. `outputs(z)` gives the head's scores."""
+    by the next call); `reset()` forgets everything. `outputs(z)` gives the head's scores.
+    The parameters are read from the model's bound views at every step, except exp(A_log) and the
+    unit HPN prototypes, which are computed once here: make a new state after changing those."""
 
     def __init__(self, lm, batch: int = 1):
         if isinstance(lm, LoadedModel):
