@@ -270,6 +270,10 @@ def test_inspect_run_checkpoint_and_corruption(runs, tmp_path):
     bad = [c for c in rep["checkpoints"] if not c["ok"]]
     assert [c["step"] for c in bad] == [10] and "checksum" in bad[0]["error"]
     assert "INVALID" in cli("inspect", run).stdout
+    # a checkpoint's tensor file on its own; strict JSON (no NaN/Infinity literals)
+    good = run / "checkpoints" / "step-00000020" / "model.safetensors"
+    rep = json.loads(cli("inspect", good, "--json").stdout, parse_constant=lambda c: pytest.fail(c))
+    assert rep["kind"] == "checkpoint" and rep["step"] == 20
     assert_one_error(cli("inspect", f.parent, check=False), 3, "checksum mismatch")
     assert_one_error(cli("generate", f.parent, check=False), 3, "checksum mismatch")
 
