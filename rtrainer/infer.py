@@ -116,14 +116,15 @@ def resolve_model_path(path: str, which: str = "best") -> tuple[str, str]:
 
 
 def _best_step(run_dir: Path) -> int | None:
-    for name in ("checkpoints/best.json", "run_state.json"):
+    """The run's best step: run_state.json (rewritten at every checkpoint of the current run) wins
+    over checkpoints/best.json (which a run started over with --overwrite may have left behind)."""
+    for name, key in (("run_state.json", "best_step"), ("checkpoints/best.json", "step")):
         try:
             d = json.loads((run_dir / name).read_text())
         except (OSError, ValueError):
             continue
-        s = d.get("step") if name.endswith("best.json") else d.get("best_step")
-        if isinstance(s, int):
-            return s
+        s = d.get(key) if isinstance(d, dict) else None
+        return s if isinstance(s, int) else None
     return None
 
 

@@ -363,3 +363,26 @@ def test_bad_input_is_one_error_line_and_changes_nothing(runs, tmp_path):
     for args, code, match in cases:
         assert_one_error(cli(*args, check=False), code, match)
     assert (tree(run), tree(tmp_path)) == before
+
+
+def test_run_directory_best_and_latest(runs, tmp_path):
+    """best = run_state.json's best_step (rewritten at every checkpoint); a best.json a run started over
+    with --overwrite left behind is not used; latest = the newest checkpoint that verifies."""
+    import shutil
+
+    from rtrainer.infer import resolve_model_path
+
+    run = tmp_path / "r"
+    shutil.copytree(runs["hpn"], run)
+    rs = json.loads((run / "run_state.json").read_text())
+    rs["best_step"] = 10
+    (run / "run_state.json").write_text(json.dumps(rs))
+    assert resolve_model_path(str(run))[0].endswith("step-00000010")
+    assert resolve_model_path(str(run), "latest")[0].endswith("step-00000020")
+    rs["best_step"] = None
+    (run / "run_state.json").write_text(json.dumps(rs))
+    (run / "checkpoints" / "best.json").write_text(json.dumps({"step": 10}))
+    assert resolve_model_path(str(run))[0].endswith("step-00000020")
+    # latest skips a checkpoint that does not verify
+    (run / "checkpoints" / "step-00000020" / "MANIFEST.json").unlink()
+    assert resolve_model_path(str(run), "latest")[0].endswith("step-00000010")
