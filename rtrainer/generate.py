@@ -168,7 +168,11 @@ def generate(lm, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0, t
     out = np.empty((B, max_new_tokens), np.int64)
     if max_new_tokens == 0:
         return out
-    z = st.prefill(np.broadcast_to(np.asarray(prompt_ids, np.int64), (B, len(prompt_ids))))
+    # the prompt is fed once and its state copied to every sample: the prefill costs the same for any
+    # number of samples, and sample i does not depend on how many are drawn with it
+    one = InferenceState(lm, batch=1)
+    one.prefill(np.asarray(prompt_ids, np.int64).reshape(1, -1))
+    z = st.broadcast_from(one)
     for t in range(max_new_tokens):
         nxt = sample_next(st.scorer.sampling_logits(z, tau), rngs, temperature, top_k, top_p)
         out[:, t] = nxt

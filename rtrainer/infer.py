@@ -352,6 +352,15 @@ class InferenceState:
             z = self.step(ids[:, t])
         return z
 
+    def broadcast_from(self, other: "InferenceState", row: int = 0) -> np.ndarray:
+        """Make every sequence of this state a copy of `other`'s sequence `row` (e.g. one prompt
+        prefilled once, then sampled several ways); returns z (B, D)."""
+        for mine, theirs in zip(self.conv_state + self.h, other.conv_state + other.h):
+            mine[...] = theirs[row]
+        self.z[...] = other.z[row]
+        self.position = other.position
+        return self.z
+
     def outputs(self, z: np.ndarray | None = None) -> np.ndarray:
         """The head's scores (B, V) of z (default: the last step's)."""
         return self.scorer(self.z if z is None else z)

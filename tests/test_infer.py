@@ -196,3 +196,18 @@ def test_step_cost_does_not_depend_on_the_context():
     st.prefill(np.zeros((2, 300), np.int64))
     assert sum(a.nbytes for a in st.h + st.conv_state) == sizes
     assert st.position == 300
+
+
+def test_broadcast_from_copies_one_prefilled_sequence():
+    model, hd = _model("mamba", False, "hpn")
+    ids = np.random.default_rng(9).integers(0, model.V, size=(1, 15))
+    one = InferenceState((model, hd), batch=1)
+    one.prefill(ids)
+    many = InferenceState((model, hd), batch=3)
+    z = many.broadcast_from(one)
+    ref_state = InferenceState((model, hd), batch=3)
+    zr = ref_state.prefill(np.repeat(ids, 3, axis=0))
+    np.testing.assert_allclose(z, zr, atol=1e-6)
+    nxt = np.array([1, 2, 3])
+    np.testing.assert_allclose(many.step(nxt), ref_state.step(nxt), atol=1e-6)
+    assert many.position == 16
