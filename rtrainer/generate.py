@@ -129,29 +129,29 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float, max_new_
 
 
 def sample_next(logits: np.ndarray, rngs, temperature: float, top_k: int | None, top_p: float) -> np.ndarray:
-    """One id per row of logits (n, V) float64; row i draws with rngs[i]."""
+    """One id per row of logits (n, V) float64; row i draws one uniform number from rngs[i]. Every
+    operation is per row, so a row's draw does not depend on the other rows."""
     n, V = logits.shape
     if temperature == 0:
         return np.argmax(logits, axis=1)
-    out = np.empty(n, np.int64)
-    for i in range(n):
-        s = logits[i] / temperature
-        if top_k is not None and top_k < V:
-            kth = np.partition(s, V - top_k)[V - top_k]
-            s = np.where(s >= kth, s, -np.inf)
-        s = s - s.max()
-        p = np.exp(s)
-        p /= p.sum()
-        if top_p < 1.0:
-            order = np.argsort(-p, kind="stable")
-            cum = np.cumsum(p[order])
-            keep = order[:int(np.searchsorted(cum, top_p) + 1)]
-            q = np.zeros_like(p)
-            q[keep] = p[keep]
-            p = q / q.sum()
-        cdf = np.cumsum(p)
-        out[i] = min(int(np.searchsorted(cdf, rngs[i].random() * cdf[-1], side="right")), V - 1)
-    return out
+    s = logits / temperature
+    if top_k is not None and top_k < V:
+        kth = np.partition(s, V - top_k, axis=1)[:, V - top_k:V - top_k + 1]
+        s = np.where(s >= kth, s, -np.inf)
+    s = s - s.max(axis=1, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(axis=1, keepdims=True)
+    if top_p < 1.0:
+        order = np.argsort(-p, axis=1, kind="stable")
+        cum = np.cumsum(np.take_along_axis(p, order, axis=1), axis=1)
+        # keep the most likely tokens up to and including the one where the mass reaches top_p
+        drop = np.zeros_like(p, dtype=bool)
+        np.put_along_axis(drop, order, (cum - np.take_along_axis(p, order, axis=1)) >= top_p, axis=1)
+        p = np.where(drop, 0.0, p)
+        p /= p.sum(axis=1, keepdims=True)
+    cdf = np.cumsum(p, axis=1)
+    u = np.array([r.random() for r in rngs[:n]]) * cdf[:, -1]
+    return np.minimum(np.count_nonzero(cdf <= u[:, None], axis=1), V - 1).astype(np.int64)
 
 
 def generate(lm, prompt_ids, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,

@@ -123,6 +123,13 @@ def test_sampling_filters():
     draws = np.array([sample_next(lg, r, 1.0, None, 1.0)[0] for _ in range(4000)])
     freq = np.bincount(draws, minlength=3) / len(draws)
     np.testing.assert_allclose(freq, [0.6, 0.3, 0.1], atol=0.03)
+    # top-p 0.7 keeps {0.6, 0.3} (the smallest set reaching 0.7), renormalised to 2/3, 1/3
+    draws = np.array([sample_next(lg, r, 1.0, None, 0.7)[0] for _ in range(3000)])
+    np.testing.assert_allclose(np.bincount(draws, minlength=3) / len(draws), [2 / 3, 1 / 3, 0], atol=0.03)
+    # rows are independent: row 0 draws the same with or without other rows
+    a = sample_next(logits[:1], [np.random.default_rng(9)], 1.0, 10, 0.9)
+    b = sample_next(logits, [np.random.default_rng(9)] + rngs[1:], 1.0, 10, 0.9)
+    assert a[0] == b[0]
 
 
 def test_long_prompt_step_state_equals_the_full_forward(runs):
