@@ -1,6 +1,7 @@
 """Command line: `rtrainer run CONFIG [--set section.key=value ...] [--resume PATH|auto] [--headless]`,
 `rtrainer parity CONFIG [--steps N]`, `rtrainer prepare DIR` (index a shard directory),
-`rtrainer info`, `rtrainer keys`.
+`rtrainer launch -n K CONFIG [run flags]` (K data-parallel processes via mpirun), `rtrainer info`,
+`rtrainer keys`.
 
 Every error is one line on stderr starting `rtrainer: error:` and a non-zero exit code:
 2 configuration or usage, 3 data or checkpoint integrity, 4 non-finite stop, 5 I/O error (disk full, permission),
@@ -25,6 +26,8 @@ examples:
   rtrainer parity examples/quickstart.toml --steps 20       # straight == paused + resumed, bitwise?
   rtrainer keys                                            # every run-file key with its default
   rtrainer prepare data/shards                             # index (and check) a shard directory once
+  rtrainer launch -n 2 examples/quickstart.toml            # 2 data-parallel processes (mpirun)
+  mpirun -n 2 rtrainer run examples/quickstart.toml        # the same, by hand (or srun on Slurm)
 """
 
 
@@ -72,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="shard format (as data.format); auto = by extension")
     pr.add_argument("--glob", default="", help="file name pattern of the shards (as data.shard_glob)")
     pr.add_argument("--rebuild", action="store_true", help="rebuild the manifest from scratch")
+    la = sub.add_parser("launch", help="train on K data-parallel processes of this machine (runs mpirun)",
+                        description="Run `mpirun -n K rtrainer run CONFIG [run flags]` with each rank bound to "
+                        "cores // K cores. train.batch_size stays the global batch of one step.")
+    la.add_argument("-n", "--np", dest="n", type=int, required=True, metavar="K", help="number of processes")
+    la.add_argument("--mpi-arg", dest="mpi_args", action="append", default=[], metavar="ARG",
+                    help="an extra mpirun argument (repeatable), e.g. --mpi-arg=--mca --mpi-arg=btl --mpi-arg=self,tcp")
+    la.add_argument("--dry-run", action="store_true", help="print the mpirun command instead of running it")
+    la.add_argument("config", metavar="CONFIG", help="the TOML run file")
+    la.add_argument("run_args", nargs=argparse.REMAINDER, metavar="...",
+                    help="flags of `rtrainer run` (--set, --resume, --overwrite, --headless, --stop-at)")
     sub.add_parser("info", help="build and machine information (OpenMP, threads, BLAS)")
     sub.add_parser("keys", help="list every run-file key with its default and meaning")
     return p
@@ -90,6 +103,10 @@ def main(argv=None) -> int:
 
             Trainer.from_file(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite,
                               console=not args.headless, stop_at=args.stop_at).fit()
+        elif args.command == "launch":
+            from .launch import launch
+
+            return launch(args.n, args.config, args.run_args, mpi_args=args.mpi_args, dry_run=args.dry_run)
         elif args.command == "parity":
             from .probe import ParityMismatch, config_for_probe, run_parity
 
@@ -109,12 +126,27 @@ def main(argv=None) -> int:
             for section, key, default, doc in describe_keys():
                 print(f"{section}.{key} = {default!r}\n    {doc}")
     except RtrainerError as e:
-        print(f"rtrainer: error: {e}", file=sys.stderr)
+        _print_error(e)
         return e.exit_code
     except KeyboardInterrupt:
         print("rtrainer: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _print_error(e) -> None:
+    """One line. Under a launcher every rank validates the same run file, so a configuration error
+    is printed by rank 0 only; any other error names the rank it happened on."""
+    from .distributed import detect_launcher
+    from .errors import ConfigError
+
+    launcher = detect_launcher()
+    if launcher.size > 1 and launcher.rank > 0:
+        if isinstance(e, ConfigError):
+            return
+        print(f"rtrainer: error: rank {launcher.rank}: {e}", file=sys.stderr, flush=True)
+        return
+    print(f"rtrainer: error: {e}", file=sys.stderr, flush=True)
 
 
 def _prepare(args) -> None:

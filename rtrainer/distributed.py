@@ -1,0 +1,320 @@
+"""Data-parallel communication: one small `Comm` interface over MPI (mpi4py), or over nothing.
+
+A run is data-parallel when a launcher started it as one of several processes (``mpirun -n K``,
+``srun``, ``rtrainer launch -n K``). Every process ("rank") holds the whole model, reads its slice of
+every global batch, and after its backward passes the ranks sum their gradients with one in-place
+Allreduce of the flat gradient buffer. The launcher is recognised from its environment variables
+(:func:`detect_launcher`) before anything heavy is imported, so:
+
+* a single process (no launcher, or a launcher with one process) uses :class:`LocalComm`: every
+  operation is the identity, mpi4py is never imported, and training is bitwise what it was without
+  any of this;
+* several processes use :class:`MPIComm` over ``mpi4py.MPI.COMM_WORLD``; mpi4py is imported then,
+  and only then (a ConfigError, exit 2, if it is not installed).
+
+Everything the ranks must agree on goes through the communicator: the summed gradients, the loss
+and token sums, the non-finite and stop flags (so that skip / clip / stop decisions are the same
+on every rank), validation sums, and the parameter hash checked at each checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ConfigError
+
+__all__ = ["Launcher", "detect_launcher", "world_size", "threads_per_rank", "Comm", "LocalComm", "MPIComm",
+           "get_comm", "param_hash", "DEFAULT_BUCKET_BYTES"]
+
+#: Allreduce the gradient in buckets of this many bytes (0 = one call over the whole buffer).
+#: Measured on loopback (bench/bench_distributed.py): one call is as fast as any bucketing there,
+#: so buckets only bound the size of a single message.
+DEFAULT_BUCKET_BYTES = 0
+
+
+@dataclass(frozen=True)
+class Launcher:
+    """What the environment says about the process group this process belongs to."""
+
+    name: str          # "none", "openmpi", "pmi" (MPICH / Intel MPI hydra), "pmix", "slurm"
+    size: int          # processes in the job (world size)
+    rank: int          # this process's rank
+    local_size: int    # processes of the job on this machine (1 if unknown)
+    local_rank: int
+
+
+def _int_env(env, *names: str) -> int | None:
+    for n in names:
+        v = str(env.get(n, "")).strip()
+        if v.isdigit():
+            return int(v)
+    return None
+
+
+def detect_launcher(env=None) -> Launcher:
+    """The launcher from its environment variables (no MPI call, nothing imported).
+
+    Open MPI's mpirun/prterun: OMPI_COMM_WORLD_SIZE / _RANK / _LOCAL_SIZE / _LOCAL_RANK. MPICH and
+    Intel MPI (hydra): PMI_SIZE / PMI_RANK (MPI_LOCALNRANKS / MPI_LOCALRANKID). A PMIx launcher:
+    PMIX_SIZE / PMIX_RANK. Slurm's srun: SLURM_STEP_NUM_TASKS / SLURM_PROCID / SLURM_LOCALID; only
+    inside a job step (srun) - a batch script itself also has SLURM_NTASKS but is one process, so
+    SLURM_NTASKS alone counts only together with SLURM_STEP_ID.
+    """
+    env = os.environ if env is None else env
+    size = _int_env(env, "OMPI_COMM_WORLD_SIZE")
+    if size is not None:
+        return Launcher("openmpi", size, _int_env(env, "OMPI_COMM_WORLD_RANK") or 0,
+                        _int_env(env, "OMPI_COMM_WORLD_LOCAL_SIZE") or 1, _int_env(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0)
+    size = _int_env(env, "PMI_SIZE")
+    if size is not None:
+        return Launcher("pmi", size, _int_env(env, "PMI_RANK") or 0, _int_env(env, "MPI_LOCALNRANKS") or 1,
+                        _int_env(env, "MPI_LOCALRANKID") or 0)
+    size = _int_env(env, "PMIX_SIZE")
+    if size is not None:
+        return Launcher("pmix", size, _int_env(env, "PMIX_RANK") or 0, _int_env(env, "PMIX_LOCAL_SIZE") or 1,
+                        _int_env(env, "PMIX_LOCAL_RANK") or 0)
+    size = _int_env(env, "SLURM_STEP_NUM_TASKS")
+    if size is None and "SLURM_STEP_ID" in env:
+        size = _int_env(env, "SLURM_NTASKS")
+    if size is not None:
+        local = None
+        tpn = str(env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", ""))).split("(")[0]
+        if tpn.isdigit():
+            local = int(tpn)
+        return Launcher("slurm", size, _int_env(env, "SLURM_PROCID") or 0, local or 1,
+                        _int_env(env, "SLURM_LOCALID") or 0)
+    return Launcher("none", 1, 0, 1, 0)
+
+
+def world_size(env=None) -> int:
+    """Processes in this job (1 without a launcher): known before anything is imported or written."""
+    return max(1, detect_launcher(env).size)
+
+
+def threads_per_rank(requested: int, launcher: Launcher | None = None) -> int:
+    """Kernel threads of this rank: run.threads > 0 wins, then OMP_NUM_THREADS; else the cores the
+    launcher bound this rank to. A launcher that does not bind (every rank sees every core of the
+    machine) gets cores / ranks-on-this-machine each, so ranks x threads never exceed the cores."""
+    from .threads import available_cores, resolve_threads
+
+    if requested and requested > 0:
+        return int(requested)
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    launcher = launcher or detect_launcher()
+    cores = available_cores()
+    if launcher.size > 1 and launcher.local_size > 1 and cores >= (os.cpu_count() or cores):
+        return max(1, cores // launcher.local_size)   # not bound: share the machine
+    return resolve_threads(0)
+
+
+def param_hash(buf: np.ndarray) -> str:
+    """A short digest of a float32 buffer (the parameters): equal on every rank or the run is broken."""
+    return hashlib.blake2b(np.ascontiguousarray(buf).view(np.uint8), digest_size=16).hexdigest()
+
+
+# =========================================================================================== comms
+class Comm:
+    """What data-parallel training needs from the process group. Every call is collective: every
+    rank makes the same calls in the same order."""
+
+    rank: int = 0
+    size: int = 1
+    launcher: Launcher = Launcher("none", 1, 0, 1, 0)
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def allreduce_(self, buf: np.ndarray, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> np.ndarray:
+        """Sum a contiguous float32/float64 buffer over the ranks, in place; returns it."""
+        return buf
+
+    def sum(self, values):
+        """Sum of a list of floats over the ranks (float64, in the order given)."""
+        return [float(v) for v in values]
+
+    def max(self, values):
+        return [float(v) for v in values]
+
+    def min(self, values):
+        return [float(v) for v in values]
+
+    def any(self, flag: bool) -> bool:
+        return bool(flag)
+
+    def bcast(self, obj, root: int = 0):
+        return obj
+
+    def gather(self, obj, root: int = 0):
+        return [obj]
+
+    def barrier(self) -> None:
+        return None
+
+    def abort(self, code: int = 1) -> None:
+        os._exit(code)
+
+
+class LocalComm(Comm):
+    """One process: every collective is the identity."""
+
+
+class MPIComm(Comm):
+    """The ranks of MPI_COMM_WORLD (mpi4py)."""
+
+    def __init__(self, launcher: Launcher):
+        try:
+            from mpi4py import MPI  # noqa: WPS433 - imported only under a launcher with several ranks
+        except ImportError as e:
+            raise ConfigError(f"this process is rank {launcher.rank} of {launcher.size} ({launcher.name} launcher) "
+                              f"but mpi4py cannot be imported ({e}); install it with pip install 'rtrainer[mpi]' "
+                              "(or mpi4py built against the cluster's MPI)") from None
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.launcher = launcher
+        if self.size != launcher.size:
+            raise ConfigError(f"the launcher says {launcher.size} processes but MPI_COMM_WORLD has {self.size}: "
+                              "mpi4py is linked against another MPI than the one that launched this job")
+
+    def allreduce_(self, buf, bucket_bytes=DEFAULT_BUCKET_BYTES):
+        if not buf.flags.c_contiguous:
+            raise ValueError("allreduce_ needs a contiguous buffer")
+        flat = buf.reshape(-1)
+        n = flat.size
+        step = n if bucket_bytes <= 0 else max(1, bucket_bytes // flat.itemsize)
+        if step >= n:
+            self.comm.Allreduce(self.MPI.IN_PLACE, flat, op=self.MPI.SUM)
+            return buf
+        reqs = [self.comm.Iallreduce(self.MPI.IN_PLACE, flat[a:a + step], op=self.MPI.SUM)
+                for a in range(0, n, step)]
+        self.MPI.Request.Waitall(reqs)
+        return buf
+
+    def _scalars(self, values, op):
+        a = np.asarray(list(values), dtype=np.float64)
+        self.comm.Allreduce(self.MPI.IN_PLACE, a, op=op)
+        return [float(x) for x in a]
+
+    def sum(self, values):
+        return self._scalars(values, self.MPI.SUM)
+
+    def max(self, values):
+        return self._scalars(values, self.MPI.MAX)
+
+    def min(self, values):
+        return self._scalars(values, self.MPI.MIN)
+
+    def any(self, flag):
+        return self.max([1.0 if flag else 0.0])[0] > 0.0
+
+    def bcast(self, obj, root=0):
+        return self.comm.bcast(obj, root=root)
+
+    def gather(self, obj, root=0):
+        return self.comm.gather(obj, root=root)
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def abort(self, code=1):
+        self.comm.Abort(code)
+
+
+_COMM: Comm | None = None
+
+
+def get_comm() -> Comm:
+    """The process group of this process (created once): LocalComm unless a launcher started
+    several processes."""
+    global _COMM
+    if _COMM is None:
+        launcher = detect_launcher()
+        _COMM = MPIComm(launcher) if launcher.size > 1 else LocalComm()
+    return _COMM
+
+
+# =========================================================================================== data
+class RankSlice:
+    """This rank's rows of every global batch of a training stream.
+
+    The wrapped stream (TokenStream, TaskStream, ...) plans and reads the whole global (B, T) batch
+    on every rank - the same deterministic planner everywhere - and this rank keeps rows
+    [rank * B/K, (rank + 1) * B/K). So the global data order, the cursor (``state()``) and the
+    checkpoint are the same for every K, and a run resumes at another K. The cost is that every
+    rank reads K times the tokens it trains on: B * T * 8 bytes per step, small against the step's
+    compute, and it keeps one planner instead of K that would have to agree. ``full_targets`` is
+    the global batch's targets (every rank then knows the global scored-token count without
+    communicating)."""
+
+    def __init__(self, stream, rank: int, world: int):
+        self.stream, self.rank, self.world = stream, int(rank), int(world)
+        self.full_targets = None
+
+    def next_batch(self):
+        ids, targets = self.stream.next_batch()
+        self.full_targets = targets
+        if self.world == 1:
+            return ids, targets
+        share = ids.shape[0] // self.world
+        a, b = self.rank * share, (self.rank + 1) * share
+        return np.ascontiguousarray(ids[a:b]), np.ascontiguousarray(targets[a:b])
+
+    def state(self):
+        return self.stream.state()
+
+    def set_state(self, d):
+        self.stream.set_state(d)
+
+    def close(self):
+        if hasattr(self.stream, "close"):
+            self.stream.close()
+
+    def __getattr__(self, name):   # tokens_per_epoch, next_rows, ... of the wrapped stream
+        return getattr(self.stream, name)
+
+
+class RankSliceEval:
+    """This rank's rows of every fixed validation batch; the sums over them are reduced by the
+    caller, so the validation result covers every window once whatever K is."""
+
+    def __init__(self, source, rank: int, world: int):
+        self.source, self.rank, self.world = source, int(rank), int(world)
+
+    def __len__(self):
+        return len(self.source)
+
+    def batches(self):
+        for ids, targets in self.source.batches():
+            B = ids.shape[0]
+            a, b = self.rank * B // self.world, (self.rank + 1) * B // self.world
+            if a == b:
+                continue
+            yield np.ascontiguousarray(ids[a:b]), np.ascontiguousarray(targets[a:b])
+
+    def close(self):
+        if hasattr(self.source, "close"):
+            self.source.close()
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+
+def micro_batches(ids: np.ndarray, targets: np.ndarray, micro: int):
+    """The (ids, targets) micro-batches of `micro` rows of a rank's share, in order."""
+    n = ids.shape[0]
+    if micro >= n:
+        yield ids, targets
+        return
+    for a in range(0, n, micro):
+        yield np.ascontiguousarray(ids[a:a + micro]), np.ascontiguousarray(targets[a:a + micro])
