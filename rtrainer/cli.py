@@ -10,6 +10,7 @@ Every error is one line on stderr starting `rtrainer: error:` and a non-zero exi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -91,6 +92,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    code = _main(argv)
+    _leave_mpi(code)
+    return code
+
+
+def _leave_mpi(code: int) -> None:
+    """A rank of a multi-process job that stops with an error leaves at once (os._exit): a normal
+    exit would run MPI_Finalize, which waits for the other ranks - still inside a collective - and the
+    job would hang. mpirun / srun see the non-zero exit and stop the others within seconds."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if code and mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _main(argv=None) -> int:
+    try:
+        return _run(argv)
+    except (Exception, KeyboardInterrupt):   # a bug, or an interrupt outside the training loop
+        if sys.modules.get("mpi4py.MPI") is None:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        _leave_mpi(1)
+        raise
+
+
+def _run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command is None:
         build_parser().print_help()
@@ -138,12 +169,19 @@ def _print_error(e) -> None:
     """One line. Under a launcher every rank validates the same run file, so a configuration error
     is printed by rank 0 only; any other error names the rank it happened on."""
     from .distributed import detect_launcher
-    from .errors import ConfigError
+    from .errors import ConfigError, NonFiniteError
 
     launcher = detect_launcher()
     if launcher.size > 1 and launcher.rank > 0:
-        if isinstance(e, ConfigError):
+        # stops every rank decides together (a signal, a non-finite step): rank 0's line says it
+        if isinstance(e, NonFiniteError) or getattr(e, "agreed", False):
             return
+        if isinstance(e, ConfigError) and not getattr(e, "rank_local", False):
+            # rank 0 reports it (and its exit makes the launcher stop this rank): wait for that, and
+            # report it here only if it has not happened after a while
+            import time
+
+            time.sleep(10.0)
         print(f"rtrainer: error: rank {launcher.rank}: {e}", file=sys.stderr, flush=True)
         return
     print(f"rtrainer: error: {e}", file=sys.stderr, flush=True)

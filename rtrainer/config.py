@@ -496,11 +496,17 @@ def _check_batch_split(cfg: Config, origins: Mapping[tuple[str, str], str]) -> N
     from .distributed import world_size
 
     t = cfg.train
+    world = world_size()
     try:
-        batch_split(t.batch_size, t.micro_batch_size, world_size())
+        _, _, accum = batch_split(t.batch_size, t.micro_batch_size, world)
     except ValueError as e:
         key = "micro_batch_size" if "micro_batch_size =" in str(e) else "batch_size"
         raise ConfigError(f"{e}{_where(origins, 'train', key)}") from None
+    if (world > 1 or accum > 1) and (t.ff or t.bp_cadence > 1):
+        key = "ff" if t.ff else "bp_cadence"
+        raise ConfigError(f"train.{key} (Forward-Forward / backprop cadence) works on one process without "
+                          f"micro-batches; this run has {world} process(es) and {accum} micro-batches per step "
+                          "(train.micro_batch_size)" + _where(origins, "train", key))
 
 
 # --------------------------------------------------------------------------------------------

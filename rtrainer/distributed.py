@@ -154,6 +154,10 @@ class Comm:
     def bcast(self, obj, root: int = 0):
         return obj
 
+    def bcast_array_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
+        """Overwrite a contiguous array with root's, in place."""
+        return buf
+
     def gather(self, obj, root: int = 0):
         return [obj]
 
@@ -220,6 +224,10 @@ class MPIComm(Comm):
 
     def bcast(self, obj, root=0):
         return self.comm.bcast(obj, root=root)
+
+    def bcast_array_(self, buf, root=0):
+        self.comm.Bcast(buf.reshape(-1), root=root)
+        return buf
 
     def gather(self, obj, root=0):
         return self.comm.gather(obj, root=root)
@@ -318,3 +326,108 @@ def micro_batches(ids: np.ndarray, targets: np.ndarray, micro: int):
         return
     for a in range(0, n, micro):
         yield np.ascontiguousarray(ids[a:a + micro]), np.ascontiguousarray(targets[a:a + micro])
+
+
+# =========================================================================================== the step
+def forward_backward_accumulated(net, ids: np.ndarray, targets: np.ndarray, micro: int, n_global: int,
+                                 scratch: dict) -> float:
+    """Gradients of this rank's share of the global batch, accumulated over micro-batches of `micro`
+    rows, each weighted by its scored-token count / the global batch's (`n_global`): after the
+    Allreduce (a plain sum) flat.grad is the gradient of the exact global mean loss, and the
+    returned value summed over the ranks is that loss. `net.forward_backward(ids, targets)` zeroes
+    flat.grad and leaves one micro-batch's mean-loss gradient there. `scratch` keeps the two
+    accumulation buffers between steps.
+
+    The weighted sum is the same sequence of float32 operations for one rank with M micro-batches
+    and for M ranks with one each (acc = w0*g0, then + w1*g1 ...; a two-rank Allreduce adds its two
+    terms in either order, which is exact), so those two runs agree bitwise."""
+    grad = net.flat.grad
+    parts = list(micro_batches(ids, targets, micro))
+    loss = 0.0
+    if len(parts) == 1:
+        n = int(np.count_nonzero(targets != -1))
+        local = net.forward_backward(ids, targets)
+        w = n / n_global if n_global else 0.0
+        grad *= np.float32(w)
+        return float(local) * w if n else 0.0
+    if scratch.get("acc") is None or scratch["acc"].shape != grad.shape:
+        scratch["acc"], scratch["tmp"] = np.empty_like(grad), np.empty_like(grad)
+    acc, tmp = scratch["acc"], scratch["tmp"]
+    first = True
+    for ids_j, t_j in parts:
+        n = int(np.count_nonzero(t_j != -1))
+        if n == 0:
+            continue   # nothing scored in this micro-batch: no loss, no gradient
+        local = net.forward_backward(ids_j, t_j)
+        w = n / n_global
+        if first:
+            np.multiply(grad, np.float32(w), out=acc)
+            first = False
+        else:
+            np.multiply(grad, np.float32(w), out=tmp)
+            acc += tmp
+        loss += float(local) * w
+    if first:
+        acc.fill(0.0)
+    grad[...] = acc
+    return loss
+
+
+class DataParallel:
+    """The per-step agreements of a data-parallel (or accumulating) run, around rtrainer's train step.
+
+    ``active`` is False for one process without micro-batches: then nothing here is used and the
+    step is exactly the single-process one."""
+
+    def __init__(self, comm: Comm, batch_size: int, micro_batch_size: int):
+        from .config import batch_split
+
+        self.comm = comm
+        try:
+            self.share, self.micro, self.accum = batch_split(batch_size, micro_batch_size, comm.size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.active = comm.size > 1 or self.accum > 1
+        self.scratch: dict = {}
+        self.n_global = 0
+
+    def wrap_train(self, stream):
+        return RankSlice(stream, self.comm.rank, self.comm.size) if self.comm.size > 1 or self.accum > 1 else stream
+
+    def wrap_eval(self, source):
+        return RankSliceEval(source, self.comm.rank, self.comm.size) if source is not None and self.comm.size > 1 \
+            else source
+
+    def begin_step(self, train_stream) -> None:
+        """The global scored-token count of the batch just read (every rank read the whole batch)."""
+        t = getattr(train_stream, "full_targets", None)
+        self.n_global = int(np.count_nonzero(t != -1)) if t is not None else 0
+
+    def forward_backward(self, net, ids, targets) -> float:
+        return forward_backward_accumulated(net, ids, targets, self.micro, self.n_global, self.scratch)
+
+    def loss_hook(self, loss: float, n_scored: int) -> float:
+        return self.comm.sum([loss])[0] if self.comm.size > 1 else loss
+
+    def grad_hook(self, buf: np.ndarray) -> None:
+        if self.comm.size > 1:
+            self.comm.allreduce_(buf)
+
+    def agree_stop(self, signum) -> int | None:
+        """The stop signal every rank acts on: the largest one any rank received (None: none)."""
+        if self.comm.size == 1:
+            return signum
+        s = int(self.comm.max([signum or 0])[0])
+        return s or None
+
+    def check_same_params(self, flat_data: np.ndarray, step: int) -> None:
+        """Every rank must hold rank 0's parameters (compared by hash at each checkpoint)."""
+        if self.comm.size == 1:
+            return
+        mine = param_hash(flat_data)
+        ok = self.comm.min([1.0 if self.comm.bcast(mine) == mine else 0.0])[0] > 0
+        if not ok:
+            from .errors import CheckpointError
+
+            raise CheckpointError(f"step {step}: the parameters differ between the {self.comm.size} processes "
+                                  "(hash check before the checkpoint); the run is stopped")

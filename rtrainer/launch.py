@@ -61,16 +61,40 @@ def build_command(n: int, config: str, run_args=(), *, mpi_args=(), mpirun: str 
 
 
 def launch(n: int, config: str, run_args=(), *, mpi_args=(), dry_run: bool = False) -> int:
+    """Run mpirun and return its exit code (the job's). A SIGTERM or SIGINT sent to this process is
+    passed on to every rank as SIGUSR1 (mpirun forwards that one; a SIGTERM to mpirun itself kills the
+    ranks at once): the ranks finish their step, rank 0 checkpoints, and the job exits 143. A second
+    signal is passed on as it is (SIGTERM: mpirun kills the job)."""
+    import signal
+    import subprocess
+
     argv, env = build_command(n, config, run_args, mpi_args=mpi_args)
     print("rtrainer: launching: " + " ".join(shlex.quote(a) for a in argv), file=sys.stderr, flush=True)
     if dry_run:
         print(" ".join(shlex.quote(a) for a in argv))
         return 0
-    os.environ.update(env)
-    sys.stdout.flush()
-    sys.stderr.flush()
     try:
-        os.execv(argv[0], argv)     # mpirun takes over this process: its exit code is the job's
+        proc = subprocess.Popen(argv, env=dict(os.environ, **env))
     except OSError as e:
         raise ConfigError(f"cannot run {argv[0]}: {e.strerror or e}") from None
-    return 0  # pragma: no cover
+    seen = []
+
+    def relay(signum, frame):
+        seen.append(signum)
+        try:
+            proc.send_signal(signal.SIGUSR1 if len(seen) == 1 else signum)
+        except ProcessLookupError:
+            pass
+
+    old = {s: signal.signal(s, relay) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    try:
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except InterruptedError:  # pragma: no cover - PEP 475 retries wait() itself
+                continue
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return code if code >= 0 else 128 - code

@@ -26,6 +26,7 @@ from threadpoolctl import threadpool_limits
 from . import checkpoint as ckpt
 from . import config as config_mod
 from . import data as data_mod  # noqa: F401 - subclasses use it
+from . import distributed as dist_mod
 from . import faults
 from . import staged as staged_mod
 from . import stream as stream_mod
@@ -61,6 +62,8 @@ class Interrupted(RtrainerError):
         super().__init__(message)
         self.exit_code = 128 + signum
 
+    agreed = True   # every rank of a multi-process run stops after the same step
+
 
 @dataclasses.dataclass
 class RunData:
@@ -79,8 +82,12 @@ class Trainer:
         self.resume = resume
         self.overwrite = overwrite
         self.stop_at = stop_at     # pause after this step with a checkpoint (stop_reason "paused")
-        self.console = console
-        self.n_threads = resolve_threads(config.run.threads)
+        # data parallel: a launcher started several processes (rtrainer.distributed); one process
+        # without micro-batches leaves every step exactly as it is
+        self.comm = dist_mod.get_comm()
+        self.dp = dist_mod.DataParallel(self.comm, config.train.batch_size, config.train.micro_batch_size)
+        self.console = console and self.comm.is_root   # rank 0 speaks and writes; the others only compute
+        self.n_threads = dist_mod.threads_per_rank(config.run.threads, self.comm.launcher)
 
     @classmethod
     def from_file(cls, path: str, overrides=(), **kw):
@@ -169,6 +176,8 @@ class Trainer:
                 loss_sum += float(loss) * n
                 correct += int(np.count_nonzero(pred == t))    # pred is never -1
                 n_tok += n
+            if self.comm.distributed:   # each rank scored its rows of every window: the sums over all
+                loss_sum, correct, n_tok = self.comm.sum([loss_sum, correct, n_tok])
             sfx = "" if L is None else f"@{L}"
             r["val_loss" + sfx] = loss_sum / max(n_tok, 1)
             r["val_acc" + sfx] = correct / max(n_tok, 1)
@@ -179,7 +188,8 @@ class Trainer:
         self._stop_signal = None
         handlers = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            # SIGUSR1: what mpirun forwards to every rank and Slurm sends ahead of a kill (--signal)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
                 handlers[sig] = signal.signal(sig, self._on_signal)
         try:
             with threadpool_limits(limits=self.n_threads, user_api="blas"):
@@ -216,6 +226,13 @@ class Trainer:
         self.head.bind(self.flat.params, self.flat.grads)
         self.optimizer = self.build_optimizer(self.flat)
         self.rng = np.random.default_rng([c.run.seed, 2])   # for subclasses (sampling, dropout, ...)
+        if self.dp.active:
+            if self.staged.active:
+                raise ConfigError("train.freeze / train.freeze_embedding work on one process without "
+                                  "micro-batches for now (train.micro_batch_size, several processes)")
+            self.data.train = self.dp.wrap_train(self.data.train)
+            self.data.val = self.dp.wrap_eval(self.data.val)
+            self.data.extra_val = {L: self.dp.wrap_eval(v) for L, v in self.data.extra_val.items()}
         self.resolved = self._resolved_config(V)
         out_dir = Path(self.resolved.run.out_dir)
         self.ckpt_dir = out_dir / "checkpoints"
@@ -229,6 +246,43 @@ class Trainer:
             "run_state": str(out_dir / "run_state.json"),
             "summary": str(out_dir / "summary.json"),
         }
+        if self.comm.is_root:
+            state, metrics_offset, elapsed0 = self._setup_run_dir(out_dir)
+        if self.comm.distributed:   # rank 0 read the checkpoint (or initialised): the others take its state
+            if self.comm.is_root:
+                shared = (state, metrics_offset, elapsed0)
+            else:
+                self.staged.initialise(self)
+                shared = None
+            state, metrics_offset, elapsed0 = self.comm.bcast(shared)
+            for buf in (self.flat.data, self.flat.m, self.flat.v):
+                self.comm.bcast_array_(buf)
+            if not self.comm.is_root:
+                self._restore_scalars(state)
+            if state is not None and int(state.get("world_size", 1)) != self.comm.size:
+                self._say(f"rtrainer: warning: the checkpoint was written by {state.get('world_size', 1)} "
+                          f"process(es), this run has {self.comm.size}: the global batch and the data are the same, "
+                          "but sums are rounded in another order, so results are not bitwise those of an "
+                          "uninterrupted run")
+            self.metrics = MetricsWriter(self.paths["metrics"], truncate_to=metrics_offset) if self.comm.is_root \
+                else _NoMetrics()
+        else:
+            self.metrics = MetricsWriter(self.paths["metrics"], truncate_to=metrics_offset)
+        import rtrainer
+
+        hint = rtrainer.threading_warning() if self.n_threads > 1 else None
+        if hint:
+            self._say(f"rtrainer: warning: {hint}")
+        world = f", processes={self.comm.size}" if self.comm.distributed else ""
+        accum = f", micro-batches={self.dp.accum}" if self.dp.accum > 1 else ""
+        self._say(f"rtrainer: {'resuming at step ' + str(self.step) if state else 'starting'}: "
+                  f"{self.flat.n_trainable:,} trainable parameters, V={V}, threads={self.n_threads}{world}{accum}, "
+                  f"out_dir={out_dir}")
+        return self._loop(elapsed0)
+
+    def _setup_run_dir(self, out_dir: Path):
+        """Rank 0 (or the only process): lock the run directory, clean it, read the checkpoint to
+        resume or initialise, write the resolved config. Returns (state, metrics offset, elapsed)."""
         # one writer per run directory: the lock dies with its holder (flock), so a killed run
         # never leaves the directory locked
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -251,15 +305,7 @@ class Trainer:
             self.bad_evals, self.best_step = 0, None
             metrics_offset = None
         else:
-            self.step = int(state["step"])
-            self.optimizer.t = int(state["optimizer_updates"])
-            self.skipped = int(state["skipped"])
-            self.best_val_loss = _from_json_float(state["best_val_loss"])
-            self.bad_evals = int(state.get("bad_evals", 0))
-            self.best_step = state.get("best_step")
-            self.data.train.set_state(state["data"]["train"])
-            self.staged.load_state(state.get("staged"), self._resume_path)
-            self.rng.bit_generator.state = state["rng"]
+            self._restore_scalars(state)
             elapsed0 = float(state["elapsed_s"])
             # continuing this run: cut metrics.jsonl back to the checkpoint; a checkpoint from
             # another run directory starts this directory's metrics afresh
@@ -274,20 +320,31 @@ class Trainer:
         # 2. the run directory
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_text_atomic(self.paths["config"], config_mod.config_to_toml(self.resolved))
-        self.metrics = MetricsWriter(self.paths["metrics"], truncate_to=metrics_offset)
-        import rtrainer
+        return state, metrics_offset, elapsed0
 
-        hint = rtrainer.threading_warning() if self.n_threads > 1 else None
-        if hint:
-            self._say(f"rtrainer: warning: {hint}")
-        self._say(f"rtrainer: {'resuming at step ' + str(self.step) if state else 'starting'}: "
-                  f"{self.flat.n_trainable:,} trainable parameters, V={V}, threads={self.n_threads}, "
-                  f"out_dir={out_dir}")
+    def _restore_scalars(self, state: dict | None) -> None:
+        """Everything but the tensors of a checkpoint's state (the step, counters, data cursor, RNG)."""
+        if state is None:
+            self.step, self.skipped, self.best_val_loss = 0, 0, math.inf
+            self.bad_evals, self.best_step = 0, None
+            return
+        self.step = int(state["step"])
+        self.optimizer.t = int(state["optimizer_updates"])
+        self.skipped = int(state["skipped"])
+        self.best_val_loss = _from_json_float(state["best_val_loss"])
+        self.bad_evals = int(state.get("bad_evals", 0))
+        self.best_step = state.get("best_step")
+        self.data.train.set_state(state["data"]["train"])
+        self.staged.load_state(state.get("staged"), getattr(self, "_resume_path", None))
+        self.rng.bit_generator.state = state["rng"]
 
+    def _loop(self, elapsed0: float) -> dict:
+        c = self.cfg
         # 3. the loop
         total = c.train.steps
         B, T = c.train.batch_size, c.train.seq_len
         dz = np.empty((B * T, c.model.d_model), np.float32)
+        fb = _ForwardBackward(self.model, self.head, self.flat, c.model.d_model)
         t_start = time.perf_counter()
         t_last, step_last = t_start, self.step
         proc = psutil.Process()
@@ -296,7 +353,20 @@ class Trainer:
             ids, targets = self.data.train.next_batch()
             lr = lr_at(self.step, c.optim.lr, c.schedule.warmup_steps, total, c.schedule.min_lr_scale)
             extra = {}
-            if self.staged.active:   # freezing, Forward-Forward, BP cadence, surgery: rtrainer/staged.py
+            if self.dp.active:   # this rank's share, micro-batches, one Allreduce (rtrainer/distributed.py)
+                self.dp.begin_step(self.data.train)
+                loss = self.dp.forward_backward(fb, ids, targets)
+                loss = self.dp.loss_hook(loss, 0)
+                loss = _inject_nan(self.step + 1, loss, self.flat)
+                self.dp.grad_hook(self.flat.grad)
+                gnorm = self.optimizer.grad_norm()
+                clipped = False
+                finite = math.isfinite(loss) and math.isfinite(gnorm)
+                if finite:
+                    scale = self.optimizer.clip_scale(gnorm)
+                    clipped = scale < 1.0
+                    self.optimizer.step(lr, scale)
+            elif self.staged.active:   # freezing, Forward-Forward, BP cadence, surgery: rtrainer/staged.py
                 loss, gnorm, clipped, finite, extra = self.staged.train_step(self, ids, targets, lr, dz)
             else:
                 loss = forward_backward(self.model, self.head, self.flat, ids, targets, dz)
@@ -358,13 +428,17 @@ class Trainer:
                 self._say(f"rtrainer: paused after step {self.step} (--stop-at); continue with --resume auto")
                 self._closing_validation(validated)
                 return self._finish("paused")
+            if self.comm.distributed:   # every rank stops after the same step
+                self._stop_signal = self.dp.agree_stop(self._stop_signal)
             if self._stop_signal is not None and not last:
                 if not saved:
                     self._save(elapsed0 + time.perf_counter() - t_start)
                 name = signal.Signals(self._stop_signal).name
                 self._closing_validation(validated)
                 self._finish("interrupted")
-                raise Interrupted(self._stop_signal, f"interrupted by {name} after step {self.step}; checkpoint "
+                # SIGUSR1 is a warning ahead of a SIGTERM: the run ends as if it had been terminated
+                code = signal.SIGTERM if self._stop_signal == signal.SIGUSR1 else self._stop_signal
+                raise Interrupted(code, f"interrupted by {name} after step {self.step}; checkpoint "
                                   f"{self.paths['latest']} written; continue with --resume auto")
         return self._finish("completed")
 
@@ -378,7 +452,9 @@ class Trainer:
             "paths": self.paths,
         }
         self.metrics.close()
-        ckpt.write_json_atomic(self.paths["summary"], summary)
+        if self.comm.is_root:
+            ckpt.write_json_atomic(self.paths["summary"], summary)
+        self.comm.barrier()   # no rank leaves (and so ends the job) before rank 0 has written
         return summary
 
     # ================================================================ internals
@@ -387,6 +463,9 @@ class Trainer:
         if not self.cfg.train.fail_on_non_finite:
             return
         path = Path(self.paths["out_dir"]) / "checkpoints" / f"non-finite-step-{self.step + 1}.safetensors"
+        if not self.comm.is_root:   # rank 0 keeps the diagnosis; the others stop with it
+            self._finish("non_finite")
+            raise NonFiniteError(f"step {self.step + 1}: non-finite loss or gradient (see rank 0)")
         tensors = dict(self.flat.state_tensors())
         for name, g in self.flat.views(self.flat.grad).items():
             tensors[f"grad/{name}"] = g
@@ -434,6 +513,11 @@ class Trainer:
         retention. `latest`/`best` say why it is written (a due save, an improving validation)."""
         if best:
             self.best_step = self.step
+        self.dp.check_same_params(self.flat.data, self.step)
+        if not self.comm.is_root:
+            self.paths["latest"] = str(self.ckpt_dir / ckpt.step_dir_name(self.step)) if latest else self.paths["latest"]
+            self.comm.barrier()
+            return
         state = {
             "schema": SCHEMA_VERSION,
             "step": self.step,
@@ -449,6 +533,7 @@ class Trainer:
             "n_threads": self.n_threads,
             "config": config_mod.config_to_dict(self.resolved),
             "staged": self.staged.state(),
+            "world_size": self.comm.size,
         }
         path = ckpt.write_step_checkpoint(self.ckpt_dir, self.step, self.flat.state_tensors(), state,
                                           extra={"n_threads": self.n_threads})
@@ -462,6 +547,7 @@ class Trainer:
                 "step": self.step, "checkpoint": path, "val_loss": state["best_val_loss"]})
         faults.point("ckpt.after_run_state", path)
         self._apply_retention()
+        self.comm.barrier()
 
     def _apply_retention(self) -> None:
         """Keep the newest `checkpoint.keep_last` step checkpoints and the best one; delete the rest
@@ -556,6 +642,33 @@ class Trainer:
     def _say(self, msg: str) -> None:
         if self.console:
             print(msg, file=sys.stderr if msg.startswith("rtrainer:") else sys.stdout, flush=True)
+
+
+class _ForwardBackward:
+    """net.forward_backward(ids, targets) over the model, the head and the flat buffer (dz sized per batch)."""
+
+    def __init__(self, model, head, flat, d_model):
+        self.model, self.head, self.flat, self.D = model, head, flat, d_model
+        self._dz = None
+
+    def forward_backward(self, ids, targets):
+        n = ids.shape[0] * ids.shape[1]
+        if self._dz is None or self._dz.shape[0] != n:
+            self._dz = np.empty((n, self.D), np.float32)
+        return forward_backward(self.model, self.head, self.flat, ids, targets, self._dz)
+
+
+class _NoMetrics:
+    """The metrics of a rank other than 0: nothing is written."""
+
+    def write(self, record):
+        pass
+
+    def offset(self):
+        return 0
+
+    def close(self):
+        pass
 
 
 def _lock_run_dir(out_dir: Path):
