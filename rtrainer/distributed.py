@@ -293,11 +293,12 @@ class RankSlice:
 
 
 class RankSliceEval:
-    """This rank's rows of every fixed validation batch; the sums over them are reduced by the
-    caller, so the validation result covers every window once whatever K is."""
+    """This rank's rows of every fixed validation batch, in micro-batches of at most `micro` rows
+    (validation needs no more memory than training); the sums over them are reduced by the caller,
+    so the validation result covers every window once whatever K is."""
 
-    def __init__(self, source, rank: int, world: int):
-        self.source, self.rank, self.world = source, int(rank), int(world)
+    def __init__(self, source, rank: int, world: int, micro: int = 0):
+        self.source, self.rank, self.world, self.micro = source, int(rank), int(world), int(micro)
 
     def __len__(self):
         return len(self.source)
@@ -308,7 +309,11 @@ class RankSliceEval:
             a, b = self.rank * B // self.world, (self.rank + 1) * B // self.world
             if a == b:
                 continue
-            yield np.ascontiguousarray(ids[a:b]), np.ascontiguousarray(targets[a:b])
+            if self.world == 1 and (not self.micro or self.micro >= B):
+                yield ids, targets
+                continue
+            yield from micro_batches(np.ascontiguousarray(ids[a:b]), np.ascontiguousarray(targets[a:b]),
+                                     self.micro or (b - a))
 
     def close(self):
         if hasattr(self.source, "close"):
@@ -395,8 +400,9 @@ class DataParallel:
         return RankSlice(stream, self.comm.rank, self.comm.size) if self.comm.size > 1 or self.accum > 1 else stream
 
     def wrap_eval(self, source):
-        return RankSliceEval(source, self.comm.rank, self.comm.size) if source is not None and self.comm.size > 1 \
-            else source
+        if source is None or not self.active:
+            return source
+        return RankSliceEval(source, self.comm.rank, self.comm.size, self.micro)
 
     def begin_step(self, train_stream) -> None:
         """The global scored-token count of the batch just read (every rank read the whole batch)."""

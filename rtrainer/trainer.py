@@ -259,15 +259,15 @@ class Trainer:
                 self.comm.bcast_array_(buf)
             if not self.comm.is_root:
                 self._restore_scalars(state)
-            if state is not None and int(state.get("world_size", 1)) != self.comm.size:
-                self._say(f"rtrainer: warning: the checkpoint was written by {state.get('world_size', 1)} "
-                          f"process(es), this run has {self.comm.size}: the global batch and the data are the same, "
-                          "but sums are rounded in another order, so results are not bitwise those of an "
-                          "uninterrupted run")
             self.metrics = MetricsWriter(self.paths["metrics"], truncate_to=metrics_offset) if self.comm.is_root \
                 else _NoMetrics()
         else:
             self.metrics = MetricsWriter(self.paths["metrics"], truncate_to=metrics_offset)
+        if state is not None and int(state.get("world_size", 1)) != self.comm.size:
+            self._say(f"rtrainer: warning: the checkpoint was written by {state.get('world_size', 1)} "
+                      f"process(es), this run has {self.comm.size}: the global batch and the data are the same, "
+                      "but sums are rounded in another order, so results are not bitwise those of an "
+                      "uninterrupted run")
         import rtrainer
 
         hint = rtrainer.threading_warning() if self.n_threads > 1 else None
@@ -700,6 +700,9 @@ def _fault_point(step: int, flat: FlatParams) -> None:
     nan_param_after_step=N:TENSOR fills a parameter with NaN."""
     kind, n, arg = faults.parse()
     if not n.isdigit() or int(n) != step:
+        return
+    only = os.environ.get("RTRAINER_FAULT_RANK", "").strip()   # multi-process runs: on this rank only
+    if only and only != str(dist_mod.detect_launcher().rank):
         return
     if kind == "after_step":
         os.kill(os.getpid(), getattr(signal, "SIG" + (arg or "KILL").upper()))

@@ -171,3 +171,185 @@ def test_rtrainer_launch_runs_mpirun(tmp_path):
                         "--set", "train.batch_size=3"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert q.returncode == 2, q.stdout + q.stderr
     assert "train.batch_size = 3" in q.stderr and not (tmp_path / "run").exists()
+
+
+# ================================================================ training on several processes
+# Tolerance of "the same to rounding": float32 gradients summed in another order (two half batches
+# then an Allreduce, against one batch's sums) differ by a few ulps (~1e-7 relative) per step; AdamW
+# with lr 1e-2 moves each parameter by at most ~lr per step, so after 20 steps a real discrepancy
+# (wrong rows, a missing or doubled share, a wrong weight) shows up at >= 1e-3, while rounding stays
+# below 1e-5 (measured ~1e-8 on the losses).
+RTOL = 1e-5
+STEPS = 20
+
+
+def dp_config(tmp_path, name="cfg", batch=4, extra=""):
+    d = tmp_path / name
+    d.mkdir(exist_ok=True)
+    return tiny_config(d, steps=STEPS, threads=1, extra=extra)
+
+
+def train(cfg, n, out, *sets, env_extra=None, expect=0, timeout=180, headless=True):
+    args = ["-m", "rtrainer", "run", cfg, *(["--headless"] if headless else []), "--set", f'run.out_dir="{out}"',
+            *sets]
+    if n == 1:
+        full = dict(os.environ, **(env_extra or {}))
+        p = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=full, cwd=REPO,
+                           timeout=timeout)
+    else:
+        p = mpirun(n, args, env_extra=env_extra, timeout=timeout)
+    assert p.returncode == expect, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+def train_records(out):
+    from conftest import read_metrics, strip_timing
+
+    return strip_timing(read_metrics(Path(out) / "metrics.jsonl"))
+
+
+def final_tensors(out):
+    from conftest import checkpoint_tensors, latest_checkpoint
+
+    return checkpoint_tensors(latest_checkpoint(out))
+
+
+def assert_close_runs(a, b, rtol=RTOL):
+    ra, rb = train_records(a), train_records(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for x, y in zip(ra, rb):
+        for k in ("loss", "grad_norm", "val_loss"):
+            if k in x:
+                assert y[k] == pytest.approx(x[k], rel=rtol, abs=rtol), (k, x, y)
+    ta, tb = final_tensors(a), final_tensors(b)
+    assert sorted(ta) == sorted(tb)
+    for k in ta:
+        np.testing.assert_allclose(ta[k], tb[k], rtol=rtol, atol=rtol, err_msg=k)
+
+
+def assert_bitwise_runs(a, b):
+    assert train_records(a) == train_records(b)
+    ta, tb = final_tensors(a), final_tensors(b)
+    assert sorted(ta) == sorted(tb) and all(np.array_equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted 2-rank run and one 1-process run of the same run file (global batch 4)."""
+    if not HAVE_MPI:
+        pytest.skip("mpi4py / the venv's mpirun are not installed (make install)")
+    tmp = tmp_path_factory.mktemp("dp")
+    cfg = dp_config(tmp)
+    k2, k1 = tmp / "k2", tmp / "k1"
+    train(cfg, 2, k2)
+    train(cfg, 1, k1)
+    return {"tmp": tmp, "cfg": cfg, "k2": k2, "k1": k1}
+
+
+def test_rank_slices_partition_the_global_batch():
+    from rtrainer.tasks import TaskStream
+
+    full = TaskStream("induction_heads", 8, 16, seed=3)
+    parts = [dist.RankSlice(TaskStream("induction_heads", 8, 16, seed=3), r, 4) for r in range(4)]
+    for _ in range(3):
+        ids, targets = full.next_batch()
+        got = [p.next_batch() for p in parts]
+        np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), ids)
+        np.testing.assert_array_equal(np.concatenate([g[1] for g in got]), targets)
+        assert all(g[0].shape == (2, 16) and g[0].flags.c_contiguous for g in got)
+    assert all(p.state() == full.state() for p in parts)   # one cursor whatever K is
+    mb = list(dist.micro_batches(ids, targets, 2))
+    assert len(mb) == 4 and np.array_equal(np.concatenate([m[0] for m in mb]), ids)
+
+
+@need_mpi
+def test_two_ranks_equal_one_process_to_rounding(reference):
+    """Same run file, same global batch: K = 2 and K = 1 agree to float rounding (RTOL above);
+    the data cursor of the checkpoints is the same."""
+    assert_close_runs(reference["k1"], reference["k2"])
+    s1 = json.loads((reference["k1"] / "run_state.json").read_text())
+    s2 = json.loads((reference["k2"] / "run_state.json").read_text())
+    assert s1["data"] == s2["data"] and s1["step"] == s2["step"] == STEPS
+    assert not any(Path(reference["tmp"]).glob("**/rank*"))   # only rank 0 wrote
+
+
+@need_mpi
+def test_two_rank_runs_are_bitwise_identical_and_equal_one_process_with_two_micro_batches(reference):
+    tmp, cfg = reference["tmp"], reference["cfg"]
+    again = tmp / "k2-again"
+    train(cfg, 2, again)
+    assert_bitwise_runs(reference["k2"], again)
+    # the same float operations in the same order: rank r's half, weighted, summed over 2 ranks ==
+    # micro-batch j's half, weighted, accumulated over 2 micro-batches
+    micro = tmp / "k1-micro2"
+    train(cfg, 1, micro, "--set", "train.micro_batch_size=2")
+    assert_bitwise_runs(reference["k2"], micro)
+
+
+@need_mpi
+def test_two_ranks_with_accumulation_equal_one_process_with_more_accumulation(reference):
+    tmp, cfg = reference["tmp"], reference["cfg"]
+    a, b = tmp / "k2-acc2", tmp / "k1-acc4"
+    p = train(cfg, 2, a, "--set", "train.micro_batch_size=1", headless=False)
+    assert "processes=2, micro-batches=2" in p.stderr
+    assert p.stdout.count(f"step {STEPS:>6}/{STEPS}") == 1   # one console: rank 0's
+    train(cfg, 1, b, "--set", "train.micro_batch_size=1")
+    assert_close_runs(a, b)
+    assert_close_runs(a, reference["k1"])   # and accumulation changes nothing but rounding
+
+
+@need_mpi
+def test_sigkill_of_one_rank_stops_the_job_and_resume_is_bitwise(reference):
+    tmp, cfg = reference["tmp"], reference["cfg"]
+    out = tmp / "killed"
+    # rank 1 kills itself with SIGKILL once step 13 is done (the last checkpoint is step 10)
+    p = train(cfg, 2, out, env_extra={"RTRAINER_FAULT": "after_step=13:KILL", "RTRAINER_FAULT_RANK": "1"},
+              expect=137, timeout=60)
+    assert "signal 9" in p.stderr or "Killed" in p.stderr
+    state = json.loads((out / "run_state.json").read_text())
+    assert state["step"] == 10
+    train(cfg, 2, out, "--resume", "auto")
+    assert_bitwise_runs(reference["k2"], out)
+
+
+@need_mpi
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(reference):
+    tmp, cfg = reference["tmp"], reference["cfg"]
+    out = tmp / "term"
+    p = train(cfg, 2, out, env_extra={"RTRAINER_FAULT": "after_step=5:TERM", "RTRAINER_FAULT_RANK": "1"},
+              expect=143)
+    errors = [l for l in p.stderr.splitlines() if l.startswith("rtrainer: error:")]
+    assert len(errors) == 1 and "interrupted by SIGTERM after step 5" in errors[0], p.stderr
+    assert json.loads((out / "summary.json").read_text())["stop_reason"] == "interrupted"
+    assert json.loads((out / "run_state.json").read_text())["step"] == 5
+    train(cfg, 2, out, "--resume", "auto")
+    assert_bitwise_runs(reference["k2"], out)
+
+
+@need_mpi
+def test_sigterm_to_rtrainer_launch_checkpoints_and_exits_143(tmp_path):
+    import time
+
+    cfg = tiny_config(tmp_path, steps=5000, threads=1, extra="")
+    proc = subprocess.Popen([sys.executable, "-m", "rtrainer", "launch", "-n", "2", str(cfg), "--headless"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_bytes().splitlines()) < 3):
+        time.sleep(0.1)
+    proc.send_signal(15)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "interrupted by SIGUSR1" in err
+    state = json.loads((tmp_path / "run" / "run_state.json").read_text())
+    assert 3 <= state["step"] < 5000 and Path(state["checkpoint"]).is_dir()
+
+
+@need_mpi
+def test_a_two_rank_checkpoint_resumes_on_one_process(reference):
+    tmp, cfg = reference["tmp"], reference["cfg"]
+    out = tmp / "k2-then-k1"
+    train(cfg, 2, out, "--stop-at", "8")
+    p = train(cfg, 1, out, "--resume", "auto", headless=False)
+    assert "written by 2 process(es), this run has 1" in p.stderr
+    assert_close_runs(reference["k2"], out)
