@@ -11,6 +11,8 @@
    metrics.jsonl of real `rtrainer run` / `rtrainer launch` runs.
 3. accum: the same run on one process with train.micro_batch_size = B (no accumulation), B/2, B/4,
    B/8: what splitting the batch into micro-batches costs.
+4. big: the step time of a ~100 M-parameter configuration (full mamba block, D 1024, 14 layers,
+   V 8192: 101.8 M trainable parameters) on one process x 2 threads, for the scaling model.
 """
 from __future__ import annotations
 
@@ -147,6 +149,25 @@ def bench_train(steps: int) -> dict:
     return out
 
 
+
+def bench_big(steps: int) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        cfg = _run_config(tmp, "big", steps, threads=2)
+        text = cfg.read_text().replace("d_model = 512", "d_model = 1024").replace(
+            "base_layers = 2\ntarget_layers = 2", "base_layers = 14\ntarget_layers = 14\nlayer = \"mamba\"")
+        cfg.write_text(text)
+        p = subprocess.run([sys.executable, "-m", "rtrainer", "run", str(cfg), "--headless"], capture_output=True,
+                           text=True, cwd=REPO)
+        if p.returncode:
+            raise SystemExit(p.stderr)
+        tps = _tokens_per_s(tmp / "big", skip=1)
+    out = {"tokens_per_s": tps, "step_s": 8 * 64 / tps}
+    print(f"\n~100 M parameters (mamba, D 1024, 14 layers, V 8192), B 8 x T 64, 1 process x 2 threads: "
+          f"{tps:,.0f} tok/s, {out['step_s']:.2f} s/step")
+    return out
+
+
 def bench_accum(steps: int) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as d:
@@ -169,7 +190,7 @@ def main() -> None:
     ap.add_argument("--worker", default=None)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--only", default=None, choices=("allreduce", "train", "accum"))
+    ap.add_argument("--only", default=None, choices=("allreduce", "train", "accum", "big"))
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     a = ap.parse_args()
     if a.worker == "allreduce":
@@ -181,6 +202,8 @@ def main() -> None:
         res["train"] = bench_train(a.steps)
     if a.only in (None, "accum"):
         res["accum"] = bench_accum(a.steps)
+    if a.only in (None, "big"):
+        res["big"] = bench_big(max(3, a.steps // 4))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
 

@@ -415,9 +415,31 @@ class DataParallel:
     def loss_hook(self, loss: float, n_scored: int) -> float:
         return self.comm.sum([loss])[0] if self.comm.size > 1 else loss
 
+    def bind(self, flat) -> None:
+        """The ranges of the flat gradient that are summed: the trainable tensors (a fixed tensor's
+        gradient is zero on every rank, so sending it would only cost bandwidth - with fixed HPN
+        prototypes that is V x D floats per step)."""
+        ranges = []
+        for sp in flat.specs:
+            if sp.trainable:
+                a, b = flat.offsets[sp.name]
+                if ranges and ranges[-1][1] >= a - 15:   # only alignment padding between them
+                    ranges[-1][1] = b
+                else:
+                    ranges.append([a, b])
+        self.ranges = [(a, b) for a, b in ranges]
+        self.grad_bytes = sum(b - a for a, b in self.ranges) * 4
+
     def grad_hook(self, buf: np.ndarray) -> None:
-        if self.comm.size > 1:
+        """Sum the flat gradient over the ranks, in place (one Allreduce per contiguous trainable range)."""
+        if self.comm.size == 1:
+            return
+        ranges = getattr(self, "ranges", None)
+        if ranges is None:
             self.comm.allreduce_(buf)
+            return
+        for a, b in ranges:
+            self.comm.allreduce_(buf[a:b])
 
     def agree_stop(self, signum) -> int | None:
         """The stop signal every rank acts on: the largest one any rank received (None: none)."""

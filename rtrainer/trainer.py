@@ -227,6 +227,7 @@ class Trainer:
         self.optimizer = self.build_optimizer(self.flat)
         self.rng = np.random.default_rng([c.run.seed, 2])   # for subclasses (sampling, dropout, ...)
         if self.dp.active:
+            self.dp.bind(self.flat)
             if self.staged.active:
                 raise ConfigError("train.freeze / train.freeze_embedding work on one process without "
                                   "micro-batches for now (train.micro_batch_size, several processes)")

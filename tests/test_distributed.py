@@ -353,3 +353,12 @@ def test_a_two_rank_checkpoint_resumes_on_one_process(reference):
     p = train(cfg, 1, out, "--resume", "auto", headless=False)
     assert "written by 2 process(es), this run has 1" in p.stderr
     assert_close_runs(reference["k2"], out)
+
+
+def test_a_single_process_run_never_imports_mpi4py(tmp_path):
+    cfg = tiny_config(tmp_path, steps=2)
+    code = ("import sys; from rtrainer.cli import main; "
+            f"rc = main(['run', {str(cfg)!r}, '--headless']); print(rc, 'mpi4py' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "SLURM_"))}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    assert p.stdout.split() == ["0", "False"], p.stderr
