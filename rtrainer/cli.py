@@ -209,6 +209,21 @@ def _info() -> None:
     print(f"openmp: {'yes' if openmp_enabled() else 'no'} (omp_get_max_threads = {info.openmp_max_threads()})")
     print(f"cores available: {available_cores()}, threads used by default: {resolve_threads(0)}")
     print(f"numpy {np.__version__}")
+    from .distributed import detect_launcher
+
+    launcher = detect_launcher()
+    try:
+        import mpi4py
+
+        mpi = f"mpi4py {mpi4py.__version__}"
+    except ImportError:
+        mpi = "mpi4py not installed (pip install 'rtrainer[mpi]')"
+    import shutil
+    from pathlib import Path
+
+    mpirun = Path(sys.executable).parent / "mpirun"
+    mpirun = str(mpirun) if mpirun.exists() else (shutil.which("mpirun") or "none")
+    print(f"processes: {launcher.size} (launcher: {launcher.name}, rank {launcher.rank}); {mpi}; mpirun: {mpirun}")
     for lib in threadpool_info():
         print(f"threadpool: {lib.get('user_api')} {lib.get('internal_api')} {lib.get('version')} "
               f"threads={lib.get('num_threads')} ({lib.get('filepath')})")
