@@ -362,3 +362,14 @@ def test_a_single_process_run_never_imports_mpi4py(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "SLURM_"))}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
     assert p.stdout.split() == ["0", "False"], p.stderr
+
+
+@need_mpi
+def test_an_error_on_rank_0_ends_the_job_instead_of_hanging(tmp_path):
+    """Rank 0's disk fills up while it writes the step-10 checkpoint (rank 1 waits in a collective):
+    rank 0 exits 5 at once and the launcher ends rank 1 - no MPI_Finalize waiting forever."""
+    cfg = tiny_config(tmp_path, steps=STEPS, threads=1)
+    p = train(cfg, 2, tmp_path / "run", env_extra={"RTRAINER_FAULT": "enospc_at=ckpt.after_tensors:1"}, expect=5,
+              timeout=90)
+    errors = [l for l in p.stderr.splitlines() if l.startswith("rtrainer: error:")]
+    assert len(errors) == 1 and "No space left" in errors[0], p.stderr
