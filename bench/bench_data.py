@@ -27,6 +27,7 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from rtrainer import shards as SH  # noqa: E402
 from rtrainer import stream as S  # noqa: E402
 
 
@@ -35,7 +36,7 @@ def make_shards(d: str, n_shards: int, mib: int, V: int = 8192, seed: int = 0) -
     n = mib << 19  # u16 tokens per shard
     for i in range(n_shards):
         rng.integers(0, V, n, dtype=np.uint16).tofile(os.path.join(d, f"shard{i:03d}.bin"))
-    S.prepare_dir(d)
+    SH.prepare_dir(d)
     return n_shards * n
 
 
@@ -57,7 +58,7 @@ def ingest(d: str, B: int, T: int, workers: int, seconds: float = 2.0, cold: boo
     """tokens/s (B*T per batch) over ~seconds of next_batch() calls."""
     if cold:
         evict(d)
-    s = S.TokenStream(S.open_source(d), B, T, seed=1, prefetch_workers=workers, prefetch_buffer=16)
+    s = S.TokenStream(SH.open_source(d), B, T, seed=1, prefetch_workers=workers, prefetch_buffer=16)
     for _ in range(3):
         s.next_batch()
     n, t0 = 0, time.perf_counter()
@@ -75,22 +76,17 @@ def wait_fraction(d: str, workers: int, steps: int, n_threads: int, B=8, T=64, D
     stream."""
     from rtrainer.heads import HPNHead
     from rtrainer.model import MambaLiteStack
+    from rtrainer.net import Net
     from rtrainer.optim import AdamW
-    from rtrainer.params import FlatParams
-    from rtrainer.trainer import forward_backward
+    from rtrainer.step import train_step
 
-    model = MambaLiteStack(V, D, N, 4, 1, L, scan_chunk=64, n_threads=n_threads)
-    head = HPNHead(V, D, normalize=True, learnable=False, n_threads=n_threads)
-    flat = FlatParams(model.param_specs() + head.param_specs())
-    model.bind(flat.params, flat.grads)
-    head.bind(flat.params, flat.grads)
-    model.init_params(0, "mamba")
-    head.init_params(0, "mamba")
-    opt = AdamW(flat, n_threads=n_threads)
-    dz = np.empty((B * T, D), np.float32)
+    net = Net(MambaLiteStack(V, D, N, 4, 1, L, scan_chunk=64, n_threads=n_threads),
+              HPNHead(V, D, normalize=True, learnable=False, n_threads=n_threads))
+    net.init(0, "mamba")
+    opt = AdamW(net.flat, n_threads=n_threads)
     if cold:
         evict(d)
-    s = S.TokenStream(S.open_source(d), B, T, seed=2, prefetch_workers=workers, prefetch_buffer=16,
+    s = S.TokenStream(SH.open_source(d), B, T, seed=2, prefetch_workers=workers, prefetch_buffer=16,
                       random_windows=random_windows)
     waits, totals = [], []
     with threadpool_limits(limits=n_threads, user_api="blas"):
@@ -98,8 +94,7 @@ def wait_fraction(d: str, workers: int, steps: int, n_threads: int, B=8, T=64, D
             t0 = time.perf_counter()
             ids, targets = s.next_batch()
             t1 = time.perf_counter()
-            forward_backward(model, head, flat, ids, targets, dz)
-            opt.step(1e-4, opt.clip_scale(opt.grad_norm()))
+            train_step(net, opt, ids, targets, 1e-4)
             t2 = time.perf_counter()
             if i >= 3:  # the first steps allocate the workspace and start the workers
                 waits.append(t1 - t0)
@@ -140,7 +135,7 @@ def test_ingest_baseline_batch(bench, tmp_path_factory):
     """next_batch() at (B 8, T 64) from memory-mapped shards, no prefetch."""
     d = str(tmp_path_factory.mktemp("shards"))
     make_shards(d, 4, 8)
-    s = S.TokenStream(S.open_source(d), 8, 64, seed=1)
+    s = S.TokenStream(SH.open_source(d), 8, 64, seed=1)
     bench(s.next_batch, threads=1, rounds=2000, tokens=8 * 64)
 
 
@@ -148,7 +143,7 @@ def test_ingest_large_batch_prefetch(bench, tmp_path_factory):
     """next_batch() at (B 64, T 1024), 2 prefetch workers."""
     d = str(tmp_path_factory.mktemp("shards"))
     make_shards(d, 4, 8)
-    s = S.TokenStream(S.open_source(d), 64, 1024, seed=1, prefetch_workers=2, prefetch_buffer=16)
+    s = S.TokenStream(SH.open_source(d), 64, 1024, seed=1, prefetch_workers=2, prefetch_buffer=16)
     bench(s.next_batch, threads=2, rounds=200, tokens=64 * 1024)
     s.close()
 

@@ -3,7 +3,7 @@
 One benchmark per kernel forward and backward (rtrainer._kernels.*; a module that is not built yet
 is skipped), numpy's float32 1024^3 GEMM as the machine reference (GFLOP/s), the numpy matmuls of
 one mamba-lite layer (the model's projection route), and the PyTorch eager forward+backward (and
-train step) of the same L-layer stack (rtrainer/parity_torch.py) when torch is installed.
+train step) of the same L-layer stack (rtrainer/testing/parity_torch.py) when torch is installed.
 
 Timing: pytest-benchmark pedantic mode, 1 call per round, 2 warm-up rounds, --rounds timed rounds,
 median reported. Backward kernels accumulate (+=), so their gradient buffers are zeroed in the
@@ -344,7 +344,7 @@ def test_numpy_layer_matmuls_backward(bench, shape, inputs, n_threads):
 @pytest.fixture(scope="module")
 def torch_setup(shape):
     torch = pytest.importorskip("torch")
-    pt = pytest.importorskip("rtrainer.parity_torch")
+    pt = pytest.importorskip("rtrainer.testing.parity_torch")
     s = shape
     kw = dict(vocab_size=s.V, d_model=s.D, n_layers=s.L, d_state=s.N, d_conv=s.K, dt_rank=s.R)
     params = pt.init_params(**kw, seed=0, dtype="float32")

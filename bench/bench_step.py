@@ -1,4 +1,5 @@
-"""One full rtrainer training step (forward, HPN loss, backward, grad norm, AdamW) at the
+"""One full rtrainer training step (rtrainer.step.train_step: forward, HPN loss, backward, grad norm,
+AdamW) at the
 reference trainer's baseline shape (B 8, T 64, D 512, N 16, 2 layers, V 8192), 1 and 2 threads.
 
     make bench            # or: pytest bench/bench_step.py --benchmark-only [--shape B=4,T=1024]
@@ -11,31 +12,24 @@ from threadpoolctl import threadpool_limits
 
 from rtrainer.heads import HPNHead
 from rtrainer.model import MambaLiteStack, MambaStack
+from rtrainer.net import Net
 from rtrainer.optim import AdamW
-from rtrainer.params import FlatParams
-from rtrainer.trainer import forward_backward
+from rtrainer.step import train_step
 
 def make_step(n_threads, B, T, D, N, K, R, L, V, learnable=False, layer="mamba-lite", expand=2):
     if layer == "mamba":
         model = MambaStack(V, D, N, K, R, L, expand=expand, scan_chunk=64, n_threads=n_threads)
     else:
         model = MambaLiteStack(V, D, N, K, R, L, scan_chunk=64, n_threads=n_threads)
-    head = HPNHead(V, D, normalize=True, learnable=learnable, n_threads=n_threads)
-    flat = FlatParams(model.param_specs() + head.param_specs())
-    model.bind(flat.params, flat.grads)
-    head.bind(flat.params, flat.grads)
-    model.init_params(0, "mamba")
-    head.init_params(0, "mamba")
-    opt = AdamW(flat, n_threads=n_threads)
+    net = Net(model, HPNHead(V, D, normalize=True, learnable=learnable, n_threads=n_threads))
+    net.init(0, "mamba")
+    opt = AdamW(net.flat, n_threads=n_threads)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, V, size=(B, T)).astype(np.int64)
     targets = rng.integers(0, V, size=(B, T)).astype(np.int64)
-    dz = np.empty((B * T, D), np.float32)
 
     def step():
-        loss = forward_backward(model, head, flat, ids, targets, dz)
-        opt.step(1e-4, opt.clip_scale(opt.grad_norm()))
-        return loss
+        return train_step(net, opt, ids, targets, 1e-4).loss
 
     return step, model
 

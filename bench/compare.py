@@ -21,7 +21,7 @@ Method (issue 3, "comparison harness"):
   = OPENBLAS_NUM_THREADS = threads; rtrainer gets n_threads and threadpoolctl's BLAS cap (rtrainer
   is imported before numpy), torch gets torch.set_num_threads(threads) and one inter-op thread,
   JAX gets the CPU affinity (always pinned: XLA sizes its pool from it, see the "Threads" note of
-  rtrainer/parity_jax.py) plus XLA_FLAGS --xla_cpu_multi_thread_eigen=false when threads = 1,
+  rtrainer/testing/parity_jax.py) plus XLA_FLAGS --xla_cpu_multi_thread_eigen=false when threads = 1,
   appended to the caller's XLA_FLAGS.
 * Same initial weights everywhere: rtrainer's own initialisation (model.init_params(0, "mamba"),
   head.init_params(0, "mamba") as in bench/bench_step.make_step; the peers get the named tensors),
@@ -41,7 +41,7 @@ Method (issue 3, "comparison harness"):
   points and np.matmul as rtrainer/model.py, heads.py and optim.py call them are wrapped from the
   outside (the module attributes rtrainer.model._scan / _conv / _embed / _norm / np,
   rtrainer.heads._hpn and rtrainer.optim._optim are swapped for timing proxies, restored after);
-  data = PackedStream.next_batch over a random token array; the in-place numpy element-wise ops
+  data = TokenStream.next_batch over a random in-memory token array; the in-place numpy element-wise ops
   of model.py (residual adds, fills, gradient accumulation) cannot be wrapped, so they are replayed
   on arrays of the same shapes and reported as "numpy elementwise (replayed)"; Python overhead =
   instrumented step wall time minus everything above. Means over the instrumented steps.
@@ -108,9 +108,10 @@ def _peak_rss_mb() -> float:
 
 
 def rtrainer_init(shape, flat_params: bool, layer: str = "mamba-lite"):
-    """rtrainer's initial weights at `shape`. flat_params=True: (model, head, flat) bound to a
-    FlatParams exactly as bench_step.make_step; False: a plain name -> array dict with the same
-    values (peers: no gradient/moment buffers in their RSS)."""
+    """rtrainer's initial weights at `shape`: (model, head, flat, params, decay, net).
+    flat_params=True: model and head in a rtrainer.net.Net exactly as bench_step.make_step; False: a
+    plain name -> array dict with the same values (peers: no gradient/moment buffers in their RSS),
+    flat and net None."""
     import numpy as np
     from rtrainer.heads import HPNHead
     from rtrainer.model import MambaLiteStack
@@ -139,18 +140,20 @@ def _build(np, MambaLiteStack, HPNHead, FlatParams, shape, flat_params, n_thread
     head = HPNHead(V, D, normalize=True, learnable=False, n_threads=n_threads)
     specs = model.param_specs() + head.param_specs()
     if flat_params:
-        flat = FlatParams(specs)
-        params, grads = flat.params, flat.grads
+        from rtrainer.net import Net
+
+        net = Net(model, head)
+        net.init(0, "mamba")
+        flat, params = net.flat, net.params
     else:
-        flat = None
+        flat = net = None
         params = {s.name: np.empty(s.shape, np.float32) for s in specs}
-        grads = None
-    model.bind(params, grads)
-    head.bind(params, grads)
-    model.init_params(0, "mamba")
-    head.init_params(0, "mamba")
+        model.bind(params, None)
+        head.bind(params, None)
+        model.init_params(0, "mamba")
+        head.init_params(0, "mamba")
     decay = [s.name for s in specs if s.decay and s.trainable]
-    return model, head, flat, params, decay
+    return model, head, flat, params, decay, net
 
 
 def _batch(np, shape):
@@ -182,13 +185,11 @@ def _time_loop(step, warmup: int, steps: int, max_seconds: float) -> dict:
                 steps_timed=len(times))
 
 
-def _rtrainer_step_fn(np, shape, n_threads, model, head, flat, opt, ids, targets, dz):
-    from rtrainer.trainer import forward_backward
+def _rtrainer_step_fn(net, opt, ids, targets):
+    from rtrainer.step import train_step
 
     def step():
-        loss = forward_backward(model, head, flat, ids, targets, dz)
-        opt.step(LR, opt.clip_scale(opt.grad_norm()))
-        return loss
+        return train_step(net, opt, ids, targets, LR).loss
     return step
 
 
@@ -320,12 +321,13 @@ def _replay_elementwise_mamba(np, shape, reps: int = 5) -> float:
 
 
 def _breakdown(np, shape, n_threads, model, head, flat, opt, steps: int, layer: str = "mamba-lite") -> dict:
-    from rtrainer.data import PackedStream
+    from rtrainer.shards import Shard
+    from rtrainer.stream import TokenStream
 
     B, T, D, N, L, V = shape
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, V, size=B * T * 8 + 1).astype(np.uint16 if V <= 65536 else np.uint32)
-    stream = PackedStream(tokens, B, T)
+    stream = TokenStream([Shard.from_array(tokens)], B, T)
     dz = np.empty((B * T, D), np.float32)
     acc = _Acc()
     perf = time.perf_counter
@@ -408,11 +410,10 @@ def _child_rtrainer(spec) -> dict:
     B, T, D, N, L, V = shape
     with threadpool_limits(limits=nt, user_api="blas"):
         layer = spec.get("layer", "mamba-lite")
-        model, head, flat, _, _ = _build(np, MambaLiteStack, HPNHead, FlatParams, shape, True, nt, layer=layer)
+        model, head, flat, _, _, net = _build(np, MambaLiteStack, HPNHead, FlatParams, shape, True, nt, layer=layer)
         opt = AdamW(flat, betas=BETAS, eps=EPS, weight_decay=WD, n_threads=nt)
         ids, targets = _batch(np, shape)
-        dz = np.empty((B * T, D), np.float32)
-        step = _rtrainer_step_fn(np, shape, nt, model, head, flat, opt, ids, targets, dz)
+        step = _rtrainer_step_fn(net, opt, ids, targets)
         res = _time_loop(step, spec["warmup"], spec["steps"], spec["max_seconds"])
         res.update(status="ok", peak_rss_mb=_peak_rss_mb(),
                    activation_mb=model.activation_bytes() / 2 ** 20)
@@ -436,12 +437,12 @@ def _child_torch(spec, compile_: bool) -> dict:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
-    from rtrainer.parity_torch import build_torch_mamba_model, build_torch_model
+    from rtrainer.testing.parity_torch import build_torch_mamba_model, build_torch_model
 
     shape = tuple(spec["shape"])
     B, T, D, N, L, V = shape
     layer = spec.get("layer", "mamba-lite")
-    _, _, _, params, decay = rtrainer_init(shape, flat_params=False, layer=layer)
+    _, _, _, params, decay, _ = rtrainer_init(shape, flat_params=False, layer=layer)
     if layer == "mamba":
         model = build_torch_mamba_model(params, n_layers=L, d_state=N, normalize_prototypes=True,
                                         learnable_prototypes=False, lr=LR, betas=BETAS, eps=EPS,
@@ -470,14 +471,14 @@ def _child_jax(spec) -> dict:
     import numpy as np
 
     try:
-        mod = importlib.import_module("rtrainer.parity_jax")
+        mod = importlib.import_module("rtrainer.testing.parity_jax")
         import jax  # noqa: F401
     except ImportError as e:
         return dict(status="not installed", detail=str(e))
     shape = tuple(spec["shape"])
     B, T, D, N, L, V = shape
     layer = spec.get("layer", "mamba-lite")
-    _, _, _, params, decay = rtrainer_init(shape, flat_params=False, layer=layer)
+    _, _, _, params, decay, _ = rtrainer_init(shape, flat_params=False, layer=layer)
     obj = mod.build_jax_train_step(params, n_layers=L, d_state=N,
                                    dt_rank=mamba_dt_rank(D) if layer == "mamba" else DT_RANK,
                                    normalize_prototypes=True, learnable_prototypes=False, lr=LR,
@@ -522,7 +523,7 @@ def child_env(kind: str, threads: int) -> dict:
     env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # what `import rtrainer` sets anyway
     if kind == "jax":
         flags = [env.get("XLA_FLAGS", "").strip()]
-        # rtrainer/parity_jax.py ("Threads"): XLA has no thread-count flag in this version; its
+        # rtrainer/testing/parity_jax.py ("Threads"): XLA has no thread-count flag in this version; its
         # pool is sized from the CPU affinity (the child pins itself, always for jax), plus
         # single-threaded Eigen for n = 1
         if threads == 1 and "xla_cpu_multi_thread_eigen" not in flags[0]:
@@ -785,10 +786,10 @@ def framework_available(fw: str) -> str | None:
         if importlib.util.find_spec("jax") is None:
             return "not installed (jax)"
         try:
-            if importlib.util.find_spec("rtrainer.parity_jax") is None:
-                return "not installed (rtrainer.parity_jax)"
+            if importlib.util.find_spec("rtrainer.testing.parity_jax") is None:
+                return "not installed (rtrainer.testing.parity_jax)"
         except ImportError:
-            return "not installed (rtrainer.parity_jax)"
+            return "not installed (rtrainer.testing.parity_jax)"
     return None
 
 

@@ -188,7 +188,7 @@ def _print_error(e) -> None:
 
 
 def _prepare(args) -> None:
-    from .stream import prepare_dir
+    from .shards import prepare_dir
 
     m = prepare_dir(args.dir, args.format, args.glob, rebuild=args.rebuild, verify="full",
                     say=lambda msg: print(msg, file=sys.stderr))

@@ -27,7 +27,6 @@ The dataclasses are frozen: derive a changed copy with :func:`dataclasses.replac
 from __future__ import annotations
 
 import math
-import re
 import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping
@@ -37,6 +36,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python < 3.11
     import tomli as tomllib
 
+from . import grammar
 from .errors import ConfigError
 
 __all__ = [
@@ -223,6 +223,9 @@ class DataConfig:
     packed: bool = _f(True, "packed windows (row b's last target = row b+1's first input); false = "
                       "independent windows of seq_len+1 tokens that share no token")
     shuffle_shards: bool = _f(True, "shard directory: reshuffle the shard order every epoch (seeded by run.seed)")
+    shuffle_windows: bool = _f(True, "read the windows of each shard in a new seeded order every epoch (every "
+                               "window still once per epoch); false = in file order. A run resumed from a "
+                               "checkpoint made before this key existed keeps reading in order")
     prefetch_workers: int = _f(0, "background threads reading batches ahead; 0 = read on the training thread "
                                "(the batches are the same for every value)", ge=0)
     prefetch_buffer: int = _f(16, "batches read ahead at most (with prefetch_workers > 0)", ge=1)
@@ -398,21 +401,6 @@ def _check_value(section: str, f: Any, value: Any, where: str) -> Any:
     return value
 
 
-_PLACEMENT_RE = re.compile(r"^(append|prepend|insert:\d+|specific:\d+(,\d+)*)$")
-
-
-def _check_placement(value: str, where: str) -> None:
-    if not _PLACEMENT_RE.match(value):
-        raise ConfigError(
-            f"model.placement must be append | prepend | insert:N | specific:i,j,... "
-            f"(N, i, j non-negative integers), got {value!r}{where}"
-        )
-    if value.startswith("specific:"):
-        idx = [int(s) for s in value[len("specific:"):].split(",")]
-        if len(set(idx)) != len(idx):
-            raise ConfigError(f"model.placement has repeated layer indices: {value!r}{where}")
-
-
 def _where(origins: Mapping[tuple[str, str], str], section: str, key: str) -> str:
     src = origins.get((section, key))
     return f" (in {src})" if src else ""
@@ -423,15 +411,12 @@ def _cross_checks(
 ) -> None:
     """Checks that involve more than one value, and options not implemented yet."""
     m = cfg.model
-    _check_placement(m.placement, _where(origins, "model", "placement"))
-    from . import staged
-
-    try:  # placement against the layer counts, freeze against the expanded model (rtrainer/staged.py)
-        staged.expansion_layout(m.placement, m.base_layers, m.target_layers)
+    try:  # placement against the layer counts, freeze against the expanded model (rtrainer/grammar.py)
+        grammar.expansion_layout(m.placement, m.base_layers, m.target_layers)
     except ConfigError as e:
         raise ConfigError(f"{e}{_where(origins, 'model', 'placement')}") from None
     try:
-        staged.frozen_layers(cfg.train.freeze, m.target_layers)
+        grammar.frozen_layers(cfg.train.freeze, m.target_layers)
     except ConfigError as e:
         raise ConfigError(f"{e}{_where(origins, 'train', 'freeze')}") from None
     if cfg.train.bp_cadence > 1 and not cfg.train.ff:
@@ -461,9 +446,8 @@ def _cross_checks(
         if d.train or d.val:
             raise ConfigError(f"data.task = {d.task!r} generates its own data: leave data.train and data.val empty"
                               + _where(origins, "data", "task"))
-        from .tasks import check_task
         try:
-            check_task(d.task, cfg.train.seq_len, d.task_tokens, d.task_vocab)
+            grammar.check_task(d.task, cfg.train.seq_len, d.task_tokens, d.task_vocab)
         except ValueError as e:
             raise ConfigError(f"{e}{_where(origins, 'data', 'task')}") from None
         if m.vocab_size and m.vocab_size < d.task_vocab:

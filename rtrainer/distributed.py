@@ -304,16 +304,27 @@ class RankSliceEval:
         return len(self.source)
 
     def batches(self):
+        for _, ids, targets in self.slotted_batches():
+            yield ids, targets
+
+    def slotted_batches(self):
+        """(slot, ids, targets): slot = the micro-batch's place in this rank's share of its batch, so
+        that sums can be kept per slot and added in one fixed order (then one process with M
+        micro-batches adds exactly what M ranks with one each add)."""
         for ids, targets in self.source.batches():
-            B = ids.shape[0]
-            a, b = self.rank * B // self.world, (self.rank + 1) * B // self.world
-            if a == b:
-                continue
-            if self.world == 1 and (not self.micro or self.micro >= B):
-                yield ids, targets
-                continue
-            yield from micro_batches(np.ascontiguousarray(ids[a:b]), np.ascontiguousarray(targets[a:b]),
-                                     self.micro or (b - a))
+            for j, (i, t) in enumerate(self._split(ids, targets)):
+                yield j, i, t
+
+    def _split(self, ids, targets):
+        B = ids.shape[0]
+        a, b = self.rank * B // self.world, (self.rank + 1) * B // self.world
+        if a == b:
+            return
+        if self.world == 1 and (not self.micro or self.micro >= B):
+            yield ids, targets
+            return
+        yield from micro_batches(np.ascontiguousarray(ids[a:b]), np.ascontiguousarray(targets[a:b]),
+                                 self.micro or (b - a))
 
     def close(self):
         if hasattr(self.source, "close"):

@@ -1,4 +1,4 @@
-"""Forward-Forward (FF) local objective on a layer's D_skip (reference §3, with the true gradient).
+"""Forward-Forward (FF) local objective on a layer's D_skip (with the true gradient).
 
 For a layer with input X (B,T,D) (the residual stream before the layer) and theta = D_skip (D,):
 

@@ -8,6 +8,8 @@ A head is an object with
                                           a target of -1 (IGNORE) is not scored: no loss, no gradient
     backward(dz)                          ADDS dloss/dz (B*T, D) into dz, and its own grads into grads
     predict(z) -> int64 (B*T,)            predicted token ids (validation accuracy)
+    detached()                            an unbound copy with the same hyperparameters (for a
+                                          second buffer, e.g. the base model of an expansion)
 The loss lives in the head, so swapping the head or the loss means overriding
 `Trainer.build_head` (see examples/softmax_head.py).
 
@@ -16,6 +18,7 @@ spread_prototypes() places fixed HPN prototypes before training (HPN paper, Mett
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -47,9 +50,14 @@ class Head:
     def predict(self, z: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def detached(self):
+        new = copy.copy(self)
+        new.p = new.g = None
+        return new
+
 
 class HPNHead(Head):
-    """Hyperspherical prototype head (SPEC §2.2).
+    """Hyperspherical prototype head.
 
     cos_i = zhat_i . Pt[y_i] with zhat = z/max(|z|,1e-8) and Pt = P/|P| (normalize_prototypes)
     or raw P (the reference); loss = mean (1 - cos_i)^2; prediction = argmax_k zhat . Pt_k.
@@ -59,7 +67,7 @@ class HPNHead(Head):
     They are parameters, so they are saved in every checkpoint.
 
     separation > 0 (learnable prototypes only) adds separation · max_{k≠l} cos(P_k, P_l) to the loss
-    (SPEC §2.2: the loss itself never pushes prototypes apart, so learnable ones can collapse). The
+    (the loss itself never pushes prototypes apart, so learnable ones can collapse). The
     largest cosine is found with blocked BLAS products (max_cosine: 2·V²·D flops a step, no (V, V)
     matrix); its (sub)gradient reaches only the two prototypes of that pair.
     """
@@ -74,6 +82,11 @@ class HPNHead(Head):
             raise ValueError("a prototype separation penalty needs learnable prototypes")
         self.n_threads = n_threads
         self._no_dP = np.zeros((0, d_model), np.float32)
+
+    def detached(self):
+        new = super().detached()
+        new.cos = None
+        return new
 
     def param_specs(self) -> list[ParamSpec]:
         return [ParamSpec("head.prototypes", (self.V, self.D), decay=True, trainable=self.learnable)]
@@ -154,6 +167,11 @@ class SoftmaxHead(Head):
         self.V, self.D, self.bias = vocab_size, d_model, bias
         self.n_threads = n_threads
         self._buf = None
+
+    def detached(self):
+        new = super().detached()
+        new._buf = None
+        return new
 
     def param_specs(self) -> list[ParamSpec]:
         specs = [ParamSpec("head.W", (self.V, self.D), decay=True)]

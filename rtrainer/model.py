@@ -1,5 +1,5 @@
-"""The mamba-lite stack (SPEC §2.1-2.2): embedding, L residual layers, final LayerNorm; and the
-full Mamba stack (SPEC §2.4), MambaStack, at the end of this file.
+"""The mamba-lite stack: embedding, L residual layers, final LayerNorm; and the full Mamba stack,
+MambaStack, at the end of this file.
 
 Forward and backward are Python loops over kernel calls (llm.c's gpt2_forward/gpt2_backward);
 element-wise work runs in the Cython kernels of rtrainer._kernels, matrix products in numpy's
@@ -13,12 +13,14 @@ Store vs recompute, per layer:
   recomputed delta = softplus(dt + dt_proj_b) and h inside each chunk, in the scan backward
 so activation memory grows as B*T*D (plus B*T*D*N/chunk), never B*T*D*N.
 
-Every gradient is accumulated into the flat gradient buffer (FlatParams.grad), which the
-trainer zeroes once per step.
+Every gradient is accumulated into the flat gradient buffer (FlatParams.grad_buf), which the
+training step zeroes once per step.
 """
 from __future__ import annotations
 
+import copy
 import math
+import re
 
 import numpy as np
 
@@ -31,6 +33,13 @@ from ._kernels import scan as _scan
 from .params import ParamSpec
 
 LN_EPS = 1e-5
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.")
+
+
+def layer_of(name: str):
+    """The layer index of a parameter name ('layers.3.x_proj_w' -> 3), None for the others."""
+    m = _LAYER_RE.match(name)
+    return int(m.group(1)) if m else None
 
 # per-layer tensor names in their canonical order (also the init draw order)
 LAYER_TENSORS = ("conv_w", "conv_b", "x_proj_w", "dt_proj_w", "dt_proj_b", "A_log", "D_skip", "out_proj_w")
@@ -77,14 +86,14 @@ def _lti_names(names: tuple, selective: bool) -> tuple:
 
 
 def init_layer(views: dict, i: int, rng: np.random.Generator, init: str, n_layers: int) -> None:
-    """Fill layer i's tensors (SPEC §2.3). `views` maps names to float32 views."""
+    """Fill layer i's tensors. `views` maps names to float32 views."""
     p = f"layers.{i}."
     D, K = views[p + "conv_w"].shape
     N = views[p + "A_log"].shape[1]
     selective = p + "x_proj_w" in views
     R = views[p + "dt_proj_w"].shape[0] if selective else 0
     if init == "reference":
-        # every tensor i.i.d. N(0, 0.02^2), drawn in canonical order (reference §1.2)
+        # every tensor i.i.d. N(0, 0.02^2), drawn in canonical order
         for name in _lti_names(LAYER_TENSORS, selective):
             v = views[p + name]
             v[...] = rng.normal(0.0, 0.02, size=v.shape)
@@ -131,9 +140,46 @@ def _lti_backward(g: dict, prefix: str, dxdbl2: np.ndarray, N: int) -> None:
 class _EmbeddedStack:
     """What both stacks share: the embedding, then L layers whose tensors a subclass describes
     (`layer_specs(i)`) and initialises (`layer_init`, a function (views, i, rng, init, n_layers)),
-    all bound as views of the flat parameter and gradient buffers."""
+    all bound as views of the flat parameter and gradient buffers.
+
+    Freezing (`freeze(layers, embedding)`): backward still propagates through a frozen layer but
+    skips its weight-gradient products; with the embedding frozen too it stops below the lowest
+    layer that trains. The caller zeroes the frozen ranges the kernels still accumulate into
+    (rtrainer.net.Net does)."""
 
     layer_init = None
+    prenorm = False                 # True: each block normalises its own input (RMSNorm)
+    frozen_layers = frozenset()     # backward skips these layers' weight-gradient products
+    backward_stop = 0               # with the embedding frozen, backward stops above this layer
+    train_embedding = True          # the default of backward(embedding_grad=None)
+
+    layer_of = staticmethod(layer_of)
+
+    @staticmethod
+    def layer_prefix(i: int) -> str:
+        """The name prefix of layer i's tensors."""
+        return f"layers.{i}."
+
+    def layer_input(self, i: int) -> np.ndarray:
+        """The input of layer i (the residual stream r_i, (B, T, D)) of the last forward."""
+        return self.r[i]
+
+    def freeze(self, layers, embedding: bool) -> None:
+        self.frozen_layers = frozenset(layers)
+        lead = 0
+        while lead in self.frozen_layers:
+            lead += 1
+        self.train_embedding = not embedding
+        self.backward_stop = lead if embedding else 0
+
+    def resized(self, n_layers: int):
+        """The same kind of stack with n_layers layers (unbound, nothing frozen)."""
+        new = copy.copy(self)
+        new.L = n_layers
+        new._shape = None
+        new.p = new.g = None
+        new.frozen_layers, new.backward_stop, new.train_embedding = frozenset(), 0, True
+        return new
 
     def layer_specs(self, i: int) -> list[ParamSpec]:
         raise NotImplementedError
@@ -163,8 +209,6 @@ class MambaLiteStack(_EmbeddedStack):
     """
 
     layer_init = staticmethod(init_layer)   # per-layer init, used by layer expansion (rtrainer/staged.py)
-    frozen_layers = frozenset()             # backward skips these layers' weight-gradient products
-    backward_stop = 0                       # with embedding_grad=False, backward stops above this layer
 
     def __init__(self, vocab_size: int, d_model: int, d_state: int, d_conv: int, dt_rank: int,
                  n_layers: int, scan_chunk: int = 64, n_threads: int = 1, selective: bool = True):
@@ -245,8 +289,11 @@ class MambaLiteStack(_EmbeddedStack):
         return self.z
 
     # ----------------------------------------------------------------- backward
-    def backward(self, dz: np.ndarray, embedding_grad: bool = True) -> None:
-        """dz (B*T, D): gradient of the loss w.r.t. z. Accumulates into every parameter gradient."""
+    def backward(self, dz: np.ndarray, embedding_grad: bool | None = None) -> None:
+        """dz (B*T, D): gradient of the loss w.r.t. z. Accumulates into every parameter gradient
+        (embedding_grad None: unless the embedding is frozen)."""
+        if embedding_grad is None:
+            embedding_grad = self.train_embedding
         B, T = self.ids.shape
         nt, D, N = self.n_threads, self.D, self.N
         BT = B * T
@@ -301,7 +348,7 @@ class MambaLiteStack(_EmbeddedStack):
 
 
 # ================================================================================================
-# The full Mamba block (SPEC §2.4)
+# The full Mamba block
 # ================================================================================================
 #
 # Per layer, x = r_l (B,T,D), C = E*D channels inside the block:
@@ -343,14 +390,14 @@ def mamba_layer_param_specs(i: int, D: int, N: int, K: int, R: int, E: int,
 
 
 def init_mamba_layer(views: dict, i: int, rng: np.random.Generator, init: str, n_layers: int) -> None:
-    """Fill the `mamba` layer i's tensors (SPEC §2.3 applied to §2.4). `views` maps names to
+    """Fill the `mamba` layer i's tensors. `views` maps names to
     float32 views; the shapes (and whether the layer is selective) are read from them.
 
     "mamba": norm_w = 1; in_proj_w N(0, 1/D); conv_w N(0, 1/K), conv_b = 0; x_proj_w N(0, 1/C)
     (or B_lti, C_lti N(0, 1)); dt_proj_w U(+-R^-1/2); softplus(dt_proj_b) log-uniform in
     [1e-3, 1e-1]; A_log = log(n+1) (S4D-real); D_skip = 1; out_proj_w N(0, 1/(C*L)) (mamba_ssm's
     rescale of the residual output by depth). "reference": every tensor N(0, 0.02^2) in the order
-    of MAMBA_LAYER_TENSORS, as SPEC §2.3 says for every tensor."""
+    of MAMBA_LAYER_TENSORS, as for mamba-lite."""
     p = f"layers.{i}."
     D = views[p + "norm_w"].shape[0]
     C, K = views[p + "conv_w"].shape
@@ -382,13 +429,14 @@ def init_mamba_layer(views: dict, i: int, rng: np.random.Generator, init: str, n
 
 
 class MambaStack(_EmbeddedStack):
-    """Embedding -> L x (r += mamba_block(r)) -> LayerNorm (no affine); SPEC §2.4.
+    """Embedding -> L x (r += mamba_block(r)) -> LayerNorm (no affine).
 
     Same interface as MambaLiteStack: ids (B,T) int64 -> z (B*T, D) float32; parameters live in
     the flat buffer passed to `bind`. `selective = False` is the LTI ablation (B, C, delta do not
     depend on the input)."""
 
     layer_init = staticmethod(init_mamba_layer)   # per-layer init, used by layer expansion (rtrainer/staged.py)
+    prenorm = True                                # RMSNorm at every block's input
 
     def __init__(self, vocab_size: int, d_model: int, d_state: int, d_conv: int, dt_rank: int,
                  n_layers: int, expand: int = 2, scan_chunk: int = 64, n_threads: int = 1,
@@ -432,10 +480,14 @@ class MambaStack(_EmbeddedStack):
         self.hs = [np.empty((B, nc, C, N), f) for _ in range(L)]
         self.z = np.empty((B * T, D), f)
         self.zrstd = np.empty(B * T, f)
-        # scratch shared by all layers (forward: yg; backward: see backward())
-        self.sA = e3(C)      # dL/dyg, then the scan's ddt
-        self.sB = e3(C)      # yg (forward and recomputed in backward), then dxdbl @ x_proj_w^T
-        self.sC = e3(C)      # dL/dy, then dL/dxin
+        # scratch shared by all layers: three (B,T,C) buffers, each holding two quantities whose
+        # lifetimes within a layer's backward do not overlap; every use goes through the name of
+        # the quantity it holds
+        s1, s2, s3 = e3(C), e3(C), e3(C)
+        self.dyg, self.ddt = s1, s1          # dL/dyg (read by the gate backward); the scan's ddt
+        self.yg, self.dxproj = s2, s2        # yg = y*silu(zg) (forward; recomputed in backward);
+        #                                      dxdbl @ x_proj_w^T (after d out_proj_w has read yg)
+        self.dy, self.dxin = s3, s3          # dL/dy (read by the scan backward); dL/dxin (conv backward)
         self.dzg = e3(C)
         self.du = e3(C)
         self.dr = e3(D)
@@ -447,7 +499,7 @@ class MambaStack(_EmbeddedStack):
 
     def activation_bytes(self) -> int:
         """Bytes of the activation workspace (for the memory claims in tests and bench/)."""
-        arrs = [self.z, self.zrstd, self.sA, self.sB, self.sC, self.dzg, self.du, self.dr, self.dxn,
+        arrs = [self.z, self.zrstd, self.dyg, self.yg, self.dy, self.dzg, self.du, self.dr, self.dxn,
                 self.tmpD, self.dxdbl, self.wbuf]
         for lst in (self.r, self.rstd, self.xn, self.xin, self.zg, self.pre, self.u, self.xdbl, self.dt,
                     self.y, self.hs):
@@ -463,7 +515,7 @@ class MambaStack(_EmbeddedStack):
         nt, D, C, N = self.n_threads, self.D, self.C, self.N
         BT = B * T
         _embed.embed_forward(self.r[0], ids, self.p["embedding"], nt)
-        yg2 = self.sB.reshape(BT, C)
+        yg2 = self.yg.reshape(BT, C)
         for i in range(self.L):
             p = f"layers.{i}."
             x2 = self.r[i].reshape(BT, D)
@@ -493,8 +545,12 @@ class MambaStack(_EmbeddedStack):
         return self.z
 
     # ----------------------------------------------------------------- backward
-    def backward(self, dz: np.ndarray, embedding_grad: bool = True) -> None:
-        """dz (B*T, D): gradient of the loss w.r.t. z. Accumulates into every parameter gradient."""
+    def backward(self, dz: np.ndarray, embedding_grad: bool | None = None) -> None:
+        """dz (B*T, D): gradient of the loss w.r.t. z. Accumulates into every parameter gradient
+        (embedding_grad None: unless the embedding is frozen). Frozen layers still pass dr down but
+        skip their weight-gradient products."""
+        if embedding_grad is None:
+            embedding_grad = self.train_embedding
         B, T = self.ids.shape
         nt, D, C, N, R = self.n_threads, self.D, self.C, self.N, self.R
         BT = B * T
@@ -502,59 +558,65 @@ class MambaStack(_EmbeddedStack):
         dr2 = self.dr.reshape(BT, D)
         dr2.fill(0.0)
         _norm.layernorm_backward(dr2, dz, self.z, self.zrstd, nt)
-        sA2, sB2, sC2 = self.sA.reshape(BT, C), self.sB.reshape(BT, C), self.sC.reshape(BT, C)
+        dyg2, ddt2, yg2 = self.dyg.reshape(BT, C), self.ddt.reshape(BT, C), self.yg.reshape(BT, C)
+        dy2, dxin2, dxproj2 = self.dy.reshape(BT, C), self.dxin.reshape(BT, C), self.dxproj.reshape(BT, C)
         dzg2, du2 = self.dzg.reshape(BT, C), self.du.reshape(BT, C)
         dxdbl2 = self.dxdbl.reshape(BT, -1)
-        for i in reversed(range(self.L)):
+        for i in reversed(range(0 if embedding_grad else self.backward_stop, self.L)):
             p = f"layers.{i}."
+            frozen = i in self.frozen_layers
             y2, zg2 = self.y[i].reshape(BT, C), self.zg[i].reshape(BT, C)
             # out_proj: dyg = dr @ out_proj_w^T (dr: gradient of the residual branch output)
-            np.matmul(dr2, P[p + "out_proj_w"].T, out=sA2)
-            # gate: dy = dyg*silu(zg), dzg = dyg*y*silu'(zg); yg recomputed into sB
-            sC2.fill(0.0)
+            np.matmul(dr2, P[p + "out_proj_w"].T, out=dyg2)
+            # gate: dy = dyg*silu(zg), dzg = dyg*y*silu'(zg); yg recomputed
+            dy2.fill(0.0)
             dzg2.fill(0.0)
-            _gate.gate_backward(sC2, dzg2, sB2, sA2, y2, zg2, nt)
+            _gate.gate_backward(dy2, dzg2, yg2, dyg2, y2, zg2, nt)
             # d out_proj_w += yg^T dr
-            wt = self.wbuf[:C * D].reshape(C, D)
-            np.matmul(sB2.T, dr2, out=wt)
-            g[p + "out_proj_w"] += wt
-            # scan (ddt into sA)
+            if not frozen:
+                wt = self.wbuf[:C * D].reshape(C, D)
+                np.matmul(yg2.T, dr2, out=wt)
+                g[p + "out_proj_w"] += wt
+            # scan: du, ddt, dxdbl from dy
             du2.fill(0.0)
-            sA2.fill(0.0)
+            ddt2.fill(0.0)
             dxdbl2.fill(0.0)
-            _scan.scan_backward(self.du, self.sA, g[p + "dt_proj_b"], g[p + "A_log"], self.dxdbl, g[p + "D_skip"],
-                                self.sC, self.u[i], self.dt[i], P[p + "dt_proj_b"], P[p + "A_log"], self.xdbl[i],
+            _scan.scan_backward(self.du, self.ddt, g[p + "dt_proj_b"], g[p + "A_log"], self.dxdbl, g[p + "D_skip"],
+                                self.dy, self.u[i], self.dt[i], P[p + "dt_proj_b"], P[p + "A_log"], self.xdbl[i],
                                 P[p + "D_skip"], self.hs[i], self.chunk, nt)
             u2 = self.u[i].reshape(BT, C)
             if self.selective:
                 xdbl2 = self.xdbl[i].reshape(BT, -1)
                 # dt = draw @ dt_proj_w -> d dt_proj_w += draw^T ddt ; d draw = ddt dt_proj_w^T
-                wt = self.wbuf[:R * C].reshape(R, C)
-                np.matmul(xdbl2[:, 2 * N:].T, sA2, out=wt)
-                g[p + "dt_proj_w"] += wt
-                np.matmul(sA2, P[p + "dt_proj_w"].T, out=dxdbl2[:, 2 * N:])
+                if not frozen:
+                    wt = self.wbuf[:R * C].reshape(R, C)
+                    np.matmul(xdbl2[:, 2 * N:].T, ddt2, out=wt)
+                    g[p + "dt_proj_w"] += wt
+                np.matmul(ddt2, P[p + "dt_proj_w"].T, out=dxdbl2[:, 2 * N:])
                 # xdbl = u @ x_proj_w -> d x_proj_w += u^T dxdbl ; du += dxdbl x_proj_w^T
-                wt = self.wbuf[:C * (2 * N + R)].reshape(C, 2 * N + R)
-                np.matmul(u2.T, dxdbl2, out=wt)
-                g[p + "x_proj_w"] += wt
-                np.matmul(dxdbl2, P[p + "x_proj_w"].T, out=sB2)
-                du2 += sB2
+                if not frozen:
+                    wt = self.wbuf[:C * (2 * N + R)].reshape(C, 2 * N + R)
+                    np.matmul(u2.T, dxdbl2, out=wt)
+                    g[p + "x_proj_w"] += wt
+                np.matmul(dxdbl2, P[p + "x_proj_w"].T, out=dxproj2)
+                du2 += dxproj2
             else:
                 _lti_backward(g, p, dxdbl2, N)
-            # conv + SiLU: dxin (into sC)
-            sC2.fill(0.0)
-            _conv.conv_backward(self.sC, g[p + "conv_w"], g[p + "conv_b"], self.du, self.xin[i], self.pre[i],
+            # conv + SiLU: dxin
+            dxin2.fill(0.0)
+            _conv.conv_backward(self.dxin, g[p + "conv_w"], g[p + "conv_b"], self.du, self.xin[i], self.pre[i],
                                 P[p + "conv_w"], nt)
             # in_proj: [xin | zg] = xn @ W -> dW += xn^T [dxin | dzg] ; dxn = dxin Wx^T + dzg Wz^T
             xn2 = self.xn[i].reshape(BT, D)
             w_in = P[p + "in_proj_w"]
-            wt = self.wbuf[:D * C].reshape(D, C)
-            np.matmul(xn2.T, sC2, out=wt)
-            g[p + "in_proj_w"][:, :C] += wt
-            np.matmul(xn2.T, dzg2, out=wt)
-            g[p + "in_proj_w"][:, C:] += wt
+            if not frozen:
+                wt = self.wbuf[:D * C].reshape(D, C)
+                np.matmul(xn2.T, dxin2, out=wt)
+                g[p + "in_proj_w"][:, :C] += wt
+                np.matmul(xn2.T, dzg2, out=wt)
+                g[p + "in_proj_w"][:, C:] += wt
             dxn2 = self.dxn.reshape(BT, D)
-            np.matmul(sC2, w_in[:, :C].T, out=dxn2)
+            np.matmul(dxin2, w_in[:, :C].T, out=dxn2)
             np.matmul(dzg2, w_in[:, C:].T, out=self.tmpD.reshape(BT, D))
             dxn2 += self.tmpD.reshape(BT, D)
             # RMSNorm: adds the block's path into dr, which already carries the residual identity

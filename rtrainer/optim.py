@@ -1,6 +1,6 @@
 """AdamW over the flat parameter buffer, the learning-rate schedule and global-norm clipping.
 
-AdamW (SPEC §3): beta1 0.9, beta2 0.999, eps 1e-8, decoupled weight decay 0.01 on matrices by
+AdamW: beta1 0.9, beta2 0.999, eps 1e-8, decoupled weight decay 0.01 on matrices by
 default (`weight_decay_scope = "all"` decays every tensor, as the reference does). Bias
 correction counts optimizer updates that were applied (skipped steps do not count). The update
 itself is one fused kernel (rtrainer._kernels.optim.adamw_step) over the trainable ranges.
@@ -42,7 +42,7 @@ class AdamW:
     def grad_norm(self) -> float:
         """Global L2 norm of the trainable gradients (deterministic for any thread count).
         Non-finite when any gradient element is."""
-        return math.sqrt(_optim.sumsq(self.flat.grad, self.segments, self.n_threads))
+        return math.sqrt(_optim.sumsq(self.flat.grad_buf, self.segments, self.n_threads))
 
     def clip_scale(self, grad_norm: float) -> float:
         if self.grad_clip > 0.0 and grad_norm > self.grad_clip:
@@ -52,5 +52,5 @@ class AdamW:
     def step(self, lr: float, grad_scale: float = 1.0) -> None:
         self.t += 1
         f = self.flat
-        _optim.adamw_step(f.data, f.grad, f.m, f.v, self.segments, lr, self.beta1, self.beta2, self.eps,
+        _optim.adamw_step(f.param_buf, f.grad_buf, f.m, f.v, self.segments, lr, self.beta1, self.beta2, self.eps,
                           self.weight_decay, self.t, grad_scale, self.n_threads)

@@ -1,8 +1,9 @@
-"""One flat float32 buffer for every parameter, with named views (STYLE §4).
+"""One flat float32 buffer for every parameter, with named views.
 
 `ParamSpec` rows describe each tensor; `FlatParams` lays them out contiguously once and hands
 out numpy views into four buffers that share the layout: parameters, gradients and the two
-AdamW moments. The optimizer and the global-norm clip are loops over flat ranges ("segments");
+AdamW moments. Naming: `param_buf`, `grad_buf`, `m`, `v` are the flat 1-D buffers; `params` and
+`grads` are name -> view dicts into the first two (`data` / `grad` are older names of the buffers). The optimizer and the global-norm clip are loops over flat ranges ("segments");
 fixed (non-trainable) tensors are ranges the optimizer skips. Checkpoints store tensors by name,
 so the layout is an implementation detail, not a file format.
 """
@@ -41,12 +42,21 @@ class FlatParams:
             self.offsets[s.name] = (off, off + s.size)
             off += s.size
         self.size = off
-        self.data = np.zeros(self.size, np.float32)
-        self.grad = np.zeros(self.size, np.float32)
+        self.param_buf = np.zeros(self.size, np.float32)
+        self.grad_buf = np.zeros(self.size, np.float32)
         self.m = np.zeros(self.size, np.float32)
         self.v = np.zeros(self.size, np.float32)
-        self.params = self.views(self.data)
-        self.grads = self.views(self.grad)
+        self.params = self.views(self.param_buf)
+        self.grads = self.views(self.grad_buf)
+
+    # the older names of the two buffers (kept for code written against them)
+    @property
+    def data(self) -> np.ndarray:
+        return self.param_buf
+
+    @property
+    def grad(self) -> np.ndarray:
+        return self.grad_buf
 
     def views(self, buf: np.ndarray) -> dict[str, np.ndarray]:
         out = {}
@@ -89,12 +99,12 @@ class FlatParams:
                         ranges.append([a, b])
             self._trainable_ranges = ranges
         for a, b in self._trainable_ranges:
-            self.grad[a:b] = 0.0
+            self.grad_buf[a:b] = 0.0
 
     def state_tensors(self) -> dict[str, np.ndarray]:
         """Everything a checkpoint needs, by name: parameters and both moments."""
         out = {}
-        for prefix, buf in (("param", self.data), ("adam_m", self.m), ("adam_v", self.v)):
+        for prefix, buf in (("param", self.param_buf), ("adam_m", self.m), ("adam_v", self.v)):
             for name, view in self.views(buf).items():
                 out[f"{prefix}/{name}"] = view
         return out
@@ -103,7 +113,7 @@ class FlatParams:
         """Inverse of state_tensors; every tensor must be present with the right shape."""
         from .errors import CheckpointError
 
-        for prefix, buf in (("param", self.data), ("adam_m", self.m), ("adam_v", self.v)):
+        for prefix, buf in (("param", self.param_buf), ("adam_m", self.m), ("adam_v", self.v)):
             for name, view in self.views(buf).items():
                 key = f"{prefix}/{name}"
                 if key not in tensors:

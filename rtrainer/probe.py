@@ -1,5 +1,4 @@
-"""`rtrainer parity`: the save/load/resume parity probe (SPEC §7; the reference's trainer_parity,
-made strict).
+"""`rtrainer parity`: the save/load/resume parity probe (strict: bitwise).
 
 For the model, data and optimizer of a run file it trains, in a scratch directory, at the run's
 thread count:
@@ -120,12 +119,12 @@ def run_parity(config, steps: int | None = None, workdir: str | None = None, say
             raise ParityMismatch(f"straight vs resumed: {len(ma)} vs {len(mb)} metrics lines")
         say(f"parity: straight == resumed, bitwise: {len(ta)} tensors, checkpoint state, {len(ma)} metrics lines")
 
-        # checkpoint round trip through the trainer's own buffers
-        from .params import FlatParams
+        # checkpoint round trip through a fresh Net's buffers
+        from .net import Net
 
-        flat = FlatParams(resumed.model.param_specs() + resumed.head.param_specs())
-        flat.load_state_tensors(ta, source="round trip")
-        path = ckpt.write_step_checkpoint(Path(tmp) / "a" / "checkpoints", n + 1, flat.state_tensors(), sa)
+        net = Net.build(resumed.resolved, resumed.data.vocab_size)
+        net.load_tensors(ta, source="round trip")
+        path = ckpt.write_step_checkpoint(Path(tmp) / "a" / "checkpoints", n + 1, net.tensors(), sa)
         t2, s2 = ckpt.load_checkpoint(path)
         diff = first_tensor_difference(ta, t2, "saved", "re-saved") or _first_value_difference(sa, s2)
         if diff:

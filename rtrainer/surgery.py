@@ -1,5 +1,5 @@
 """Gradient surgery: how the Forward-Forward gradient f of a layer's D_skip is combined with the
-backprop gradient b of the same tensor on a BP step (reference §4, SPEC §3).
+backprop gradient b of the same tensor on a BP step.
 
 All functions work on flat float64 vectors of one layer (shape (D,)). With eps = max(epsilon, 0):
 

@@ -1,9 +1,10 @@
 """Synthetic tasks of the Mamba paper (§4.1) as data sources: fresh random batches every step.
 
 Each task draws its batches from a seeded numpy generator (PCG64) whose state is the stream's
-cursor (:meth:`TaskStream.state` / :meth:`TaskStream.set_state`, JSON-able like
-:class:`rtrainer.data.PackedStream`'s), so a resumed run sees exactly the batches it would have
-seen. The validation set (:class:`TaskEval`) is fixed: drawn once from its own seed.
+cursor (:meth:`TaskStream.state` / :meth:`TaskStream.set_state`, JSON-able), so a resumed run sees
+exactly the batches it would have seen. The validation set (:class:`TaskEval`) is fixed: drawn once
+from its own seed. The two provide the interfaces of :mod:`rtrainer.datatypes` (``TrainStream``,
+``ValidationSet``).
 
 Batches are ``(ids, targets)``, int64 C-contiguous ``(B, T)``. Only the answer positions are scored:
 every other target is ``IGNORE`` (-1), which the heads skip (loss and accuracy are averaged over the
@@ -32,6 +33,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .errors import DataError
+from .grammar import check_task  # noqa: F401 - the task parameter rules live with the run-file grammar
 
 __all__ = ["IGNORE", "TASKS", "selective_copying", "induction_heads", "make_batch", "TaskStream",
            "TaskEval", "check_task"]
@@ -68,25 +70,6 @@ def induction_heads(rng: np.random.Generator, B: int, T: int, V: int) -> tuple[n
     targets = np.full((B, T), IGNORE, np.int64)
     targets[:, T - 1] = ids[rows, p + 1]
     return np.ascontiguousarray(ids, dtype=np.int64), targets
-
-
-def check_task(task: str, T: int, M: int, A: int, where: str = "data") -> None:
-    """DataError-free precondition check; raises ValueError with a message naming the keys."""
-    if task == "selective_copying":
-        if A < 3:
-            raise ValueError(f"data.task_vocab must be >= 3 for selective_copying (noise, data, marker), got {A}")
-        if M < 1:
-            raise ValueError(f"data.task_tokens must be >= 1 for selective_copying, got {M}")
-        if T < 2 * M + 1:
-            raise ValueError(f"selective_copying needs seq_len >= 2·data.task_tokens + 1 (at least one noise "
-                             f"token), got seq_len {T} and task_tokens {M}")
-    elif task == "induction_heads":
-        if A < 3:
-            raise ValueError(f"data.task_vocab must be >= 3 for induction_heads (2 content tokens and S), got {A}")
-        if T < 3:
-            raise ValueError(f"induction_heads needs seq_len >= 3 (S, its successor, S), got {T}")
-    else:
-        raise ValueError(f"unknown data.task {task!r}")
 
 
 def make_batch(task: str, rng: np.random.Generator, B: int, T: int, M: int, A: int):
@@ -141,6 +124,9 @@ class TaskStream:
             raise DataError(f"{self.name}: stream state 'rng' is not a PCG64 state ({e})") from None
         self.batches = b
 
+    def close(self) -> None:
+        """Nothing to release (the batches are generated on the calling thread)."""
+
 
 class TaskEval:
     """A fixed validation set of a synthetic task: ``n_batches`` batches drawn once from its own
@@ -160,3 +146,6 @@ class TaskEval:
     def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for ids, targets in self._batches:
             yield ids.copy(), targets.copy()
+
+    def close(self) -> None:
+        """Nothing to release (the batches are held in memory)."""

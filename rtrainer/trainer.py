@@ -6,9 +6,13 @@ Public hooks (override them in a subclass; everything with a leading underscore 
     build_head(vocab_size)     -> the head, which owns the loss (see rtrainer.heads)
     build_optimizer(flat)      -> the optimizer (AdamW over the flat buffer)
     evaluate()                 -> {"val_loss": ..., "val_acc": ...} over the fixed validation windows
+
+The model and head are assembled into a rtrainer.net.Net (self.net); each step is
+rtrainer.step.train_step with the staged-training policy (rtrainer.staged) when the run uses one.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -25,34 +29,22 @@ from threadpoolctl import threadpool_limits
 
 from . import checkpoint as ckpt
 from . import config as config_mod
-from . import data as data_mod  # noqa: F401 - subclasses use it
 from . import distributed as dist_mod
 from . import faults
 from . import staged as staged_mod
+from . import shards as shards_mod
 from . import stream as stream_mod
 from .errors import CheckpointError, ConfigError, NonFiniteError, RtrainerError, RunIOError, RunLockedError
-from .heads import HPNHead, SoftmaxHead
 from .metrics import MetricsWriter
-from .model import MambaLiteStack, MambaStack, resolve_dt_rank
+from .model import resolve_dt_rank
+from .net import Net, build_head, build_model
 from .optim import AdamW, lr_at
 from .params import FlatParams
-from .threads import resolve_threads
+from .step import train_step
 
 SCHEMA_VERSION = 1
 # config sections that define the function being trained: a resume must not change them
 _FROZEN_SECTIONS = ("model", "head")
-
-
-def forward_backward(model, head, flat: FlatParams, ids: np.ndarray, targets: np.ndarray, dz: np.ndarray) -> float:
-    """One forward pass, loss and backward pass: returns the loss and leaves the gradients of
-    the trainable tensors in flat.grad. dz (B*T, D) is scratch for dloss/dz."""
-    flat.zero_grad()
-    z = model.forward(ids)
-    loss = head.forward(z, targets)
-    dz.fill(0.0)
-    head.backward(dz)
-    model.backward(dz)
-    return loss
 
 
 class Interrupted(RtrainerError):
@@ -72,6 +64,26 @@ class RunData:
     vocab_size: int
     extra_val: dict = dataclasses.field(default_factory=dict)   # {seq_len: like val} (eval.extra_lengths)
 
+    def close(self) -> None:
+        """Stop every source's prefetch workers and unmap its shards (sources without close() have none)."""
+        for src in (self.train, self.val, *self.extra_val.values()):
+            if hasattr(src, "close"):
+                src.close()
+
+
+class _Meter:
+    """Throughput between two log lines, and the run's clock."""
+
+    def __init__(self, t_start: float, step: int, elapsed0: float):
+        self.t_start, self.elapsed0 = t_start, elapsed0
+        self.t_last, self.step_last = t_start, step
+        self.proc = psutil.Process()
+
+    def tokens_per_s(self, now: float, step: int, tokens_per_step: int) -> float:
+        r = (step - self.step_last) * tokens_per_step / max(now - self.t_last, 1e-9)
+        self.t_last, self.step_last = now, step
+        return r
+
 
 class Trainer:
     """Trains the model described by a Config. `Trainer.from_file(path, overrides).fit()`."""
@@ -88,6 +100,10 @@ class Trainer:
         self.dp = dist_mod.DataParallel(self.comm, config.train.batch_size, config.train.micro_batch_size)
         self.console = console and self.comm.is_root   # rank 0 speaks and writes; the others only compute
         self.n_threads = dist_mod.threads_per_rank(config.run.threads, self.comm.launcher)
+        # what a run holds once set up (fit); the cleanup relies on these starting as None
+        self.data = None
+        self._lock = None
+        self.last_val = None
 
     @classmethod
     def from_file(cls, path: str, overrides=(), **kw):
@@ -99,22 +115,23 @@ class Trainer:
         if d.task:
             return self._build_task_data()
         train_path = _abspath(d.train)
-        shards = stream_mod.open_source(train_path, d.format, d.shard_glob, d.verify)
-        val_shards = stream_mod.open_source(_abspath(d.val), d.format, d.shard_glob, d.verify) if d.val else None
+        shards = shards_mod.open_source(train_path, d.format, d.shard_glob, d.verify)
+        val_shards = shards_mod.open_source(_abspath(d.val), d.format, d.shard_glob, d.verify) if d.val else None
         V = c.model.vocab_size
         if V == 0:  # whole shards: the manifest knows their largest id
-            V = stream_mod.shards_max_token(shards + (val_shards or [])) + 1
+            V = shards_mod.shards_max_token(shards + (val_shards or [])) + 1
         if not d.val and d.val_ratio > 0:
-            shards, val_shards = stream_mod.split_shards(shards, d.val_ratio)
-        stream_mod.check_shards_range(shards, V)
+            shards, val_shards = shards_mod.split_shards(shards, d.val_ratio)
+        shards_mod.check_shards_range(shards, V)
         B, T = c.train.batch_size, c.train.seq_len
         train = stream_mod.TokenStream(shards, B, T, packed=d.packed, random_windows=d.random_windows,
                                        shuffle=d.shuffle_shards, seed=c.run.seed, prefetch_workers=d.prefetch_workers,
-                                       prefetch_buffer=d.prefetch_buffer, name=train_path)
+                                       prefetch_buffer=d.prefetch_buffer, name=train_path,
+                                       shuffle_windows=d.shuffle_windows)
         val = None
         extra = {}
         if val_shards is not None and c.eval.val_every > 0:
-            stream_mod.check_shards_range(val_shards, V)
+            shards_mod.check_shards_range(val_shards, V)
             val_name = _abspath(d.val) if d.val else train_path
             val = stream_mod.ShardWindows(val_shards, B, T, c.eval.eval_batches, name=val_name)
             for L in c.eval.extra_lengths:
@@ -140,21 +157,10 @@ class Trainer:
         return RunData(train=train, val=val, vocab_size=max(c.model.vocab_size, d.task_vocab), extra_val=extra)
 
     def build_model(self, vocab_size: int):
-        m = self.cfg.model
-        R = resolve_dt_rank(m.layer, m.d_model, m.dt_rank)
-        if m.layer == "mamba":
-            return MambaStack(vocab_size, m.d_model, m.d_state, m.d_conv, R, m.target_layers, expand=m.expand,
-                              scan_chunk=m.scan_chunk, n_threads=self.n_threads, selective=m.selective)
-        return MambaLiteStack(vocab_size, m.d_model, m.d_state, m.d_conv, R, m.target_layers,
-                              scan_chunk=m.scan_chunk, n_threads=self.n_threads, selective=m.selective)
+        return build_model(self.cfg.model, vocab_size, self.n_threads)
 
     def build_head(self, vocab_size: int):
-        h = self.cfg.head
-        if h.kind == "softmax":
-            return SoftmaxHead(vocab_size, self.cfg.model.d_model, bias=h.bias, n_threads=self.n_threads)
-        return HPNHead(vocab_size, self.cfg.model.d_model, normalize=h.normalize_prototypes,
-                       learnable=h.learnable_prototypes, n_threads=self.n_threads,
-                       prototype_init=h.prototype_init, separation=h.prototype_separation)
+        return build_head(self.cfg, vocab_size, self.n_threads)
 
     def build_optimizer(self, flat: FlatParams):
         o = self.cfg.optim
@@ -165,26 +171,112 @@ class Trainer:
         """Mean loss and accuracy over the fixed validation windows (no gradients), scored tokens
         only (targets = -1 are ignored); plus val_loss@L, val_acc@L for each eval.extra_lengths L."""
         r = {}
-        for L, source in [(None, self.data.val)] + sorted(getattr(self.data, "extra_val", {}).items()):
-            n_tok, loss_sum, correct = 0, 0.0, 0
-            for ids, targets in source.batches():
-                z = self.model.forward(ids)
-                loss = self.head.forward(z, targets)
-                pred = self.head.predict(z)
-                t = targets.reshape(-1)
-                n = int(np.count_nonzero(t != -1))
-                loss_sum += float(loss) * n
-                correct += int(np.count_nonzero(pred == t))    # pred is never -1
-                n_tok += n
-            if self.comm.distributed:   # each rank scored its rows of every window: the sums over all
-                loss_sum, correct, n_tok = self.comm.sum([loss_sum, correct, n_tok])
+        for L, source in [(None, self.data.val)] + sorted(self.data.extra_val.items()):
+            e = self.net.evaluate(source.batches()) if not self.dp.active else self._evaluate_shared(source)
             sfx = "" if L is None else f"@{L}"
-            r["val_loss" + sfx] = loss_sum / max(n_tok, 1)
-            r["val_acc" + sfx] = correct / max(n_tok, 1)
+            r["val_loss" + sfx] = e["loss"]
+            r["val_acc" + sfx] = e["acc"]
         return r
+
+    def _evaluate_shared(self, source) -> dict:
+        """Net.evaluate over this rank's micro-batches of every window, the sums reduced over the ranks.
+        The loss is summed per micro-batch slot, then over the slots in order: one process with M
+        micro-batches adds the same numbers in the same order as M ranks with one each."""
+        n_tok, correct, slots = 0, 0, {}
+        batches = source.slotted_batches() if hasattr(source, "slotted_batches") else \
+            ((0, i, t) for i, t in source.batches())
+        for j, ids, targets in batches:
+            z = self.model.forward(ids)
+            loss = self.head.forward(z, targets)
+            pred = self.head.predict(z)
+            t = targets.reshape(-1)
+            n = int(np.count_nonzero(t != -1))
+            slots[j] = slots.get(j, 0.0) + float(loss) * n
+            correct += int(np.count_nonzero(pred == t))    # pred is never -1
+            n_tok += n
+        loss_sum = 0.0
+        for j in sorted(slots):
+            loss_sum += slots[j]
+        if self.comm.distributed:
+            loss_sum, correct, n_tok = self.comm.sum([loss_sum, correct, n_tok])
+        return {"loss": loss_sum / max(n_tok, 1), "acc": correct / max(n_tok, 1)}
 
     # ================================================================ the run
     def fit(self) -> dict:
+        """Set-up, the loop (step, log, evaluate, checkpoint, stop conditions), finish."""
+        with self._running():
+            c = self.cfg
+            total, B, T = c.train.steps, c.train.batch_size, c.train.seq_len
+            elapsed0 = self._setup()
+            t_start = time.perf_counter()
+            meter = _Meter(t_start, self.step, elapsed0)
+            elapsed = lambda: elapsed0 + time.perf_counter() - t_start  # noqa: E731
+            consecutive_skips = 0
+            fb = lambda ids, targets: self.dp.forward_backward(self.net, ids, targets)  # noqa: E731
+            while self.step < total:
+                # the step
+                ids, targets = self.data.train.next_batch()
+                lr = lr_at(self.step, c.optim.lr, c.schedule.warmup_steps, total, c.schedule.min_lr_scale)
+                if self.dp.active:   # this rank's share in micro-batches, one Allreduce (rtrainer/distributed.py)
+                    self.dp.begin_step(self.data.train)
+                    r = train_step(self.net, self.optimizer, ids, targets, lr, self.policy, step=self.step,
+                                   forward_backward=fb, loss_hook=self.dp.loss_hook, grad_hook=self.dp.grad_hook)
+                else:
+                    r = train_step(self.net, self.optimizer, ids, targets, lr, self.policy, step=self.step)
+                if r.finite:
+                    consecutive_skips = 0
+                else:  # non-finite loss or gradient: no parameter or moment changes
+                    self._non_finite(r)
+                    self.skipped += 1
+                    consecutive_skips += 1
+                self.step += 1
+                last = self.step == total
+                # log, evaluate, checkpoint
+                if self.step % c.log.log_every == 0 or last:
+                    self._log(r, lr, meter, B * T)
+                improved = stop_early = validated = False
+                if self.data.val is not None and (self.step % c.eval.val_every == 0 or last):
+                    validated = True
+                    improved = self._validate()
+                    stop_early = c.eval.patience > 0 and self.bad_evals >= c.eval.patience
+                saved = (c.checkpoint.save_every and self.step % c.checkpoint.save_every == 0) or last or stop_early
+                if saved or improved:
+                    self._save(elapsed(), latest=saved, best=improved)
+                # stop conditions
+                if stop_early:
+                    self._say(f"rtrainer: early stopping at step {self.step}: {self.bad_evals} evaluations without "
+                              f"an improvement of more than {c.eval.min_delta} (best val_loss {self.best_val_loss:.5f})")
+                    return self._finish("early_stopping")
+                if consecutive_skips > c.train.max_consecutive_skips:
+                    self._finish("non_finite")
+                    raise NonFiniteError(f"{consecutive_skips} consecutive steps up to step {self.step} had a "
+                                         "non-finite loss or gradient and were skipped (train.max_consecutive_skips "
+                                         f"= {c.train.max_consecutive_skips}); stopping")
+                _fault_point(self.step, self.flat)
+                if self.stop_at is not None and self.step >= self.stop_at and not last:
+                    if not saved:
+                        self._save(elapsed())
+                    self._say(f"rtrainer: paused after step {self.step} (--stop-at); continue with --resume auto")
+                    self._closing_validation(validated)
+                    return self._finish("paused")
+                if self.comm.distributed:   # every rank stops after the same step
+                    self._stop_signal = self.dp.agree_stop(self._stop_signal)
+                if self._stop_signal is not None and not last:
+                    if not saved:
+                        self._save(elapsed())
+                    name = signal.Signals(self._stop_signal).name
+                    self._closing_validation(validated)
+                    self._finish("interrupted")
+                    # SIGUSR1 is a warning ahead of a SIGTERM: the run ends as if it had been terminated
+                    code = signal.SIGTERM if self._stop_signal == signal.SIGUSR1 else self._stop_signal
+                    raise Interrupted(code, f"interrupted by {name} after step {self.step}; checkpoint "
+                                      f"{self.paths['latest']} written; continue with --resume auto")
+            return self._finish("completed")
+
+    @contextlib.contextmanager
+    def _running(self):
+        """Around a run: SIGINT/SIGTERM finish the current step, BLAS at the run's thread count, an
+        OSError while running is a RunIOError; afterwards the lock and every data source are closed."""
         self._stop_signal = None
         handlers = {}
         if threading.current_thread() is threading.main_thread():
@@ -193,44 +285,40 @@ class Trainer:
                 handlers[sig] = signal.signal(sig, self._on_signal)
         try:
             with threadpool_limits(limits=self.n_threads, user_api="blas"):
-                return self._fit()
+                yield
         except OSError as e:  # disk full, permission denied, ... while the run was going
             raise RunIOError(f"{getattr(e, 'filename', None) or self.cfg.run.out_dir}: {e.strerror or e}") from e
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
-            lock = getattr(self, "_lock", None)
-            if lock is not None:
-                lock.close()
-            data = getattr(self, "data", None)
-            for src in (data.train, data.val) if data is not None else ():
-                if hasattr(src, "close"):
-                    src.close()  # stop the prefetch workers, unmap the shards
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
+            if self.data is not None:
+                self.data.close()   # stop the prefetch workers, unmap the shards
 
     def _on_signal(self, signum, frame):
         if self._stop_signal is not None:  # second Ctrl-C: stop now, without a checkpoint
             raise KeyboardInterrupt
         self._stop_signal = signum
 
-    def _fit(self) -> dict:
+    def _setup(self) -> float:
+        """Everything before the first step; returns the run time already spent (resume). Bad input
+        fails here before anything is written."""
         c = self.cfg
-        # 1. everything that can fail on bad input happens before anything is written
         self.data = self.build_data()
         V = self.data.vocab_size
-        self.model = self.build_model(V)
-        self.head = self.build_head(V)
-        self.staged = staged_mod.Staged(c, self.model)   # expansion layout, freezing, FF (rtrainer/staged.py)
-        self.flat = FlatParams(self.staged.apply_freeze(self.model.param_specs() + self.head.param_specs()))
-        self.staged.bind(self.flat)
-        self.model.bind(self.flat.params, self.flat.grads)
-        self.head.bind(self.flat.params, self.flat.grads)
+        self.net = Net.build(c, V, n_threads=self.n_threads, model=self.build_model(V), head=self.build_head(V))
+        self.model, self.head, self.flat = self.net.model, self.net.head, self.net.flat
+        self.staged = staged_mod.Staged(c)   # expansion, Forward-Forward, BP cadence, surgery
+        self.policy = self.staged if self.staged.active else None
         self.optimizer = self.build_optimizer(self.flat)
         self.rng = np.random.default_rng([c.run.seed, 2])   # for subclasses (sampling, dropout, ...)
         if self.dp.active:
+            if self.policy is not None:
+                raise ConfigError("train.ff / train.bp_cadence (a staged-training policy) work on one process "
+                                  "without micro-batches (train.micro_batch_size)")
             self.dp.bind(self.flat)
-            if self.staged.active:
-                raise ConfigError("train.freeze / train.freeze_embedding work on one process without "
-                                  "micro-batches for now (train.micro_batch_size, several processes)")
             self.data.train = self.dp.wrap_train(self.data.train)
             self.data.val = self.dp.wrap_eval(self.data.val)
             self.data.extra_val = {L: self.dp.wrap_eval(v) for L, v in self.data.extra_val.items()}
@@ -253,10 +341,11 @@ class Trainer:
             if self.comm.is_root:
                 shared = (state, metrics_offset, elapsed0)
             else:
-                self.staged.initialise(self)
+                self.staged.initialise(self.net, c.run.seed, c.model.init, c.model.init_from,
+                                       staged_mod.peek(self.data.train))
                 shared = None
             state, metrics_offset, elapsed0 = self.comm.bcast(shared)
-            for buf in (self.flat.data, self.flat.m, self.flat.v):
+            for buf in (self.flat.param_buf, self.flat.m, self.flat.v):
                 self.comm.bcast_array_(buf)
             if not self.comm.is_root:
                 self._restore_scalars(state)
@@ -279,11 +368,12 @@ class Trainer:
         self._say(f"rtrainer: {'resuming at step ' + str(self.step) if state else 'starting'}: "
                   f"{self.flat.n_trainable:,} trainable parameters, V={V}, threads={self.n_threads}{world}{accum}, "
                   f"out_dir={out_dir}")
-        return self._loop(elapsed0)
+        return elapsed0
 
     def _setup_run_dir(self, out_dir: Path):
         """Rank 0 (or the only process): lock the run directory, clean it, read the checkpoint to
         resume or initialise, write the resolved config. Returns (state, metrics offset, elapsed)."""
+        c = self.cfg
         # one writer per run directory: the lock dies with its holder (flock), so a killed run
         # never leaves the directory locked
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -301,7 +391,9 @@ class Trainer:
             for _, path in existing:   # --overwrite: the old run's checkpoints must not be resumed later
                 ckpt.retire(path)
         if state is None:
-            self.staged.initialise(self)   # init_params, or the base model (model.init_from) expanded
+            # init_params, or the base model (model.init_from) expanded
+            self.staged.initialise(self.net, c.run.seed, c.model.init, c.model.init_from,
+                                   staged_mod.peek(self.data.train))
             self.step, self.skipped, self.best_val_loss, elapsed0 = 0, 0, math.inf, 0.0
             self.bad_evals, self.best_step = 0, None
             metrics_offset = None
@@ -318,7 +410,7 @@ class Trainer:
                 best_dir = self.ckpt_dir / ckpt.step_dir_name(self.best_step) if self.best_step is not None else None
                 self.paths["best"] = str(best_dir) if best_dir is not None and best_dir.is_dir() else None
 
-        # 2. the run directory
+        # the run directory
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_text_atomic(self.paths["config"], config_mod.config_to_toml(self.resolved))
         return state, metrics_offset, elapsed0
@@ -339,116 +431,30 @@ class Trainer:
         self.staged.load_state(state.get("staged"), getattr(self, "_resume_path", None))
         self.rng.bit_generator.state = state["rng"]
 
-    def _loop(self, elapsed0: float) -> dict:
-        c = self.cfg
-        # 3. the loop
-        total = c.train.steps
-        B, T = c.train.batch_size, c.train.seq_len
-        dz = np.empty((B * T, c.model.d_model), np.float32)
-        fb = _ForwardBackward(self.model, self.head, self.flat, c.model.d_model)
-        t_start = time.perf_counter()
-        t_last, step_last = t_start, self.step
-        proc = psutil.Process()
-        consecutive_skips = 0
-        while self.step < total:
-            ids, targets = self.data.train.next_batch()
-            lr = lr_at(self.step, c.optim.lr, c.schedule.warmup_steps, total, c.schedule.min_lr_scale)
-            extra = {}
-            if self.dp.active:   # this rank's share, micro-batches, one Allreduce (rtrainer/distributed.py)
-                self.dp.begin_step(self.data.train)
-                loss = self.dp.forward_backward(fb, ids, targets)
-                loss = self.dp.loss_hook(loss, 0)
-                loss = _inject_nan(self.step + 1, loss, self.flat)
-                self.dp.grad_hook(self.flat.grad)
-                gnorm = self.optimizer.grad_norm()
-                clipped = False
-                finite = math.isfinite(loss) and math.isfinite(gnorm)
-                if finite:
-                    scale = self.optimizer.clip_scale(gnorm)
-                    clipped = scale < 1.0
-                    self.optimizer.step(lr, scale)
-            elif self.staged.active:   # freezing, Forward-Forward, BP cadence, surgery: rtrainer/staged.py
-                loss, gnorm, clipped, finite, extra = self.staged.train_step(self, ids, targets, lr, dz)
-            else:
-                loss = forward_backward(self.model, self.head, self.flat, ids, targets, dz)
-                loss = _inject_nan(self.step + 1, loss, self.flat)
-                gnorm = self.optimizer.grad_norm()
-                clipped = False
-                finite = math.isfinite(loss) and math.isfinite(gnorm)
-                if finite:
-                    scale = self.optimizer.clip_scale(gnorm)
-                    clipped = scale < 1.0
-                    self.optimizer.step(lr, scale)
-            if finite:
-                consecutive_skips = 0
-            else:  # non-finite loss or gradient: no parameter or moment changes
-                self._non_finite(extra.get("ff_loss", loss) if extra.get("bp_applied") is False else loss, gnorm)
-                self.skipped += 1
-                consecutive_skips += 1
-            self.step += 1
-            last = self.step == total
-
-            if self.step % c.log.log_every == 0 or last:
-                now = time.perf_counter()
-                rec = {
-                    "kind": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": gnorm,
-                    "clipped": clipped, "skipped": self.skipped,
-                    "tokens_per_s": (self.step - step_last) * B * T / max(now - t_last, 1e-9),
-                    "elapsed_s": elapsed0 + now - t_start,
-                    "rss_mb": proc.memory_info().rss / 2**20,
-                    **extra,
-                }
-                self.metrics.write(rec)
-                t_last, step_last = now, self.step
-                # FF and HPN losses are always labelled apart; FF-only steps have no HPN loss
-                what = (f"loss {loss:.5f}" if not extra or extra["bp_applied"] else "ff-only")
-                ff = f"  ff_loss {extra['ff_loss']:.5f}" if extra else ""
-                self._say(f"step {self.step:>6}/{total}  {what}{ff}  lr {lr:.3e}  grad_norm {gnorm:.4f}"
-                          f"  {rec['tokens_per_s']:,.0f} tok/s  rss {rec['rss_mb']:.0f} MB")
-            improved = stop_early = validated = False
-            if self.data.val is not None and (self.step % c.eval.val_every == 0 or last):
-                validated = True
-                improved = self._validate()
-                stop_early = c.eval.patience > 0 and self.bad_evals >= c.eval.patience
-            saved = (c.checkpoint.save_every and self.step % c.checkpoint.save_every == 0) or last or stop_early
-            if saved or improved:
-                self._save(elapsed0 + time.perf_counter() - t_start, latest=saved, best=improved)
-            if stop_early:
-                self._say(f"rtrainer: early stopping at step {self.step}: {self.bad_evals} evaluations without an "
-                          f"improvement of more than {c.eval.min_delta} (best val_loss {self.best_val_loss:.5f})")
-                return self._finish("early_stopping")
-            if consecutive_skips > c.train.max_consecutive_skips:
-                self._finish("non_finite")
-                raise NonFiniteError(f"{consecutive_skips} consecutive steps up to step {self.step} had a non-finite "
-                                     "loss or gradient and were skipped (train.max_consecutive_skips = "
-                                     f"{c.train.max_consecutive_skips}); stopping")
-            _fault_point(self.step, self.flat)
-            if self.stop_at is not None and self.step >= self.stop_at and not last:
-                if not saved:
-                    self._save(elapsed0 + time.perf_counter() - t_start)
-                self._say(f"rtrainer: paused after step {self.step} (--stop-at); continue with --resume auto")
-                self._closing_validation(validated)
-                return self._finish("paused")
-            if self.comm.distributed:   # every rank stops after the same step
-                self._stop_signal = self.dp.agree_stop(self._stop_signal)
-            if self._stop_signal is not None and not last:
-                if not saved:
-                    self._save(elapsed0 + time.perf_counter() - t_start)
-                name = signal.Signals(self._stop_signal).name
-                self._closing_validation(validated)
-                self._finish("interrupted")
-                # SIGUSR1 is a warning ahead of a SIGTERM: the run ends as if it had been terminated
-                code = signal.SIGTERM if self._stop_signal == signal.SIGUSR1 else self._stop_signal
-                raise Interrupted(code, f"interrupted by {name} after step {self.step}; checkpoint "
-                                  f"{self.paths['latest']} written; continue with --resume auto")
-        return self._finish("completed")
+    def _log(self, r, lr: float, meter: "_Meter", tokens_per_step: int) -> None:
+        now = time.perf_counter()
+        extra = r.extra
+        rec = {
+            "kind": "train", "step": self.step, "loss": r.loss, "lr": lr, "grad_norm": r.grad_norm,
+            "clipped": r.clipped, "skipped": self.skipped,
+            "tokens_per_s": meter.tokens_per_s(now, self.step, tokens_per_step),
+            "elapsed_s": meter.elapsed0 + now - meter.t_start,
+            "rss_mb": meter.proc.memory_info().rss / 2**20,
+            **extra,
+        }
+        self.metrics.write(rec)
+        # FF and head losses are always labelled apart; FF-only steps have no head loss
+        what = (f"loss {r.loss:.5f}" if not extra or extra["bp_applied"] else "ff-only")
+        ff = f"  ff_loss {extra['ff_loss']:.5f}" if extra else ""
+        self._say(f"step {self.step:>6}/{self.cfg.train.steps}  {what}{ff}  lr {lr:.3e}  grad_norm {r.grad_norm:.4f}"
+                  f"  {rec['tokens_per_s']:,.0f} tok/s  rss {rec['rss_mb']:.0f} MB")
 
     def _finish(self, reason: str) -> dict:
         summary = {
             "final_step": self.step,
             "stop_reason": reason,
             "best_val_loss": _json_float(self.best_val_loss),
-            "last_val": getattr(self, "last_val", None),
+            "last_val": self.last_val,
             "skipped_steps": self.skipped,
             "paths": self.paths,
         }
@@ -459,16 +465,19 @@ class Trainer:
         return summary
 
     # ================================================================ internals
-    def _non_finite(self, loss: float, gnorm: float) -> None:
+    def _non_finite(self, r) -> None:
         """With train.fail_on_non_finite: keep the state that produced it for diagnosis and stop."""
         if not self.cfg.train.fail_on_non_finite:
             return
+        # an FF-only step is decided by its FF loss
+        loss = r.extra["ff_loss"] if r.extra.get("bp_applied") is False else r.loss
+        gnorm = r.grad_norm
         path = Path(self.paths["out_dir"]) / "checkpoints" / f"non-finite-step-{self.step + 1}.safetensors"
         if not self.comm.is_root:   # rank 0 keeps the diagnosis; the others stop with it
             self._finish("non_finite")
             raise NonFiniteError(f"step {self.step + 1}: non-finite loss or gradient (see rank 0)")
         tensors = dict(self.flat.state_tensors())
-        for name, g in self.flat.views(self.flat.grad).items():
+        for name, g in self.flat.grads.items():
             tensors[f"grad/{name}"] = g
         ckpt.save_checkpoint(str(path), tensors, {"schema": SCHEMA_VERSION, "step": self.step,
                                                   "loss": _json_float(loss), "grad_norm": _json_float(gnorm),
@@ -508,15 +517,16 @@ class Trainer:
         self._say(f"step {self.step:>6}  val_loss {r['val_loss']:.5f}  val_acc {r['val_acc']:.4f}  (closing)")
 
     def _save(self, elapsed: float, latest: bool = True, best: bool = False) -> None:
-        """Commit one checkpoint (RELIABILITY.md's protocol): parameters + moments + everything
+        """Commit one checkpoint: parameters + moments + everything
         the loop needs to continue, as checkpoints/step-N committed by its manifest; then
         run_state.json and best.json (hints: the truth is the newest step-N that verifies); then
         retention. `latest`/`best` say why it is written (a due save, an improving validation)."""
         if best:
             self.best_step = self.step
-        self.dp.check_same_params(self.flat.data, self.step)
+        self.dp.check_same_params(self.flat.param_buf, self.step)
         if not self.comm.is_root:
-            self.paths["latest"] = str(self.ckpt_dir / ckpt.step_dir_name(self.step)) if latest else self.paths["latest"]
+            if latest:
+                self.paths["latest"] = str(self.ckpt_dir / ckpt.step_dir_name(self.step))
             self.comm.barrier()
             return
         state = {
@@ -645,20 +655,6 @@ class Trainer:
             print(msg, file=sys.stderr if msg.startswith("rtrainer:") else sys.stdout, flush=True)
 
 
-class _ForwardBackward:
-    """net.forward_backward(ids, targets) over the model, the head and the flat buffer (dz sized per batch)."""
-
-    def __init__(self, model, head, flat, d_model):
-        self.model, self.head, self.flat, self.D = model, head, flat, d_model
-        self._dz = None
-
-    def forward_backward(self, ids, targets):
-        n = ids.shape[0] * ids.shape[1]
-        if self._dz is None or self._dz.shape[0] != n:
-            self._dz = np.empty((n, self.D), np.float32)
-        return forward_backward(self.model, self.head, self.flat, ids, targets, self._dz)
-
-
 class _NoMetrics:
     """The metrics of a rank other than 0: nothing is written."""
 
@@ -709,18 +705,6 @@ def _fault_point(step: int, flat: FlatParams) -> None:
         os.kill(os.getpid(), getattr(signal, "SIG" + (arg or "KILL").upper()))
     elif kind == "nan_param_after_step":
         flat.params[arg][...] = np.nan
-
-
-def _inject_nan(step: int, loss: float, flat: FlatParams) -> float:
-    """The transient faults of rtrainer.faults, on step N only (between backward and update):
-    nan_loss_at_step=N makes the loss NaN, nan_grad_at_step=N:TENSOR fills that gradient with NaN."""
-    kind, n, arg = faults.parse()
-    if kind not in ("nan_loss_at_step", "nan_grad_at_step") or not n.isdigit() or int(n) != step:
-        return loss
-    if kind == "nan_loss_at_step":
-        return math.nan
-    flat.grads[arg][...] = np.nan
-    return loss
 
 
 def _abspath(p: str) -> str:

@@ -77,11 +77,10 @@ def test_matmul_shapes_match_what_rtrainer_runs():
     from rtrainer.optim import AdamW
 
     shape = (TINY["B"], TINY["T"], TINY["D"], TINY["N"], TINY["L"], TINY["V"])
-    model, head, flat, _, _ = compare.rtrainer_init(shape, flat_params=True)
+    model, head, flat, _, _, net = compare.rtrainer_init(shape, flat_params=True)
     opt = AdamW(flat)
     ids, targets = compare._batch(np, shape)
-    dz = np.empty((shape[0] * shape[1], shape[2]), np.float32)
-    step = compare._rtrainer_step_fn(np, shape, 1, model, head, flat, opt, ids, targets, dz)
+    step = compare._rtrainer_step_fn(net, opt, ids, targets)
     acc = compare._Acc()
     acc.record_shapes = True
     restore = compare.instrument_rtrainer(acc)

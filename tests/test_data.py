@@ -1,20 +1,23 @@
-"""rtrainer.data: every token format, the named errors, PackedStream and FixedWindows."""
-
-import json
+"""Token files (rtrainer.tokenfiles) read as single-file sources (rtrainer.shards.open_source):
+every format, the named errors, and the chunked range / max scans over shards. The streams over
+them are tests/test_stream.py."""
 
 import numpy as np
 import pytest
 
-from rtrainer import data as D
-from rtrainer.data import (
-    FixedWindows,
-    PackedStream,
-    check_token_range,
-    load_tokens,
-    max_token,
-    split_tokens,
-)
+from rtrainer import shards as SH
+from rtrainer import tokenfiles as TF
 from rtrainer.errors import DataError
+from rtrainer.shards import Shard, check_shards_range, shards_max_token, split_shards
+
+
+def load_tokens(path, fmt="auto"):
+    """The tokens of a one-file source, read through its shard (chunk by chunk)."""
+    (sh,) = SH.open_source(str(path), fmt)
+    if sh.array is not None:
+        return sh.array
+    assert sh.path == str(path)  # a binary file is read in place, never loaded whole at open
+    return np.concatenate([c for _, c in sh.chunks()])
 
 
 # ---------------------------------------------------------------------------------- formats
@@ -54,7 +57,7 @@ def test_u8(tmp_path):
     p = tmp_path / "t.raw"
     p.write_bytes(b"hello\xff\x00")
     a = load_tokens(str(p), "u8")
-    assert isinstance(a, np.memmap)
+    assert a.dtype == np.uint8
     assert a.tolist() == list(b"hello\xff\x00")
 
 
@@ -65,8 +68,7 @@ def test_u16_u32_memmap(tmp_path, fmt, dtype):
         ref[3] = 70000
     p = tmp_path / "t.dat"
     p.write_bytes(ref.tobytes())
-    a = load_tokens(str(p), fmt)
-    assert isinstance(a, np.memmap)  # memory-mapped, not read whole
+    a = load_tokens(str(p), fmt)  # memory-mapped, not read whole (asserted in load_tokens)
     assert a.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(a, ref)
 
@@ -98,7 +100,9 @@ def test_npy(tmp_path):
     p = tmp_path / "t.npy"
     np.save(p, np.array([3, 1, 4, 1, 5], dtype=np.int32))
     a = load_tokens(str(p))
-    assert isinstance(a, np.memmap) and a.tolist() == [3, 1, 4, 1, 5]
+    assert a.tolist() == [3, 1, 4, 1, 5]
+    (sh,) = SH.open_source(str(p))
+    assert sh.header > 0 and sh.dtype == np.int32  # the data after the header, read in place
 
 
 @pytest.mark.parametrize(
@@ -123,15 +127,19 @@ def test_npy_garbage_and_pickle(tmp_path):
     with pytest.raises(DataError, match="not a valid .npy"):
         load_tokens(str(p))
     np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(DataError, match="not a valid .npy"):  # never unpickles
+    with pytest.raises(DataError, match="must be integers, got dtype object"):  # never unpickles
+        load_tokens(str(p))
+    np.save(p, np.arange(10, dtype=np.int64))
+    p.write_bytes(p.read_bytes()[:-8])
+    with pytest.raises(DataError, match=r"t\.npy: holds 72 data bytes but its header says 10 tokens"):
         load_tokens(str(p))
 
 
 def test_auto_format(tmp_path):
-    assert D.resolve_format("a/b.TXT") == "txt"
-    assert D.resolve_format("b.npy") == "npy"
-    assert D.resolve_format("b.bin") == "u16"
-    assert D.resolve_format("b.bin", "u32") == "u32"
+    assert TF.resolve_format("a/b.TXT") == "txt"
+    assert TF.resolve_format("b.npy") == "npy"
+    assert TF.resolve_format("b.bin") == "u16"
+    assert TF.resolve_format("b.bin", "u32") == "u32"
     with pytest.raises(DataError, match=r"cannot infer the format of x\.dat; set data.format"):
         load_tokens("x.dat")
     with pytest.raises(DataError, match="unknown data format"):
@@ -143,169 +151,49 @@ def test_missing_file(tmp_path):
     with pytest.raises(DataError, match=f"token file not found: {p}"):
         load_tokens(str(p))
     with pytest.raises(DataError, match="is a directory"):
-        load_tokens(str(tmp_path), "u16")
+        TF.check_readable(str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------- range scans
 
 
-def test_check_token_range(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "_CHUNK", 4)  # force several chunks
+def test_check_token_range(monkeypatch):
+    monkeypatch.setattr(SH, "_BLOCK", 4 * 8)  # in-memory shards scan _BLOCK // 8 tokens per chunk: 4
     a = np.array([0, 1, 2, 3, 4, 5, 9, 2, 10, 1], dtype=np.int64)
-    check_token_range(a, 11, "f")
+    check_shards_range([Shard.from_array(a, "f")], 11)
     with pytest.raises(DataError) as ei:
-        check_token_range(a, 9, "f.txt")
+        check_shards_range([Shard.from_array(a, "f.txt")], 9)
     assert str(ei.value) == "f.txt: token id 9 at offset 6 is outside [0, 9)"
     b = a.copy()
     b[5] = -1
     with pytest.raises(DataError, match=r"token id -1 at offset 5 is outside \[0, 11\)"):
-        check_token_range(b, 11, "f.txt")
+        check_shards_range([Shard.from_array(b, "f.txt")], 11)
+    # the offset is the token's index in its file, also for a sub-range of it
+    with pytest.raises(DataError, match=r"f\.txt: token id 10 at offset 8 "):
+        check_shards_range([Shard.from_array(a, "f.txt").sub(7, 10)], 10)
 
 
 def test_check_token_range_memmap(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "_CHUNK", 3)
+    monkeypatch.setattr(SH, "_BLOCK", 3 * 2)  # 3 u16 tokens per chunk
     p = tmp_path / "t.bin"
     np.array([1, 2, 3, 4, 5, 300, 6], dtype="<u2").tofile(p)
-    a = load_tokens(str(p))
-    assert max_token(a) == 300
+    sh = SH.open_source(str(p))
+    assert shards_max_token(sh) == 300
     with pytest.raises(DataError, match=rf"{p}: token id 300 at offset 5 is outside \[0, 256\)"):
-        check_token_range(a, 256, str(p))
+        check_shards_range(sh, 256)
 
 
 def test_max_token_chunked(monkeypatch):
-    monkeypatch.setattr(D, "_CHUNK", 2)
-    assert max_token(np.array([5, 1, 2, 9, 3])) == 9
-    assert max_token(np.array([-3, -1])) == -1
+    monkeypatch.setattr(SH, "_BLOCK", 2 * 8)
+    assert shards_max_token([Shard.from_array(np.array([5, 1, 2, 9, 3]))]) == 9
+    assert shards_max_token([Shard.from_array(np.array([-3, -1]))]) == -1
+    assert shards_max_token([Shard.from_array(np.array([5, 1])), Shard.from_array(np.array([7]))]) == 7
 
 
 def test_split_tokens():
     a = np.arange(100)
-    tr, va = split_tokens(a, 0.1)
-    assert len(tr) == 90 and len(va) == 10 and va[0] == 90
-    assert np.shares_memory(tr, a) and np.shares_memory(va, a)  # views, no copy
-    tr, va = split_tokens(a, 0.0)
-    assert len(tr) == 100 and len(va) == 0
-
-
-# ---------------------------------------------------------------------------------- PackedStream
-
-
-def test_packed_windows():
-    tokens = np.arange(1000, dtype=np.int64)
-    s = PackedStream(tokens, 3, 5, "t")
-    ids, tg = s.next_batch()
-    assert ids.shape == tg.shape == (3, 5)
-    assert ids.dtype == tg.dtype == np.int64
-    assert ids.flags.c_contiguous and tg.flags.c_contiguous
-    assert not np.shares_memory(ids, tg)
-    np.testing.assert_array_equal(ids.ravel(), np.arange(15))
-    np.testing.assert_array_equal(tg, ids + 1)
-    for b in range(2):
-        assert tg[b, -1] == ids[b + 1, 0]  # row b's last target = row b+1's first input
-    ids2, _ = s.next_batch()
-    assert ids2[0, 0] == 15  # consecutive batches are contiguous
-
-
-def test_packed_from_memmap(tmp_path):
-    p = tmp_path / "t.bin"
-    np.arange(50, dtype="<u2").tofile(p)
-    s = PackedStream(load_tokens(str(p)), 2, 4, str(p))
-    ids, tg = s.next_batch()
-    assert type(ids) is np.ndarray and ids.dtype == np.int64
-    np.testing.assert_array_equal(tg.ravel(), np.arange(1, 9))
-
-
-def test_packed_wrap_and_epoch():
-    tokens = np.arange(23)  # B*T = 6: batches start at 0, 6, 12; 18+7 > 23 -> wrap, tail skipped
-    s = PackedStream(tokens, 2, 3, "t")
-    assert s.batches_per_epoch() == 3
-    firsts = []
-    epochs = []
-    for _ in range(7):
-        ids, tg = s.next_batch()
-        firsts.append(int(ids[0, 0]))
-        epochs.append(s.epoch)
-    assert firsts == [0, 6, 12, 0, 6, 12, 0]
-    assert epochs == [0, 0, 1, 1, 1, 2, 2]
-    assert s.state()["batches"] == 7
-
-
-def test_packed_exact_fit():
-    s = PackedStream(np.arange(7), 2, 3, "t")  # exactly one batch
-    a, _ = s.next_batch()
-    b, _ = s.next_batch()
-    np.testing.assert_array_equal(a, b)
-    assert s.epoch == 2
-
-
-def test_packed_too_short():
-    with pytest.raises(DataError, match=r"train\.bin: 6 tokens are too few .*\(needs at least 7\)"):
-        PackedStream(np.arange(6), 2, 3, "train.bin")
-
-
-def test_packed_state_resume_exact():
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 100, size=500)
-    s = PackedStream(tokens, 4, 7, "t")
-    for _ in range(13):
-        s.next_batch()
-    st = json.loads(json.dumps(s.state()))  # JSON-able
-    expected = [s.next_batch() for _ in range(40)]  # spans a wrap
-    r = PackedStream(tokens, 4, 7, "t")
-    r.set_state(st)
-    for ids, tg in expected:
-        ids2, tg2 = r.next_batch()
-        np.testing.assert_array_equal(ids, ids2)
-        np.testing.assert_array_equal(tg, tg2)
-    assert r.state() == s.state()
-
-
-def test_packed_set_state_validation():
-    s = PackedStream(np.arange(100), 2, 5, "t")
-    good = s.state()
-    with pytest.raises(DataError, match="saved for 99 tokens but the data has 100"):
-        s.set_state({**good, "n_tokens": 99})
-    with pytest.raises(DataError, match="position 95 is out of range"):
-        s.set_state({**good, "pos": 95})
-    with pytest.raises(DataError, match="'pos' must be a non-negative integer"):
-        s.set_state({**good, "pos": -1})
-    with pytest.raises(DataError, match="'epoch' must be a non-negative integer"):
-        s.set_state({k: v for k, v in good.items() if k != "epoch"})
-    s.set_state({**good, "pos": 89})  # last valid start: 89 + 11 = 100
-    assert s.next_batch()[0][0, 0] == 89
-
-
-# ---------------------------------------------------------------------------------- FixedWindows
-
-
-def test_fixed_windows_identical_across_calls():
-    tokens = np.arange(1000)
-    fw = FixedWindows(tokens, 3, 8, 4, "v")
-    first = list(fw.batches())
-    assert len(first) == len(fw) == 4
-    again = list(fw.batches())
-    for (a, b), (c, d) in zip(first, again):
-        np.testing.assert_array_equal(a, c)
-        np.testing.assert_array_equal(b, d)
-        assert a.shape == (3, 8) and a.dtype == np.int64 and a.flags.c_contiguous
-        assert b.flags.c_contiguous
-        np.testing.assert_array_equal(b, a + 1)
-    starts = np.concatenate([ids[:, 0] for ids, _ in first])
-    np.testing.assert_array_equal(starts, np.linspace(0, 1000 - 8 - 1, 12).astype(int))
-    assert starts[0] == 0 and starts[-1] == 991  # spread over the whole array
-
-
-def test_fixed_windows_modifying_a_batch_does_not_leak():
-    fw = FixedWindows(np.arange(100), 2, 4, 2, "v")
-    ids, _ = next(fw.batches())
-    ids[:] = -1
-    ids2, _ = next(fw.batches())
-    assert ids2.min() >= 0
-
-
-def test_fixed_windows_short():
-    fw = FixedWindows(np.arange(5), 2, 4, 1, "v")  # exactly T+1 tokens: every window is the same
-    ids, tg = next(fw.batches())
-    np.testing.assert_array_equal(ids, [[0, 1, 2, 3], [0, 1, 2, 3]])
-    with pytest.raises(DataError, match=r"val\.txt: 4 tokens are too few .*\(needs at least 5\)"):
-        FixedWindows(np.arange(4), 2, 4, 1, "val.txt")
+    (tr,), (va,) = split_shards([Shard.from_array(a)], 0.1)
+    assert len(tr) == 90 and len(va) == 10 and (va.lo, va.hi) == (90, 100)
+    assert tr.array is a and va.array is a  # ranges of the same tokens, no copy
+    (tr,), va = split_shards([Shard.from_array(a)], 0.0)
+    assert len(tr) == 100 and va == []

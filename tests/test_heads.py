@@ -6,7 +6,7 @@ import pytest
 from rtrainer._kernels import hpn
 from rtrainer.heads import HPNHead
 from rtrainer.params import FlatParams
-from rtrainer.reference import hpn_predict_ref
+from rtrainer.testing.reference import hpn_predict_ref
 
 
 def head_with(P, normalize):

@@ -6,7 +6,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from rtrainer import reference as ref
+from rtrainer.testing import reference as ref
 from rtrainer._kernels import hpn
 from rtrainer.heads import HPNHead, SoftmaxHead, max_cosine, simplex_prototypes, spread_prototypes
 from rtrainer.params import FlatParams

@@ -10,7 +10,7 @@ import inspect
 import numpy as np
 import pytest
 
-from rtrainer import reference as ref
+from rtrainer.testing import reference as ref
 from rtrainer._kernels import embed, hpn, norm, optim
 
 THREADS = (1, 2, 3)

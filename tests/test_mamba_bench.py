@@ -24,13 +24,12 @@ def test_mamba_flops_parts_and_matmul_shapes_match_what_rtrainer_runs():
     f = flops.mamba_step_flops(B, T, D, N, compare.K_CONV, R, L, V, compare.E_MAMBA)
     assert f["total"] == f["forward"] + f["backward"] + f["optimizer"] == sum(f["components"].values())
     assert f["matmul"] == sum(2 * m * k * n for m, k, n in f["matmul_shapes"])
-    model, head, flat, _, decay = compare.rtrainer_init(SHAPE, flat_params=True, layer="mamba")
+    model, head, flat, _, decay, net = compare.rtrainer_init(SHAPE, flat_params=True, layer="mamba")
     assert type(model).__name__ == "MambaStack" and model.C == 2 * D and model.R == R
     assert f["params_trainable"] == flat.n_trainable
     opt = AdamW(flat)
     ids, targets = compare._batch(np, SHAPE)
-    dz = np.empty((B * T, D), np.float32)
-    step = compare._rtrainer_step_fn(np, SHAPE, 1, model, head, flat, opt, ids, targets, dz)
+    step = compare._rtrainer_step_fn(net, opt, ids, targets)
     acc = compare._Acc()
     acc.record_shapes = True
     restore = compare.instrument_rtrainer(acc)

@@ -5,7 +5,7 @@ accumulate), the references vs 4th-order central finite differences, awkward sha
 import numpy as np
 import pytest
 
-from rtrainer import reference as ref
+from rtrainer.testing import reference as ref
 from rtrainer._kernels import gate, rmsnorm
 
 THREADS = (1, 2, 3)

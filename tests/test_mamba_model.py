@@ -8,22 +8,21 @@ import pytest
 
 from rtrainer.heads import HPNHead
 from rtrainer.model import MambaLiteStack, MambaStack, init_mamba_layer, mamba_layer_param_specs, resolve_dt_rank
+from rtrainer.net import Net
 from rtrainer.params import FlatParams
-from rtrainer.reference import mamba_model_loss_and_grads_ref, model_loss_and_grads_ref
+from rtrainer.testing.reference import mamba_model_loss_and_grads_ref, model_loss_and_grads_ref
 
 
-def build(V=11, D=8, N=3, K=3, R=2, E=2, L=2, chunk=4, normalize=True, learnable=True, init="mamba", seed=0,
+def build_net(V=11, D=8, N=3, K=3, R=2, E=2, L=2, chunk=4, normalize=True, learnable=True, init="mamba", seed=0,
           n_threads=1, selective=True, layer="mamba"):
     if layer == "mamba":
         model = MambaStack(V, D, N, K, R, L, expand=E, scan_chunk=chunk, n_threads=n_threads, selective=selective)
     else:
         model = MambaLiteStack(V, D, N, K, R, L, scan_chunk=chunk, n_threads=n_threads, selective=selective)
     head = HPNHead(V, D, normalize=normalize, learnable=learnable, n_threads=n_threads)
-    flat = FlatParams(model.param_specs() + head.param_specs())
-    model.bind(flat.params, flat.grads)
-    head.bind(flat.params, flat.grads)
-    model.init_params(seed, init)
-    head.init_params(seed, init)
+    net = Net(model, head)
+    net.init(seed, init)
+    flat = net.flat
     # move every tensor off its structured init so that no gradient is accidentally zero
     rng = np.random.default_rng(seed + 100)
     for name, v in flat.params.items():
@@ -34,7 +33,13 @@ def build(V=11, D=8, N=3, K=3, R=2, E=2, L=2, chunk=4, normalize=True, learnable
             v *= 3.0     # so the layers matter to the loss
         if leaf == "dt_proj_b":
             v[...] = rng.uniform(-2.0, 0.5, v.shape)
-    return model, head, flat
+    return net
+
+
+def build(*args, **kw):
+    """(model, head, flat) of build_net."""
+    net = build_net(*args, **kw)
+    return net.model, net.head, net.flat
 
 
 def step_grads(model, head, flat, ids, targets):

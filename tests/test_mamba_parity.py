@@ -1,5 +1,5 @@
 """Cross-framework parity of the `mamba` block and of the LTI ablation (SPEC §7): the float64 NumPy
-reference vs PyTorch autograd (rtrainer/parity_torch.py, an independent implementation) to 1e-10
+reference vs PyTorch autograd (rtrainer/testing/parity_torch.py, an independent implementation) to 1e-10
 relative, and the float32 training step (rtrainer's kernels) vs PyTorch in float32: loss to 1e-6
 relative, every gradient to 1e-4 of that tensor's largest gradient entry (measured: loss <= 4e-8,
 gradients <= 3e-6 at these shapes)."""
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pt = pytest.importorskip("rtrainer.parity_torch")
+pt = pytest.importorskip("rtrainer.testing.parity_torch")
 
-from rtrainer.reference import mamba_model_loss_and_grads_ref, model_loss_and_grads_ref  # noqa: E402
-from test_mamba_model import batch, build, step_grads  # noqa: E402
+from rtrainer.testing.reference import mamba_model_loss_and_grads_ref, model_loss_and_grads_ref  # noqa: E402
+from test_mamba_model import batch, build, build_net, step_grads  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -81,7 +81,7 @@ def test_torch_module_matches_functional_oracle():
 def test_reference_matches_jax_float64(layer, selective):
     """The second independent oracle (skipped without jax)."""
     pytest.importorskip("jax")
-    pj = pytest.importorskip("rtrainer.parity_jax")
+    pj = pytest.importorskip("rtrainer.testing.parity_jax")
     model, head, flat = build(V=13, D=6, N=4, K=3, R=2, E=2, L=2, chunk=3, layer=layer, selective=selective)
     ids, targets = batch(model.V, B=2, T=9)
     params = {k: v.astype(np.float64) for k, v in flat.params.items()}
@@ -102,21 +102,20 @@ def test_jax_mamba_train_step_matches_rtrainer_two_steps():
     """bench/compare.py's JAX peer for --layer mamba: its first two losses (the second after one
     AdamW update, so gradients and optimizer enter) equal rtrainer's float32 step."""
     pytest.importorskip("jax")
-    pj = pytest.importorskip("rtrainer.parity_jax")
+    pj = pytest.importorskip("rtrainer.testing.parity_jax")
     from rtrainer.optim import AdamW
-    from rtrainer.trainer import forward_backward
+    from rtrainer.step import NoFaults, train_step
 
-    model, head, flat = build(V=30, D=16, N=4, K=4, R=1, E=2, L=2, chunk=8, learnable=False)
+    net = build_net(V=30, D=16, N=4, K=4, R=1, E=2, L=2, chunk=8, learnable=False)
+    flat = net.flat
     ids, targets = batch(30, B=2, T=10)
     params = {k: v.copy() for k, v in flat.params.items()}
     decay = [s.name for s in flat.specs if s.decay and s.trainable]
     js = pj.build_jax_train_step(params, n_layers=2, d_state=4, dt_rank=1, learnable_prototypes=False,
                                  lr=1e-2, decay_names=decay, fast_compile=True, layer="mamba")
     opt = AdamW(flat, n_threads=1)
-    dz = np.empty((20, 16), np.float32)
     for _ in range(2):
-        loss = forward_backward(model, head, flat, ids, targets, dz)
-        opt.step(1e-2, opt.clip_scale(opt.grad_norm()))
+        loss = train_step(net, opt, ids, targets, 1e-2, faults=NoFaults()).loss
         j_loss = js.step(ids, targets)
         assert abs(loss - j_loss) <= 1e-6 * max(1.0, abs(loss)), (loss, j_loss)
     jp = js.params()

@@ -5,19 +5,17 @@ import pytest
 
 from rtrainer.heads import HPNHead
 from rtrainer.model import MambaLiteStack
-from rtrainer.params import FlatParams
-from rtrainer.reference import model_loss_and_grads_ref
+from rtrainer.net import Net
+from rtrainer.testing.reference import model_loss_and_grads_ref
 
 
 def build(V=11, D=8, N=3, K=3, R=2, L=2, chunk=4, normalize=True, learnable=True, init="mamba", seed=0,
           n_threads=1):
     model = MambaLiteStack(V, D, N, K, R, L, scan_chunk=chunk, n_threads=n_threads)
     head = HPNHead(V, D, normalize=normalize, learnable=learnable, n_threads=n_threads)
-    flat = FlatParams(model.param_specs() + head.param_specs())
-    model.bind(flat.params, flat.grads)
-    head.bind(flat.params, flat.grads)
-    model.init_params(seed, init)
-    head.init_params(seed, init)
+    net = Net(model, head)
+    net.init(seed, init)
+    flat = net.flat
     # move every tensor off its structured init so that no gradient is accidentally zero
     rng = np.random.default_rng(seed + 100)
     for name, v in flat.params.items():
@@ -85,7 +83,7 @@ def test_reference_model_matches_finite_differences():
 
 
 def test_reference_model_matches_pytorch_autograd():
-    pt = pytest.importorskip("rtrainer.parity_torch")
+    pt = pytest.importorskip("rtrainer.testing.parity_torch")
     pytest.importorskip("torch")
     model, head, flat = build(V=13, D=6, N=4, K=3, R=2, L=3, chunk=3)
     ids, targets = batch(model.V, B=2, T=9)
@@ -102,7 +100,7 @@ def test_reference_model_matches_pytorch_autograd():
 
 def test_kernels_match_pytorch_float32():
     """The float32 training step against PyTorch autograd in float32 on the same weights."""
-    pt = pytest.importorskip("rtrainer.parity_torch")
+    pt = pytest.importorskip("rtrainer.testing.parity_torch")
     pytest.importorskip("torch")
     model, head, flat = build(V=50, D=32, N=8, K=4, R=2, L=2, chunk=8)
     ids, targets = batch(model.V, B=4, T=24)

@@ -1,4 +1,4 @@
-"""The JAX parity oracle (rtrainer/parity_jax.py) against rtrainer.
+"""The JAX parity oracle (rtrainer/testing/parity_jax.py) against rtrainer.
 
 float64: JAX autograd loss and every gradient vs the float64 NumPy reference
 (`model_loss_and_grads_ref`) to 1e-10 relative. float32: one jit-compiled JAX AdamW step
@@ -12,24 +12,22 @@ import numpy as np
 import pytest
 
 pytest.importorskip("jax")
-pj = pytest.importorskip("rtrainer.parity_jax")
+pj = pytest.importorskip("rtrainer.testing.parity_jax")
 
 from rtrainer.heads import HPNHead  # noqa: E402
 from rtrainer.model import MambaLiteStack  # noqa: E402
 from rtrainer.optim import AdamW  # noqa: E402
-from rtrainer.params import FlatParams  # noqa: E402
-from rtrainer.reference import model_loss_and_grads_ref  # noqa: E402
+from rtrainer.net import Net  # noqa: E402
+from rtrainer.testing.reference import model_loss_and_grads_ref  # noqa: E402
 
 
 def build(V, D, N, K, R, L, chunk, normalize=True, learnable=True, seed=0):
     """rtrainer model + head on one flat buffer, as tests/test_model.py builds them."""
     model = MambaLiteStack(V, D, N, K, R, L, scan_chunk=chunk, n_threads=1)
     head = HPNHead(V, D, normalize=normalize, learnable=learnable, n_threads=1)
-    flat = FlatParams(model.param_specs() + head.param_specs())
-    model.bind(flat.params, flat.grads)
-    head.bind(flat.params, flat.grads)
-    model.init_params(seed, "mamba")
-    head.init_params(seed, "mamba")
+    net = Net(model, head)
+    net.init(seed, "mamba")
+    flat = net.flat
     # move every tensor off its structured init so that no gradient is accidentally zero
     rng = np.random.default_rng(seed + 100)
     for name, v in flat.params.items():
@@ -97,6 +95,11 @@ def test_softplus_threshold_and_zero_norms():
     import jax
     import jax.numpy as jnp
 
+    with pj.float64():   # float64 only inside this block (the oracle's import changes nothing)
+        _check_softplus_and_zero_norms(jax, jnp)
+
+
+def _check_softplus_and_zero_norms(jax, jnp):
     x = jnp.array([-30.0, -1.0, 0.0, 19.9, 20.0, 20.1, 50.0], dtype=jnp.float64)
     sp = np.asarray(jax.jit(pj._softplus)(x))
     ref = np.where(np.asarray(x) > 20, np.asarray(x), np.log1p(np.exp(np.minimum(np.asarray(x), 20))))

@@ -1,4 +1,4 @@
-"""Self-checks of the PyTorch parity oracle (rtrainer/parity_torch.py).
+"""Self-checks of the PyTorch parity oracle (rtrainer/testing/parity_torch.py).
 
 The oracle is only worth something if it is itself right, so: autograd gradients vs 4th-order
 central finite differences (float64, a few random coordinates of every tensor), the whole forward
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pt = pytest.importorskip("rtrainer.parity_torch")
+pt = pytest.importorskip("rtrainer.testing.parity_torch")
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():

@@ -6,7 +6,8 @@ import pytest
 
 from rtrainer.errors import ConfigError
 from rtrainer.heads import HPNHead
-from rtrainer.model import MambaLiteStack, init_layer
+from rtrainer.model import MambaLiteStack, MambaStack, init_layer
+from rtrainer.net import Freeze, Net
 from rtrainer.params import FlatParams
 from rtrainer.staged import expand_state, expansion_layout, frozen_layers
 
@@ -63,12 +64,8 @@ def test_freeze_parse():
 
 
 def _build(L, init="mamba", seed=3):
-    model = MambaLiteStack(V, D, N, K, R, L, scan_chunk=3)
-    head = HPNHead(V, D)
-    flat = FlatParams(model.param_specs() + head.param_specs())
-    model.bind(flat.params, flat.grads)
-    head.bind(flat.params, flat.grads)
-    return model, head, flat
+    net = Net(MambaLiteStack(V, D, N, K, R, L, scan_chunk=3), HPNHead(V, D))
+    return net.model, net.head, net.flat
 
 
 def _base(init="mamba"):
@@ -224,29 +221,22 @@ def test_expansion_is_generic_over_layer_kinds():
 def test_bp_step_combines_ff_and_bp_gradients_of_d_skip(tmp_path, surgery):
     """On a BP step the D_skip gradient that AdamW receives is b + (ff_lr/lr)·surgery(f, b), with f
     the FF gradient (rtrainer.ff) and b the backprop gradient; frozen layers get neither."""
-    from types import SimpleNamespace
-
     from conftest import tiny_config
     from rtrainer import ff, surgery as surg
     from rtrainer.config import load_config
     from rtrainer.optim import AdamW
     from rtrainer.staged import Staged
+    from rtrainer.step import train_step
 
     cfg = load_config(tiny_config(tmp_path), [f"train.surgery={surgery}", "train.ff=true", "train.ff_lr=3e-3",
                                               "model.target_layers=3", "train.freeze=indices:1"])
-    model = MambaLiteStack(V, 16, 4, 4, 1, 3, scan_chunk=8)
-    head = HPNHead(V, 16)
-    st = Staged(cfg, model)
-    flat = FlatParams(st.apply_freeze(model.param_specs() + head.param_specs()))
-    st.bind(flat)
-    model.bind(flat.params, flat.grads)
-    head.bind(flat.params, flat.grads)
-    model.init_params(1, "mamba")
-    head.init_params(1, "mamba")
+    net = Net.build(cfg, V, model=MambaLiteStack(V, 16, 4, 4, 1, 3, scan_chunk=8), head=HPNHead(V, 16))
+    model, flat = net.model, net.flat
+    st = Staged(cfg)
+    net.init(1, "mamba")
     rng = np.random.default_rng(0)
     ids, targets = rng.integers(0, V, size=(2, 10)), rng.integers(0, V, size=(2, 10))
-    dz = np.empty((20, 16), np.float32)
-    st._forward_backward(SimpleNamespace(model=model, head=head, flat=flat), ids, targets, dz)
+    net.forward_backward(ids, targets)
     expect = {}
     for i in (0, 2):
         b = flat.grads[f"layers.{i}.D_skip"].astype(np.float64)
@@ -254,10 +244,10 @@ def test_bp_step_combines_ff_and_bp_gradients_of_d_skip(tmp_path, surgery):
         _, f = ff.ff_loss_grad(flat.params[f"layers.{i}.D_skip"], hp, hn)
         f2, _ = surg.combine(surgery, f, b)
         expect[i] = (b + (3e-3 / cfg.optim.lr) * f2).astype(np.float32)
-    tr = SimpleNamespace(model=model, head=head, flat=flat, optimizer=AdamW(flat), step=0, cfg=cfg)
+    opt = AdamW(flat)
     before = flat.data.copy()
-    loss, gnorm, clipped, finite, extra = st.train_step(tr, ids, targets, 1e-3, dz)
-    assert finite and extra["bp_applied"] and tr.optimizer.t == 1
+    r = train_step(net, opt, ids, targets, 1e-3, st, step=0)
+    assert r.finite and r.extra["bp_applied"] and opt.t == 1
     for i in (0, 2):
         assert np.array_equal(flat.grads[f"layers.{i}.D_skip"], expect[i]), i
     a, b = flat.offsets["layers.1.conv_w"][0], flat.offsets["layers.1.out_proj_w"][1]
@@ -267,26 +257,25 @@ def test_bp_step_combines_ff_and_bp_gradients_of_d_skip(tmp_path, surgery):
 def test_calibration_keeps_the_function_and_bounds_new_layer_inputs():
     """Staged.initialise on a fresh expanded run: the new layers' conv is scaled to their input's
     max (on one training batch, read without moving the stream); the function is unchanged."""
-    from types import SimpleNamespace
-
     from rtrainer.config import Config, ModelConfig, TrainConfig
-    from rtrainer.data import PackedStream
-    from rtrainer.staged import Staged
+    from rtrainer.shards import Shard
+    from rtrainer.staged import Staged, peek
+    from rtrainer.stream import TokenStream
 
     cfg = Config(model=ModelConfig(d_model=D, d_state=N, base_layers=2, target_layers=4, placement="append"),
                  train=TrainConfig(steps=1))
     rng = np.random.default_rng(0)
-    stream = PackedStream(rng.integers(0, V, size=500), 3, 7)
+    stream = TokenStream([Shard.from_array(rng.integers(0, V, size=500))], 3, 7)
     bmodel, bhead, bflat = _build(2)
     bmodel.init_params(cfg.run.seed, "mamba")
     bmodel.p["layers.1.out_proj_w"][...] *= 300.0        # a base model with a large residual stream
-    model, head, flat = _build(4)
-    st = Staged(cfg, model)
-    st.bind(flat)
+    net = Net(MambaLiteStack(V, D, N, K, R, 4, scan_chunk=3), HPNHead(V, D))
+    model, flat = net.model, net.flat
+    st = Staged(cfg)
     expand_state(flat, bflat.state_tensors(), st.layout, init_layer, cfg.run.seed, "mamba", "test")
     before = {k: v.copy() for k, v in flat.params.items()}
-    st.calibrate_new_layers(SimpleNamespace(model=model, flat=flat, data=SimpleNamespace(train=stream)))
-    assert stream.state()["pos"] == 0
+    st.calibrate_new_layers(net, peek(stream))
+    assert stream.state()["batches"] == 0 and stream.state()["row"] == 0
     ids, _ = stream.next_batch()
     assert np.array_equal(model.forward(ids), bmodel.forward(ids))
     for j in (2, 3):
@@ -303,15 +292,9 @@ def test_calibration_keeps_the_function_and_bounds_new_layer_inputs():
 def test_full_mamba_block_expands_to_the_same_function(placement):
     """model.layer = 'mamba' (MambaStack, init_mamba_layer, norm_w / in_proj_w / out_proj_w (E*D, D))
     expands through the same code: bitwise the base model's output, new layers' out_proj_w = 0."""
-    from rtrainer.model import MambaStack
-
     def build(L):
-        model = MambaStack(V, D, N, K, 1, L, expand=2, scan_chunk=3)
-        head = HPNHead(V, D)
-        flat = FlatParams(model.param_specs() + head.param_specs())
-        model.bind(flat.params, flat.grads)
-        head.bind(flat.params, flat.grads)
-        return model, head, flat
+        net = Net(MambaStack(V, D, N, K, 1, L, expand=2, scan_chunk=3), HPNHead(V, D))
+        return net.model, net.head, net.flat
 
     bmodel, bhead, bflat = build(2)
     bmodel.init_params(5, "mamba")
@@ -325,3 +308,33 @@ def test_full_mamba_block_expands_to_the_same_function(placement):
         if b is None:
             assert not np.any(flat.params[f"layers.{j}.out_proj_w"])
             assert np.any(flat.params[f"layers.{j}.in_proj_w"]) and np.any(flat.params[f"layers.{j}.norm_w"])
+
+
+@pytest.mark.parametrize("layer", ["mamba-lite", "mamba"])
+def test_both_layer_kinds_honour_the_freeze_mask(layer):
+    """A Net with frozen layers (and embedding): the frozen tensors are not trainable, their
+    gradient ranges stay zero, and every other gradient is bitwise the one of the unfrozen net."""
+    def net(freeze):
+        model = (MambaLiteStack(V, D, N, K, R, 4, scan_chunk=3) if layer == "mamba-lite"
+                 else MambaStack(V, D, N, K, 1, 4, expand=2, scan_chunk=3))
+        n = Net(model, HPNHead(V, D, learnable=True), freeze)
+        n.init(2, "mamba")
+        return n
+
+    ids = np.random.default_rng(1).integers(0, V, size=(2, 6))
+    targets = np.random.default_rng(2).integers(0, V, size=(2, 6))
+    full = net(Freeze())
+    full.forward_backward(ids, targets)
+    for freeze in (Freeze(layers=(0, 2)), Freeze(layers=(0, 1), embedding=True)):
+        part = net(freeze)
+        part.forward_backward(ids, targets)
+        for name in part.params:
+            frozen = name.startswith(tuple(f"layers.{i}." for i in freeze.layers)) or (
+                name == "embedding" and freeze.embedding)
+            assert part.flat.spec(name).trainable is not frozen, name
+            if frozen:
+                assert not np.any(part.grads[name]), name
+            else:
+                assert np.array_equal(part.grads[name], full.grads[name]), name
+        if freeze.embedding:   # the backward pass stopped above the frozen leading layers
+            assert part.model.backward_stop == 2

@@ -9,7 +9,7 @@ import pytest
 from rtrainer import Trainer, tasks
 from rtrainer.config import load_config
 from rtrainer.errors import ConfigError, DataError
-from rtrainer.reference import hpn_forward_ref, softmax_xent_ref
+from rtrainer.testing.reference import hpn_forward_ref, softmax_xent_ref
 from conftest import checkpoint_tensors, latest_checkpoint, read_metrics, run_cli, strip_timing
 
 

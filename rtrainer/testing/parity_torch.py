@@ -469,7 +469,7 @@ def build_torch_model(*, vocab_size: int, d_model: int, n_layers: int, d_state: 
 # ============================================================================ the `mamba` block
 #
 # SPEC §2.4, written with torch ops and autograd only (F.rms_norm, F.linear-free matmuls, F.silu,
-# F.softplus, conv1d), independent of rtrainer's kernels and of rtrainer/reference.py. Names:
+# F.softplus, conv1d), independent of rtrainer's kernels and of rtrainer/testing/reference.py. Names:
 #
 #     layers.{i}.norm_w     (D,)        RMSNorm weight (eps 1e-5)
 #     layers.{i}.in_proj_w  (D, 2C)     xn @ in_proj_w = [xin | zg], C = E*D

@@ -1,7 +1,7 @@
 """Independent JAX implementation of the rtrainer model: the second cross-framework oracle.
 
 SPEC §2.1/§2.2 (model) and §3 (AdamW step) written with `jax.numpy`, `jax.lax.scan` over time and
-`jax.value_and_grad` only: no hand-written backward. It mirrors rtrainer/parity_torch.py (same
+`jax.value_and_grad` only: no hand-written backward. It mirrors rtrainer/testing/parity_torch.py (same
 parameter-name contract, same `loss_and_grads` signature) so that rtrainer's Cython kernels can
 be checked against, and benchmarked beside, a second framework (SPEC §7, issue 3).
 jax is an optional dependency (`pip install "jax[cpu]"`; written against jax/jaxlib 0.10.2);
@@ -36,11 +36,12 @@ AdamW (PyTorch formulation, bias correction counted in updates, step s = 1, 2, .
     m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2;  p *= 1 - lr*wd  (decayed tensors only)
     p -= lr/(1-b1^s) * m / (sqrt(v)/sqrt(1-b2^s) + eps)
 
-Precision. Importing this module turns on `jax_enable_x64` (process-wide), so that
-`loss_and_grads(..., dtype="float64")` really computes in float64. Every array is cast
-explicitly to the requested dtype and all constants are Python scalars (weakly typed), so the
-float32 paths (`dtype="float32"`, `build_jax_train_step`) stay float32 throughout: x64 only
-changes the default dtype of arrays created without one, and this module creates none.
+Precision. Importing this module changes no JAX setting. The float64 paths
+(`loss_and_grads(..., dtype="float64")`, `mamba_loss_and_grads`) turn on `jax_enable_x64` for the
+duration of the call only (set and restored, :func:`float64`), so they really compute in float64
+while the rest of the process keeps JAX's defaults. Every array is cast explicitly to the
+requested dtype and all constants are Python scalars (weakly typed), so the float32 paths
+(`dtype="float32"`, `build_jax_train_step`) stay float32 either way.
 
 Threads. XLA:CPU (jaxlib 0.10.2) sizes its intra-op thread pool from the CPUs the process may
 run on (sched_getaffinity), read once when the CPU client is created (first jax computation).
@@ -63,18 +64,16 @@ step ~218 ms; taskset -c 0,1 -> 1.72 CPU-s/s, ~175 ms; the XLA_FLAGS above witho
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 
 import jax
-
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
+import jax.numpy as jnp
 
 __all__ = [
     "JAX_VERSION",
@@ -82,6 +81,7 @@ __all__ = [
     "param_shapes",
     "default_decay_names",
     "limit_cpu_threads",
+    "float64",
     "causal_conv",
     "selective_scan",
     "forward_loss",
@@ -109,6 +109,21 @@ def _jnp_dtype(dtype):
     if key not in _DTYPES:
         raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
     return _DTYPES[key]
+
+
+@contextlib.contextmanager
+def float64(enabled: bool = True) -> Iterator[None]:
+    """Within the block, JAX computes in float64 (``jax_enable_x64``); the previous setting is
+    restored on exit. ``enabled=False`` leaves everything as it is."""
+    if not enabled:
+        yield
+        return
+    prev = bool(jax.config.jax_enable_x64)
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", prev)
 
 
 def limit_cpu_threads(n: int) -> None:
@@ -301,7 +316,7 @@ def loss_and_grads(params: Mapping[str, np.ndarray], ids, targets, *, n_layers: 
                    fast_compile: bool = False) -> tuple[float, dict[str, np.ndarray]]:
     """Loss and jax.value_and_grad gradients for every parameter, as numpy arrays of `dtype`.
 
-    Same contract as rtrainer.parity_torch.loss_and_grads: `head.prototypes` is in the gradient
+    Same contract as rtrainer.testing.parity_torch.loss_and_grads: `head.prototypes` is in the gradient
     dict only if `learnable_prototypes`; inputs are never modified; ValueError for missing or
     mis-shaped parameters and for ids or targets outside [0, V). The jit-compiled function is
     cached per (n_layers, d_state, normalize_prototypes, fast_compile) and input shape/dtype;
@@ -315,13 +330,14 @@ def loss_and_grads(params: Mapping[str, np.ndarray], ids, targets, *, n_layers: 
     if ids_a.shape != tg_a.shape:
         raise ValueError(f"ids {ids_a.shape} and targets {tg_a.shape} differ")
     train_names, fixed_names = _split(expected, learnable_prototypes)
-    train = {n: jnp.asarray(np.asarray(params[n]), dtype=jdt) for n in train_names}
-    fixed = {n: jnp.asarray(np.asarray(params[n]), dtype=jdt) for n in fixed_names}
-    loss, grads = _grad_fn(n_layers, d_state, normalize_prototypes, fast_compile)(
-        train, fixed, jnp.asarray(ids_a), jnp.asarray(tg_a))
     np_dtype = np.dtype(dtype)
-    out = {n: np.array(grads[n], dtype=np_dtype) for n in train_names}
-    return float(loss), out
+    with float64(np_dtype == np.float64):
+        train = {n: jnp.asarray(np.asarray(params[n]), dtype=jdt) for n in train_names}
+        fixed = {n: jnp.asarray(np.asarray(params[n]), dtype=jdt) for n in fixed_names}
+        loss, grads = _grad_fn(n_layers, d_state, normalize_prototypes, fast_compile)(
+            train, fixed, jnp.asarray(ids_a), jnp.asarray(tg_a))
+        out = {n: np.array(grads[n], dtype=np_dtype) for n in train_names}
+        return float(loss), out
 
 
 # ----------------------------------------------------------------------------- training step
@@ -435,7 +451,7 @@ def build_jax_train_step(params: Mapping[str, np.ndarray], *, n_layers: int, d_s
 
 # ============================================================================ the `mamba` block
 #
-# SPEC §2.4 in jax.numpy (the same contract as rtrainer/parity_torch.py's mamba_* functions):
+# SPEC §2.4 in jax.numpy (the same contract as rtrainer/testing/parity_torch.py's mamba_* functions):
 #     xn = r / sqrt(mean(r^2) + 1e-5) * norm_w ; [xin | zg] = xn @ in_proj_w (D, 2C), C = E*D
 #     u = silu(conv(xin)) ; y = scan(...) ; r = r + (y * silu(zg)) @ out_proj_w (C, D)
 # selective=False: B_lti, C_lti (N,) replace x_proj_w and dt_proj_w; delta = softplus(dt_proj_b).
@@ -497,14 +513,15 @@ def mamba_loss_and_grads(params: Mapping[str, np.ndarray], ids, targets, *, n_la
     ids_a = _check_ids("ids", ids, V)
     tg_a = _check_ids("targets", targets, V)
     train_names, fixed_names = _split(list(params), learnable_prototypes)
-    train = {n: jnp.asarray(np.asarray(params[n]), dtype=jdt) for n in train_names}
-    fixed = {n: jnp.asarray(np.asarray(params[n]), dtype=jdt) for n in fixed_names}
     opts = {"xla_backend_optimization_level": 0} if fast_compile else None
 
     def loss_fn(tr, fx, i, t):
         return mamba_forward_loss({**tr, **fx}, i, t, n_layers=n_layers, d_state=d_state, layer=layer,
                                   selective=selective, normalize_prototypes=normalize_prototypes)
-    loss, grads = jax.jit(jax.value_and_grad(loss_fn), compiler_options=opts)(
-        train, fixed, jnp.asarray(ids_a), jnp.asarray(tg_a))
     np_dtype = np.dtype(dtype)
-    return float(loss), {n: np.array(grads[n], dtype=np_dtype) for n in train_names}
+    with float64(np_dtype == np.float64):
+        train = {n: jnp.asarray(np.asarray(params[n]), dtype=jdt) for n in train_names}
+        fixed = {n: jnp.asarray(np.asarray(params[n]), dtype=jdt) for n in fixed_names}
+        loss, grads = jax.jit(jax.value_and_grad(loss_fn), compiler_options=opts)(
+            train, fixed, jnp.asarray(ids_a), jnp.asarray(tg_a))
+        return float(loss), {n: np.array(grads[n], dtype=np_dtype) for n in train_names}

@@ -1,0 +1,220 @@
+"""`Net`: the sequence model, its head and the flat parameter buffer, built and bound once.
+
+    net = Net.build(cfg, vocab_size, n_threads=2)     # from a Config (model, head, train.freeze)
+    net.init(seed, "mamba")                           # or net.load_tensors(...) / Net.load(path)
+    z = net.forward(ids)                              # ids (B, T) int64 -> z (B*T, D) float32
+    loss = net.loss(ids, targets)                     # mean loss over the scored tokens
+    pred = net.predict(ids)                           # (B, T) predicted next-token ids
+    r = net.evaluate(batches)                         # {"loss": ..., "acc": ...}, no gradients
+
+    net = Net.load("runs/x/checkpoints/step-200")     # or a run directory: its newest valid checkpoint
+
+The training step itself is rtrainer.step.train_step(net, optimizer, ...). Frozen tensors (train.freeze,
+train.freeze_embedding) are non-trainable ranges of the flat buffer: no update, no decay, no moment
+change, not in the clipping norm; both layer kinds skip their weight-gradient products and the
+backward pass stops below the last trainable layer when the embedding is frozen too.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from .errors import CheckpointError, ConfigError
+from .grammar import frozen_layers
+from .heads import HPNHead, SoftmaxHead
+from .model import MambaLiteStack, MambaStack, resolve_dt_rank
+from .params import FlatParams
+
+
+@dataclasses.dataclass(frozen=True)
+class Freeze:
+    """What is not trained: layer indices and/or the embedding (train.freeze, train.freeze_embedding)."""
+
+    layers: tuple = ()
+    embedding: bool = False
+
+    @classmethod
+    def from_config(cls, cfg) -> "Freeze":
+        return cls(frozen_layers(cfg.train.freeze, cfg.model.target_layers), bool(cfg.train.freeze_embedding))
+
+    def __bool__(self) -> bool:
+        return bool(self.layers or self.embedding)
+
+
+def build_model(model_cfg, vocab_size: int, n_threads: int = 1):
+    """The sequence model of a [model] section (MambaLiteStack or MambaStack, by model.layer)."""
+    m = model_cfg
+    R = resolve_dt_rank(m.layer, m.d_model, m.dt_rank)
+    if m.layer == "mamba":
+        return MambaStack(vocab_size, m.d_model, m.d_state, m.d_conv, R, m.target_layers, expand=m.expand,
+                          scan_chunk=m.scan_chunk, n_threads=n_threads, selective=m.selective)
+    return MambaLiteStack(vocab_size, m.d_model, m.d_state, m.d_conv, R, m.target_layers,
+                          scan_chunk=m.scan_chunk, n_threads=n_threads, selective=m.selective)
+
+
+def build_head(cfg, vocab_size: int, n_threads: int = 1):
+    """The head of a [head] section (HPNHead or SoftmaxHead, by head.kind)."""
+    h = cfg.head
+    if h.kind == "softmax":
+        return SoftmaxHead(vocab_size, cfg.model.d_model, bias=h.bias, n_threads=n_threads)
+    return HPNHead(vocab_size, cfg.model.d_model, normalize=h.normalize_prototypes,
+                   learnable=h.learnable_prototypes, n_threads=n_threads,
+                   prototype_init=h.prototype_init, separation=h.prototype_separation)
+
+
+class Net:
+    """A model and a head bound to one FlatParams. Build it with Net.build or Net.load (or
+    Net(model, head) around pieces you made yourself)."""
+
+    def __init__(self, model, head, freeze: Freeze = Freeze(), cfg=None):
+        self.model, self.head, self.cfg = model, head, cfg
+        self.freeze = freeze
+        specs = model.param_specs() + head.param_specs()
+        if freeze:
+            specs = [dataclasses.replace(s, trainable=False) if s.trainable and self.is_frozen(s.name) else s
+                     for s in specs]
+        self.flat = FlatParams(specs)
+        model.bind(self.flat.params, self.flat.grads)
+        head.bind(self.flat.params, self.flat.grads)
+        if freeze:
+            model.freeze(freeze.layers, freeze.embedding)
+        # the frozen tensors' flat ranges: some kernels (scan, conv) accumulate into them anyway
+        self.frozen_ranges = [self.flat.offsets[n] for n in self.flat.params if self.is_frozen(n)]
+        self._dz = None
+
+    @classmethod
+    def build(cls, cfg, vocab_size: int, *, n_threads: int = 1, freeze: Freeze | None = None, model=None,
+              head=None) -> "Net":
+        """From a Config: model.* and head.* give the pieces, train.freeze / train.freeze_embedding
+        the frozen tensors (unless `freeze` is given). `model` / `head` replace the built-in ones
+        (Trainer.build_model / build_head of a subclass)."""
+        if freeze is None:
+            freeze = Freeze.from_config(cfg)
+        model = build_model(cfg.model, vocab_size, n_threads) if model is None else model
+        head = build_head(cfg, vocab_size, n_threads) if head is None else head
+        return cls(model, head, freeze, cfg)
+
+    @classmethod
+    def load(cls, path, *, n_threads: int = 1) -> "Net":
+        """A Net with the parameters (and AdamW moments) of a checkpoint: a step directory
+        `checkpoints/step-N`, a checkpoint file, or a run directory (its newest checkpoint that
+        verifies). The architecture comes from the config stored in the checkpoint."""
+        from . import config as config_mod
+
+        path, tensors, state = _load_checkpoint(Path(path))
+        saved = state.get("config")
+        if not isinstance(saved, dict) or "model" not in saved:
+            raise CheckpointError(f"{path}: the checkpoint holds no run configuration, so the model cannot be built")
+        try:
+            cfg = config_mod.config_from_dict(saved, source=str(path), require_data=False)
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: the stored configuration is not valid: {e}") from None
+        V = int(cfg.model.vocab_size)
+        if V <= 0:
+            raise CheckpointError(f"{path}: the stored configuration has no vocabulary size")
+        net = cls.build(cfg, V, n_threads=n_threads)
+        net.load_tensors(tensors, source=str(path))
+        net.source = str(path)
+        return net
+
+    # ------------------------------------------------------------------ parameters
+    def is_frozen(self, name: str) -> bool:
+        j = self.model.layer_of(name)
+        if j is not None:
+            return j in self.freeze.layers
+        return name == "embedding" and self.freeze.embedding
+
+    def init(self, seed: int, init: str) -> None:
+        """Fill every tensor as a fresh run does (model.init, run.seed)."""
+        self.model.init_params(seed, init)
+        self.head.init_params(seed, init)
+
+    def tensors(self) -> dict:
+        """param/<name>, adam_m/<name>, adam_v/<name>: what a checkpoint stores (views, not copies)."""
+        return self.flat.state_tensors()
+
+    def load_tensors(self, tensors: dict, source: str = "checkpoint") -> None:
+        self.flat.load_state_tensors(tensors, source=source)
+
+    @property
+    def params(self) -> dict:
+        return self.flat.params
+
+    @property
+    def grads(self) -> dict:
+        return self.flat.grads
+
+    # ------------------------------------------------------------------ compute
+    def forward(self, ids: np.ndarray) -> np.ndarray:
+        """ids (B, T) int64 -> z (B*T, D) float32 (a view of the model's workspace)."""
+        return self.model.forward(ids)
+
+    def loss(self, ids: np.ndarray, targets: np.ndarray) -> float:
+        """Mean head loss over the scored tokens (targets = -1 are not scored); no gradients."""
+        return float(self.head.forward(self.model.forward(ids), targets))
+
+    def predict(self, ids: np.ndarray) -> np.ndarray:
+        """(B, T) int64: the predicted next token at every position."""
+        return self.head.predict(self.model.forward(ids)).reshape(ids.shape)
+
+    def forward_backward(self, ids: np.ndarray, targets: np.ndarray) -> float:
+        """Zero the gradients, forward, loss, backward: returns the loss and leaves the gradients of
+        the trainable tensors in flat.grad_buf (frozen ranges zeroed)."""
+        self.flat.zero_grad()
+        z = self.model.forward(ids)
+        loss = self.head.forward(z, targets)
+        dz = self._dz
+        if dz is None or dz.shape != z.shape:
+            dz = self._dz = np.empty(z.shape, np.float32)
+        dz.fill(0.0)
+        self.head.backward(dz)
+        self.model.backward(dz)
+        for a, b in self.frozen_ranges:
+            self.flat.grad_buf[a:b] = 0.0
+        return loss
+
+    def evaluate(self, batches) -> dict:
+        """{"loss", "acc"}: mean loss and accuracy over the scored tokens (targets = -1 are ignored)
+        of an iterable of (ids, targets) batches, weighted by scored tokens; no gradients."""
+        n_tok, loss_sum, correct = 0, 0.0, 0
+        for ids, targets in batches:
+            z = self.model.forward(ids)
+            loss = self.head.forward(z, targets)
+            pred = self.head.predict(z)
+            t = targets.reshape(-1)
+            n = int(np.count_nonzero(t != -1))
+            loss_sum += float(loss) * n
+            correct += int(np.count_nonzero(pred == t))    # pred is never -1
+            n_tok += n
+        return {"loss": loss_sum / max(n_tok, 1), "acc": correct / max(n_tok, 1)}
+
+
+def newest_checkpoint_dir(path: Path) -> Path:
+    """A run directory (or its checkpoints/ directory) -> the directory that holds its step checkpoints."""
+    sub = path / "checkpoints"
+    return sub if sub.is_dir() else path
+
+
+def _load_checkpoint(path: Path):
+    """(path, tensors, state) of a step directory / checkpoint file, or of the newest step checkpoint
+    of a run directory that verifies."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint, step directory or run directory")
+    if path.is_dir() and not (path / ckpt.MANIFEST_FILE).exists():
+        d = newest_checkpoint_dir(path)
+        found = ckpt.find_checkpoints(d)
+        if not found:
+            raise CheckpointError(f"{path}: no step checkpoint in {d}")
+        problems = []
+        for _, p in found:
+            try:
+                tensors, state = ckpt.load_checkpoint(p)
+                return Path(p), tensors, state
+            except CheckpointError as e:
+                problems.append(str(e))
+        raise CheckpointError(f"no valid checkpoint in {d}: " + "; ".join(problems))
+    tensors, state = ckpt.load_checkpoint(str(path))
+    return path, tensors, state
