@@ -315,7 +315,7 @@ class Trainer:
         self.optimizer = self.build_optimizer(self.flat)
         self.rng = np.random.default_rng([c.run.seed, 2])   # for subclasses (sampling, dropout, ...)
         if self.dp.active:
-            if self.policy is not None:
+            if self.policy is not None and self.staged.ff:   # (freezing alone is Net's, no policy step)
                 raise ConfigError("train.ff / train.bp_cadence (a staged-training policy) work on one process "
                                   "without micro-batches (train.micro_batch_size)")
             self.dp.bind(self.flat)

@@ -373,3 +373,19 @@ def test_an_error_on_rank_0_ends_the_job_instead_of_hanging(tmp_path):
               timeout=90)
     errors = [l for l in p.stderr.splitlines() if l.startswith("rtrainer: error:")]
     assert len(errors) == 1 and "No space left" in errors[0], p.stderr
+
+
+@need_mpi
+def test_frozen_layers_train_the_same_on_two_ranks_as_with_two_micro_batches(tmp_path):
+    cfg = tiny_config(tmp_path, steps=12, threads=1)
+    frozen = ["--set", 'train.freeze="first:1"']
+    train(cfg, 2, tmp_path / "k2", *frozen)
+    train(cfg, 1, tmp_path / "k1", *frozen, "--set", "train.micro_batch_size=2")
+    assert_bitwise_runs(tmp_path / "k2", tmp_path / "k1")
+    t = final_tensors(tmp_path / "k2")
+    from conftest import checkpoint_tensors, step_dirs
+
+    first = checkpoint_tensors(step_dirs(tmp_path / "k2")[0])
+    frozen_names = [k for k in t if k.startswith("param/layers.0.")]
+    assert frozen_names and all(np.array_equal(t[k], first[k]) for k in frozen_names)
+    assert not np.array_equal(t["param/layers.1.D_skip"], first["param/layers.1.D_skip"])
