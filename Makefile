@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.rtrainer-installed
 SOURCES := pyproject.toml setup.py $(wildcard kernels/*.pyx kernels/*.pxd)
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-no-openmp bench bench-deps parity-deps clean
+.PHONY: install run test test-no-openmp bench bench-deps parity-deps docs clean
 
 install: $(STAMP)
 
@@ -40,9 +40,9 @@ test: install parity-deps
 # so the OpenMP build in rtrainer/_kernels stays untouched. .ci/run runs it after `make test`.
 NOOMP := build/no-openmp
 test-no-openmp: install
-	$(BIN)/python -m pip install -q "cython>=3.0" "setuptools>=64"
+	$(BIN)/python -m pip install -q "cython>=3.0" "setuptools>=77"
 	rm -rf $(NOOMP) && mkdir -p $(NOOMP)
-	cp -r setup.py pyproject.toml README.md kernels rtrainer tests examples bench $(NOOMP)/
+	cp -r setup.py pyproject.toml README.md CHANGELOG.md LICENSE docs kernels rtrainer tests examples bench $(NOOMP)/
 	rm -f $(NOOMP)/rtrainer/_kernels/*.so $(NOOMP)/kernels/*.c
 	cd $(NOOMP) && RTRAINER_NO_OPENMP=1 $(abspath $(BIN))/python setup.py -q build_ext --inplace -j 2 > build.log 2>&1 \
 		|| (cat build.log; exit 1)
@@ -60,6 +60,11 @@ COMPARE_ARGS ?=
 bench: install bench-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider bench --benchmark-only $(PYTEST_ARGS)
 	$(BIN)/python bench/compare.py $(COMPARE_ARGS)
+
+# docs/run-file.md is generated from the field metadata of rtrainer/config.py (tests/test_docs.py
+# fails when it is out of date)
+docs: install
+	$(BIN)/rtrainer keys --markdown > docs/run-file.md.tmp && mv docs/run-file.md.tmp docs/run-file.md
 
 clean:
 	rm -rf build *.egg-info rtrainer/_kernels/*.so kernels/*.c $(STAMP)

@@ -293,7 +293,7 @@ def test_numpy_gemm_1024(bench, n_threads):
 
 def test_numpy_layer_matmuls_forward(bench, shape, inputs, n_threads):
     """One layer's projections via np.matmul(out=): [Bt|Ct|draw] = u@x_proj_w, draw@dt_proj_w,
-    y@out_proj_w (SPEC §2.1 steps 2 and 4)."""
+    y@out_proj_w (the mamba-lite layer's x/dt projections and its output projection)."""
     s, n = shape, shape.tokens
     u = inputs["u"].reshape(n, s.D)
     xdbl = np.empty((n, 2 * s.N + s.R), np.float32)

@@ -14,7 +14,7 @@ for minutes); --steps N timed steps (median; a measurement stops early after --m
 3 steps are timed); --warmup N untimed steps after the two parity steps; --timeout S per
 subprocess (torch-compile gets 3x); --no-breakdown; --no-pin; --json PATH.
 
-Method (issue 3, "comparison harness"):
+Method:
 * Every (framework, shape, threads) runs in its OWN subprocess: peak RSS (ru_maxrss) is that
   framework's at that shape, and thread settings are clean. Each child is pinned to its first
   `threads` CPUs (sched_setaffinity; --no-pin disables) and gets OMP_NUM_THREADS = MKL_NUM_THREADS
@@ -595,8 +595,8 @@ def machine_info() -> dict:
 
 
 def evaluate(results: list, gemm: dict, baseline=BASELINE) -> list:
-    """Fill derived columns in place (GFLOP/s, % GEMM, speed-up, target) and return the issue's
-    target checks as rows {target, value, pass}."""
+    """Fill derived columns in place (GFLOP/s, % GEMM, speed-up, target) and return the
+    performance-target checks (docs/performance.md) as rows {target, value, pass}."""
     sys.path.insert(0, str(HERE))
     from flops import mamba_step_flops, step_flops
 
@@ -751,8 +751,8 @@ def format_breakdown(results: list) -> str:
 
 def format_checks(checks: list) -> str:
     if not checks:
-        return "targets: (not enough measurements for any target of issue 3)"
-    lines = ["targets (issue 3):"]
+        return "targets: (not enough measurements for any performance target)"
+    lines = ["performance targets (docs/performance.md):"]
     for c in checks:
         lines.append(f"  [{'PASS' if c['ok'] else 'MISS'}] {c['target']}: {c['value']}")
     return "\n".join(lines)

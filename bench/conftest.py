@@ -1,4 +1,4 @@
-"""pytest-benchmark fixtures for the rtrainer kernels (STYLE §9).
+"""pytest-benchmark fixtures for the rtrainer kernels (speed is measured here, never asserted in tests).
 
 Run:  .venv/bin/python -m pytest bench/ -p no:cacheprovider --benchmark-only [--threads 1,2]
       [--rounds 30] [--shape B=8,T=64] [--torch-compile]

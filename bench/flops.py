@@ -3,7 +3,7 @@
     from flops import step_flops          # bench/ on sys.path (bench/compare.py does this)
     step_flops(B=8, T=64, D=512, N=16, K=4, R=1, L=2, V=8192)["total"]
 
-Counts the MODEL math of SPEC §2.1-2.2 and §3 (mamba-lite stack, final LayerNorm, HPN loss, AdamW)
+Counts the MODEL math (docs/architecture.md: mamba-lite stack, final LayerNorm, HPN loss, AdamW)
 with the backward pass rtrainer runs (rtrainer/model.py `backward`, the kernels' documented
 backward formulas). "Model FLOPs" = `total`: what any implementation of this training step must
 compute. Work that is an implementation choice is NOT in the total and is reported separately under
@@ -160,7 +160,7 @@ def step_flops(B: int, T: int, D: int, N: int, K: int, R: int, L: int, V: int,
 
 def mamba_step_flops(B: int, T: int, D: int, N: int, K: int, R: int, L: int, V: int, E: int = 2,
                      learnable_prototypes: bool = False) -> dict:
-    """The same count for a stack of `mamba` blocks (SPEC §2.4, rtrainer/model.py MambaStack), with
+    """The same count for a stack of `mamba` blocks (docs/architecture.md, rtrainer/model.py MambaStack), with
     C = E*D inner channels: embedding, final LayerNorm, HPN head and the optimizer's embedding part
     come from step_flops(L=0); each block adds RMSNorm, in_proj, conv/x_proj/dt_proj/scan at C
     channels, the gate, out_proj, and its tensors to the optimizer. Same conventions as above; the

@@ -1,5 +1,5 @@
 # Helpers shared by the kernel modules. Header-only (inline functions), so a module that
-# cimports it needs no runtime provider (STYLE §1, "Packaging the kernels").
+# cimports it needs no runtime provider: every kernel module stays a self-contained extension.
 
 cdef extern from *:
     """

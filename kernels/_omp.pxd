@@ -1,5 +1,6 @@
-# The only place that touches the OpenMP runtime (STYLE §3). Header-only: the C below is inlined
-# into every module that cimports this file. The compiler defines _OPENMP under -fopenmp; without
+# The only place that touches the OpenMP runtime, so a build without OpenMP needs no other
+# change. Header-only: the C below is inlined into every module that cimports this file. The
+# compiler defines _OPENMP under -fopenmp; without
 # it (RTRAINER_NO_OPENMP=1) every call gives the single-thread answer and prange runs serially.
 
 cdef extern from *:

@@ -1,6 +1,6 @@
-"""Causal depthwise convolution + SiLU: SPEC §2.1 step 1, forward and backward.
+"""Causal depthwise convolution + SiLU (the first step of a layer), forward and backward.
 
-Notation (SPEC): B batch, T time, D channels (d_model), K conv taps (d_conv).
+Notation (docs/architecture.md): B batch, T time, D channels (d_model), K conv taps (d_conv).
 
 Formula
     pre[b,t,d] = conv_b[d] + sum_{k=0}^{K-1} conv_w[d,k] * x[b, t+k-(K-1), d]   (x[b, <0, d] = 0:

@@ -1,10 +1,10 @@
-"""Token embedding: forward gather and backward scatter-add (SPEC §2.2, STYLE §8 step 2).
+"""Token embedding: forward gather and backward scatter-add (the first op of the forward pass).
 
     forward   r[b, t, :] = E[ids[b, t], :]                      r (B,T,D), E (V,D), ids (B,T) int64
     backward  dE[ids[b, t], :] += dout[b, t, :]                 dE (V,D), dout (B,T,D)
 
 Range check: every id must lie in [0, V). Both entry points scan ids BEFORE touching memory and raise
-ValueError naming the first bad (b, t) in row-major order (the reference silently wraps; SPEC §2.2).
+ValueError naming the first bad (b, t) in row-major order (an out-of-range token is an error, never wrapped).
 
 Saved state: none (ids are the only thing backward needs).
 

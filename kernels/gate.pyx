@@ -1,4 +1,4 @@
-"""The output gate of the `mamba` block (SPEC §2.4): out = y * silu(z), forward and backward.
+"""The output gate of the `mamba` block (docs/architecture.md): out = y * silu(z), forward and backward.
 
 Notation: n rows (B*T tokens), C channels (E*D, the expanded width); y is the scan output, z the
 gate half of in_proj.

@@ -1,4 +1,4 @@
-"""Hyperspherical Prototype Network head (SPEC §2.2): loss and gradients. (Prediction, an argmax
+"""Hyperspherical Prototype Network head (docs/architecture.md): loss and gradients. (Prediction, an argmax
 over all V prototypes, is one BLAS matrix product in rtrainer/heads.py: 4-10x faster than a kernel.)
 
     ẑ_i   = z_i / max(‖z_i‖, 1e-8)                                z (n,D), n = B*T tokens

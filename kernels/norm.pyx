@@ -1,4 +1,4 @@
-"""Final LayerNorm without affine parameters (SPEC §2.2: z = LayerNorm(r), eps 1e-5).
+"""Final LayerNorm without affine parameters (z = LayerNorm(r) after the last layer, eps 1e-5).
 
     forward   mean_i = (1/D) Σ_j x[i,j]
               var_i  = (1/D) Σ_j (x[i,j] - mean_i)²          (biased, two-pass, in double)

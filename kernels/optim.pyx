@@ -1,4 +1,5 @@
-"""Flat-buffer optimizer helpers (SPEC §3, STYLE §4): global gradient norm and the AdamW update.
+"""Flat-buffer optimizer helpers: global gradient norm and the AdamW update (parameters, gradients
+and moments live in one flat buffer each).
 
 Parameters, gradients and the moments m, v share one flat float32 layout of P elements. `segments`
 (S,3) int64 rows (start, end, flag) select the ranges [start, end) that take part (trainable,

@@ -1,4 +1,4 @@
-"""Pre-norm RMSNorm with a learnable weight (the `mamba` block, SPEC §2.4), forward and backward.
+"""Pre-norm RMSNorm with a learnable weight (the `mamba` block, docs/architecture.md), forward and backward.
 
 Notation: n rows (B*T tokens), D channels (d_model), w (D) the learnable weight.
 

@@ -1,6 +1,6 @@
-"""Fused discretisation + selective scan + C readout + D skip: SPEC §2.1 step 3, forward and backward.
+"""Fused discretisation + selective scan + C readout + D skip (the middle of a layer), forward and backward.
 
-Notation (SPEC): B batch, T time, D channels (d_model), N state size (d_state), R dt rank.
+Notation (docs/architecture.md): B batch, T time, D channels (d_model), N state size (d_state), R dt rank.
 `xdbl` (B,T,2N+R) is the x_proj output [Bt | Ct | draw]; the scan reads columns [0,2N) only.
 
 Recurrence (per b, d; n = 0..N-1)
@@ -12,7 +12,7 @@ Recurrence (per b, d; n = 0..N-1)
 
 What forward saves
     hs (B, n_chunks, D, N), n_chunks = ceil(T/chunk): the state h BEFORE step t = c*chunk
-    (hs[:,0] = 0). Activation memory is B*T*D*N/chunk, never the full trajectory (SPEC §2.1).
+    (hs[:,0] = 0). Activation memory is B*T*D*N/chunk, never the full trajectory.
 
 What backward recomputes
     Chunks are walked in reverse. For chunk c and one channel d, h_t (t in the chunk) is recomputed
@@ -68,7 +68,7 @@ ctypedef struct Dims:
 
 
 cdef inline float _softplus(float x) noexcept nogil:
-    # softplus(x) = x above 20 (SPEC §2.1), else log1p(exp(x)) with exact libm calls
+    # softplus(x) = x above 20 (where log1p(exp(x)) == x in float32), else log1p(exp(x)) with exact libm calls
     if x > 20:
         return x
     return log1pf(expf(x))

@@ -1,6 +1,6 @@
 """Checkpoints and small JSON files, written atomically and durably, verified on load.
 
-A run's checkpoints are step directories committed by a manifest (RELIABILITY.md's protocol)::
+A run's checkpoints are step directories committed by a manifest (the protocol in docs/checkpoints.md)::
 
     checkpoints/step-00000200/model.safetensors   tensors + the JSON state (below)
     checkpoints/step-00000200/MANIFEST.json       written LAST: each file's size and sha256, the

@@ -1,7 +1,7 @@
 """Command line: `rtrainer run CONFIG [--set section.key=value ...] [--resume PATH|auto] [--headless]`,
 `rtrainer parity CONFIG [--steps N]`, `rtrainer prepare DIR` (index a shard directory),
 `rtrainer launch -n K CONFIG [run flags]` (K data-parallel processes via mpirun), `rtrainer info`,
-`rtrainer keys`.
+`rtrainer keys [--markdown]`.
 
 Every error is one line on stderr starting `rtrainer: error:` and a non-zero exit code:
 2 configuration or usage, 3 data or checkpoint integrity, 4 non-finite stop, 5 I/O error (disk full, permission),
@@ -26,6 +26,7 @@ examples:
   rtrainer run examples/quickstart.toml --resume auto      # continue from out_dir's latest checkpoint
   rtrainer parity examples/quickstart.toml --steps 20       # straight == paused + resumed, bitwise?
   rtrainer keys                                            # every run-file key with its default
+  rtrainer keys --markdown                                 # the same as docs/run-file.md
   rtrainer prepare data/shards                             # index (and check) a shard directory once
   rtrainer launch -n 2 examples/quickstart.toml            # 2 data-parallel processes (mpirun)
   mpirun -n 2 rtrainer run examples/quickstart.toml        # the same, by hand (or srun on Slurm)
@@ -40,7 +41,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="rtrainer", description="Train Mamba (selective state-space) models with an HPN head "
+    p = _Parser(prog="rtrainer", description="Train Mamba (selective state-space) models with an HPN or softmax head "
                 "on the CPU, from a TOML run file.", epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"rtrainer {__version__}")
@@ -87,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("run_args", nargs=argparse.REMAINDER, metavar="...",
                     help="flags of `rtrainer run` (--set, --resume, --overwrite, --headless, --stop-at)")
     sub.add_parser("info", help="build and machine information (OpenMP, threads, BLAS)")
-    sub.add_parser("keys", help="list every run-file key with its default and meaning")
+    k = sub.add_parser("keys", help="list every run-file key with its default and meaning")
+    k.add_argument("--markdown", action="store_true",
+                   help="print the run-file reference in Markdown instead (what docs/run-file.md holds)")
     return p
 
 
@@ -151,6 +154,10 @@ def _run(argv=None) -> int:
             _prepare(args)
         elif args.command == "info":
             _info()
+        elif args.command == "keys" and args.markdown:
+            from .docgen import runfile_markdown
+
+            sys.stdout.write(runfile_markdown())
         elif args.command == "keys":
             from .config import describe_keys
 

@@ -1,8 +1,11 @@
 """The run configuration: one frozen dataclass per TOML table, load + ``--set`` overrides + dump.
 
 A run file is TOML; its tables mirror the dataclasses below (``[model]`` -> :class:`ModelConfig`)
-and each field carries a one-line doc in ``metadata["doc"]`` (:func:`describe_keys` lists them for
-the README and ``--help``). Key names are public API: keys are only ever added, never renamed.
+and each field carries a one-line doc in ``metadata["doc"]`` and optional longer Markdown in
+``metadata["details"]``. :func:`describe_keys` lists the one-liners (``rtrainer keys``);
+``rtrainer keys --markdown`` writes the run-file reference, docs/run-file.md, from both (a test
+checks that the committed file is up to date). Key names are public API: keys are only ever added,
+never renamed.
 
 Precedence: ``--set section.key=value`` > the TOML file > the defaults below.
 
@@ -13,8 +16,8 @@ the key as ``section.key`` and where the value came from (the file, or the ``--s
 * wrong type (``bool`` is not an integer; an integer is accepted for a float field and converted;
   lists are checked element by element); non-finite floats (``nan``, ``inf``);
 * out of range / not one of the allowed values (the message gives the allowed range or values);
-* options that are validated but not implemented yet (layer expansion), and combinations that
-  cannot work (``head.prototype_separation > 0`` with fixed prototypes);
+* combinations that cannot work (``head.prototype_separation > 0`` with fixed prototypes,
+  ``train.bp_cadence > 1`` without ``train.ff``, a placement that does not fit the layer counts);
 * TOML syntax errors (with tomllib's line and column), a missing or unreadable file.
 
 Paths (``run.out_dir``, ``data.train``, ``data.val``) are stored as given; the caller resolves them
@@ -71,16 +74,21 @@ def _f(
     le: float | None = None,
     lt: float | None = None,
     choices: tuple[str, ...] | None = None,
+    details: str = "",
 ) -> Any:
-    """A dataclass field with its one-line doc and its validation rule (range or choices)."""
+    """A dataclass field with its one-line doc, its validation rule (range or choices) and optional
+    longer ``details`` (Markdown) for the run-file reference, docs/run-file.md."""
     return field(
         default=default,
-        metadata={"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices},
+        metadata={"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices,
+                  "details": details},
     )
 
 
 # --------------------------------------------------------------------------------------------
 # The tables. Field order = the order of describe_keys() and of the dumped config.toml.
+# `doc` is the one line `rtrainer keys` prints; `details` goes into docs/run-file.md only
+# (regenerate it with `make docs` after changing either).
 # --------------------------------------------------------------------------------------------
 
 
@@ -88,9 +96,14 @@ def _f(
 class RunConfig:
     """[run]: where the run writes and how it is seeded."""
 
-    out_dir: str = _f("runs/default", "run directory (metrics, checkpoints, resolved config)")
+    out_dir: str = _f("runs/default", "run directory (metrics, checkpoints, resolved config)",
+                      details="A fresh run refuses a directory that already holds a checkpoint unless "
+                      "`--resume auto` or `--overwrite` is given; see [checkpoints](checkpoints.md).")
     seed: int = _f(42, "seed of every random stream (init, data order)")
-    threads: int = _f(0, "kernel threads; 0 = all available cores", ge=0)
+    threads: int = _f(0, "kernel threads; 0 = all available cores", ge=0,
+                      details="0 = `OMP_NUM_THREADS` if it is set, else every core this process may use. "
+                      "The same number caps numpy's BLAS (threadpoolctl); the resolved number is written "
+                      "to `config.toml`. Results are bitwise reproducible for a fixed seed and thread count.")
 
 
 @dataclass(frozen=True)
@@ -98,54 +111,93 @@ class ModelConfig:
     """[model]: the layer stack."""
 
     layer: str = _f(
-        "mamba-lite", "layer kind: 'mamba-lite' (reference layer) or 'mamba' (full Mamba-1 block)",
+        "mamba-lite", "layer kind: 'mamba-lite' (conv, scan, out_proj; no norm, no gate) or 'mamba' "
+        "(full Mamba-1 block)",
         choices=("mamba-lite", "mamba"),
+        details="`mamba-lite`: causal conv + SiLU, selective scan, out_proj on D channels (the layer of the "
+        "Rust trainer rtrainer replaces). `mamba`: the full Mamba-1 block: RMSNorm, in_proj with expansion "
+        "and gate, conv, selective scan, y·silu(z), out_proj. Formulas: "
+        "[architecture](architecture.md#the-model).",
     )
     d_model: int = _f(512, "model width D", ge=1)
     d_state: int = _f(16, "SSM state size N", ge=1)
     d_conv: int = _f(4, "causal depthwise conv width K", ge=1)
     dt_rank: int = _f(
-        0, "rank R of the delta projection; 0 = auto: 1 for mamba-lite (reference), ceil(d_model/16) for mamba",
+        0, "rank R of the delta projection; 0 = auto: 1 for mamba-lite, ceil(d_model/16) for mamba",
         ge=0,
+        details="Auto gives `mamba-lite` its historical rank 1, so older run files resolve to exactly what "
+        "they had. The resolved value is written to `config.toml`.",
     )
-    expand: int = _f(2, "inner expansion E (only used by layer = 'mamba')", ge=1)
+    expand: int = _f(2, "inner expansion E (only used by layer = 'mamba')", ge=1,
+                     details="The block works on E·D channels.")
     base_layers: int = _f(2, "layers at the start of the run (fresh or from a checkpoint)", ge=1)
-    target_layers: int = _f(2, "layers after expansion (new layers placed by model.placement)", ge=1)
+    target_layers: int = _f(2, "layers after expansion (new layers placed by model.placement)", ge=1,
+                            details="Must be `>= base_layers`. The `target_layers - base_layers` new layers "
+                            "start as identity blocks that learn; see [staged training](staged-training.md).")
     placement: str = _f(
         "append",
         "where new layers go when expanding: append | prepend | insert:N | specific:i,j,...",
+        details="`append`: after the base layers; `prepend`: before them; `insert:N`: all new layers before "
+        "base layer N (0 ≤ N ≤ `base_layers`); `specific:i,j,...`: exactly `target_layers - base_layers` "
+        "distinct positions < `target_layers` in the expanded model, the base layers fill the other "
+        "positions in order. Anything else, a wrong count, a repeated or out-of-range position is an error.",
     )
     init: str = _f(
         "mamba", "'mamba' (S4D-real A, log-uniform dt) or 'reference' (all N(0, 0.02^2))",
         choices=("mamba", "reference"),
+        details="`mamba`: `A_log = log(n+1)` (S4D-real), softplus(`dt_proj_b`) log-uniform in [1e-3, 1e-1], "
+        "`D_skip = 1`, fan-in-scaled normal weights, N(0, 1) embedding, prototypes by "
+        "`head.prototype_init`. `reference`: every tensor N(0, 0.02²), as the Rust trainer "
+        "rtrainer replaces. Per tensor: [architecture](architecture.md#initialisation).",
     )
-    vocab_size: int = _f(0, "vocabulary size V; 0 = max token id in the data + 1", ge=0)
-    scan_chunk: int = _f(64, "scan checkpoint interval in steps (memory/speed knob only)", ge=1)
+    vocab_size: int = _f(0, "vocabulary size V; 0 = max token id in the data + 1", ge=0,
+                         details="With a synthetic task, 0 = `data.task_vocab`.")
+    scan_chunk: int = _f(64, "scan checkpoint interval in steps (memory/speed knob only)", ge=1,
+                         details="The scan keeps its state every `scan_chunk` steps and recomputes in "
+                         "between; results do not depend on it.")
     selective: bool = _f(
-        True, "false = ablation: delta, B, C input-independent learned values (an LTI SSM)"
+        True, "false = ablation: delta, B, C input-independent learned values (an LTI SSM)",
+        details="For both layer kinds: `x_proj_w` and `dt_proj_w` are replaced by learned vectors `B_lti`, "
+        "`C_lti` (N) and Δ = softplus(`dt_proj_b`), so each layer is a linear time-invariant SSM.",
     )
     init_from: str = _f("", "checkpoint of a base_layers model to start from (then expanded to "
-                        "target_layers); empty = fresh initialisation")
+                        "target_layers); empty = fresh initialisation",
+                        details="A step directory, a checkpoint file or a run directory (its newest valid "
+                        "checkpoint), holding exactly `base_layers` layers of the same widths and vocabulary. "
+                        "Parameters and AdamW moments of its layers, embedding and prototypes are carried "
+                        "over. Checked on a fresh start only: a resumed run does not need it any more.")
 
 
 @dataclass(frozen=True)
 class HeadConfig:
     """[head]: the output head (HPN built in; other heads come from a Trainer subclass)."""
 
-    kind: str = _f("hpn", "head kind: 'hpn' or 'softmax' (cross-entropy); custom heads: subclass Trainer")
-    normalize_prototypes: bool = _f(True, "use unit-norm prototypes (a true cosine); false = raw P")
+    kind: str = _f("hpn", "head kind: 'hpn' or 'softmax' (cross-entropy); custom heads: subclass Trainer",
+                   details="`hpn`: hyperspherical prototypes, loss (1 − cos)². `softmax`: cross-entropy "
+                   "over logits z Wᵀ + b, W (V, D) learned with weight decay. Other heads: "
+                   "[extending](extending.md).")
+    normalize_prototypes: bool = _f(True, "use unit-norm prototypes (a true cosine); false = raw P",
+                                    details="`false` compares against raw prototypes, as the Rust trainer "
+                                    "rtrainer replaces.")
     learnable_prototypes: bool = _f(
-        False, "train the prototypes (false: fixed, spread over the hypersphere)"
+        False, "train the prototypes (false: fixed, spread over the hypersphere)",
+        details="`false`: prototypes are fixed before training (as in the HPN paper); `true`: they are "
+        "trained with the model.",
     )
     prototype_separation: float = _f(
         0.0, "weight of a penalty on the largest cosine between prototypes, added to the loss "
         "(learnable prototypes only)",
         ge=0.0,
+        details="λ·max_{k≠l} cos(P_k, P_l), added to the training and validation loss; needs "
+        "`learnable_prototypes = true`. Costs 2·V²·D flops a step (a blocked BLAS search of the closest "
+        "pair).",
     )
     prototype_init: str = _f(
         "spread", "HPN prototypes before training: 'spread' (regular simplex if D >= V-1, else optimised "
         "separation) or 'random' unit vectors (model.init = 'reference' keeps N(0, 0.02^2))",
         choices=("spread", "random"),
+        details="`spread` with D ≥ V−1 is a regular simplex: every pairwise cosine is exactly −1/(V−1). "
+        "Otherwise seeded random unit vectors are optimised for separation.",
     )
     bias: bool = _f(True, "softmax head: learn a bias of the logits")
 
@@ -162,8 +214,11 @@ class OptimConfig:
     weight_decay: float = _f(0.01, "decoupled weight decay", ge=0.0)
     grad_clip: float = _f(0.0, "global gradient-norm clip; 0 = off", ge=0.0)
     weight_decay_scope: str = _f(
-        "matrices", "tensors that get weight decay: 'matrices' or 'all' (reference)",
+        "matrices", "tensors that get weight decay: 'matrices' or 'all'",
         choices=("matrices", "all"),
+        details="`matrices`: the embedding, the prototypes and the conv/in_proj/x_proj/dt_proj/out_proj "
+        "weights (not norm weights, biases, `A_log`, `D_skip`, `B_lti`/`C_lti`). `all`: every tensor, as "
+        "the Rust trainer rtrainer replaces.",
     )
 
 
@@ -172,14 +227,18 @@ class ScheduleConfig:
     """[schedule]: linear warmup then cosine decay, from the global step."""
 
     warmup_steps: int = _f(0, "linear warmup steps", ge=0)
-    min_lr_scale: float = _f(0.1, "final learning rate as a fraction of optim.lr", ge=0.0, le=1.0)
+    min_lr_scale: float = _f(0.1, "final learning rate as a fraction of optim.lr", ge=0.0, le=1.0,
+                             details="The cosine decay runs from the end of the warmup to `train.steps` and "
+                             "ends at `min_lr_scale * optim.lr`. It is keyed to the global step, so a "
+                             "resumed run continues it.")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """[train]: length and shape of the run."""
 
-    steps: int = _f(5000, "TOTAL optimizer steps of the run (a resumed run continues to it)", ge=1)
+    steps: int = _f(5000, "TOTAL optimizer steps of the run (a resumed run continues to it)", ge=1,
+                    details="The schedule is keyed to this number.")
     batch_size: int = _f(8, "sequences per batch B", ge=1)
     seq_len: int = _f(64, "tokens per sequence T", ge=1)
     micro_batch_size: int = _f(0, "sequences one process runs per forward/backward; batch_size stays the global "
@@ -187,21 +246,34 @@ class TrainConfig:
                                "batch_size / (processes x micro_batch_size) micro-batches; 0 = the whole share "
                                "of a process (no accumulation)", ge=0)
     fail_on_non_finite: bool = _f(False, "stop (exit 4, diagnostic checkpoint) at the first non-finite "
-                                  "loss or gradient instead of skipping the update")
-    max_consecutive_skips: int = _f(10, "abort (exit 4) after this many consecutive skipped updates", ge=1)
+                                  "loss or gradient instead of skipping the update",
+                                  details="`false`: such a step changes no parameter or moment and is counted "
+                                  "in the `skipped` metric. `true`: the run stops at once with exit 4 and "
+                                  "keeps the parameters, moments and gradients of that step in "
+                                  "`checkpoints/non-finite-step-N.safetensors`.")
+    max_consecutive_skips: int = _f(10, "abort (exit 4) after this many consecutive skipped updates", ge=1,
+                                    details="The run aborts after *more than* this many skipped steps in a row.")
     freeze: str = _f("none", "layers that are not trained: none | first:N | indices:i,j,... "
-                     "(indices of the expanded model)")
-    freeze_embedding: bool = _f(False, "do not train the embedding")
-    ff: bool = _f(False, "Forward-Forward local objective on each unfrozen layer's D_skip, every step")
-    ff_margin: float = _f(1.0, "FF hinge margin: ff_loss = max(0, margin - goodness gap)", gt=0.0)
+                     "(indices of the expanded model)",
+                     details="Frozen tensors get no update, no weight decay, no moment change and no FF "
+                     "update, are not part of the clipping norm, and their weight gradients are not computed.")
+    freeze_embedding: bool = _f(False, "do not train the embedding",
+                                details="With the leading layers frozen too, backprop stops above them.")
+    ff: bool = _f(False, "Forward-Forward local objective on each unfrozen layer's D_skip, every step",
+                  details="`mamba-lite` layers only. Off, a run is exactly (bitwise) what it was without the "
+                  "key. See [staged training](staged-training.md#forward-forward-on-d_skip).")
+    ff_margin: float = _f(1.0, "FF hinge margin: ff_loss = max(0, margin - goodness gap)", gt=0.0,
+                          details="The Rust trainer rtrainer replaces uses 1.")
     ff_lr: float = _f(1e-4, "learning rate of the plain-SGD FF update of D_skip on FF-only steps; on BP "
                       "steps the FF gradient is added to the backprop one with weight ff_lr / optim.lr", ge=0.0)
     bp_cadence: int = _f(1, "global backprop + AdamW every N steps (steps N, 2N, ...); the other steps "
                          "apply only the FF update (needs train.ff = true when > 1)", ge=1)
     surgery: str = _f("pcgrad", "how the FF gradient of D_skip is combined with its backprop gradient on BP "
-                      "steps", choices=("none", "pcgrad", "orthograd", "gradnorm", "cagrad"))
+                      "steps", choices=("none", "pcgrad", "orthograd", "gradnorm", "cagrad"),
+                      details="Formulas: [staged training](staged-training.md#gradient-surgery).")
     surgery_epsilon: float = _f(1e-8, "epsilon of the surgery projections and normalisations", ge=0.0)
-    gradnorm_alpha: float = _f(0.2, "gradnorm: FF scale exp(alpha * |f/|f| - b/|b||)", ge=0.0)
+    gradnorm_alpha: float = _f(0.2, "gradnorm: FF scale exp(alpha * |f/|f| - b/|b||)", ge=0.0,
+                               details="The scale lies in [1, e^(2·alpha)].")
     cagrad_lambda: float = _f(1.0, "cagrad: fraction of the conflicting component removed (1 = pcgrad)", ge=0.0)
 
 
@@ -209,67 +281,98 @@ class TrainConfig:
 class DataConfig:
     """[data]: token sources."""
 
-    train: str = _f("", "training token file or shard directory (required)")
+    train: str = _f("", "training token file or shard directory (required)",
+                    details="See [data](data.md). Not used (leave it empty) with `data.task`.")
     val: str = _f("", "validation token file or shard directory; empty = split off the end of data.train "
                   "(of each shard)")
     val_ratio: float = _f(
         0.05, "fraction of data.train held out for validation when data.val is empty",
         ge=0.0, lt=1.0,
+        details="Taken from the end of every shard. 0 = no validation.",
     )
     format: str = _f(
         "auto", "token file format: auto (by extension) | txt | u8 | u16 | u32 | npy",
         choices=("auto", "txt", "u8", "u16", "u32", "npy"),
+        details="`txt`: whitespace-separated integers (the Rust trainer's format); `u8`: raw bytes "
+        "(byte-level text); `u16`/`u32`: raw little-endian (nanoGPT `.bin` files are u16); `npy`: a NumPy "
+        "array file. `auto` decides per file by extension: `.txt`, `.npy`, `.bin` = u16.",
     )
     packed: bool = _f(True, "packed windows (row b's last target = row b+1's first input); false = "
-                      "independent windows of seq_len+1 tokens that share no token")
-    shuffle_shards: bool = _f(True, "shard directory: reshuffle the shard order every epoch (seeded by run.seed)")
+                      "independent windows of seq_len+1 tokens that share no token",
+                      details="How the windows tile a shard: [data](data.md#windows).")
+    shuffle_shards: bool = _f(True, "shard directory: reshuffle the shard order every epoch (seeded by run.seed)",
+                              details="The generator's state is part of the data cursor, so a resumed run "
+                              "continues the same order. `false`: name order.")
     shuffle_windows: bool = _f(True, "read the windows of each shard in a new seeded order every epoch (every "
                                "window still once per epoch); false = in file order. A run resumed from a "
-                               "checkpoint made before this key existed keeps reading in order")
+                               "checkpoint made before this key existed keeps reading in order",
+                               details="The permutation is recomputed from the cursor on resume, so a resumed "
+                               "run continues the same order: [data](data.md#order).")
     prefetch_workers: int = _f(0, "background threads reading batches ahead; 0 = read on the training thread "
                                "(the batches are the same for every value)", ge=0)
     prefetch_buffer: int = _f(16, "batches read ahead at most (with prefetch_workers > 0)", ge=1)
     random_windows: bool = _f(False, "every row a window at a uniformly random position of a random shard "
-                              "(nanoGPT style) instead of streaming the shards in order")
+                              "(nanoGPT style) instead of streaming the shards in order",
+                              details="Positions are uniform over all windows of all shards, drawn from the "
+                              "seeded generator; `packed` and `shuffle_shards` do not apply.")
     shard_glob: str = _f("", "shard directory: file name pattern of the shards; empty = by format "
-                         "(*.bin, *.npy, *.txt)")
+                         "(*.bin, *.npy, *.txt)",
+                         details="An `fnmatch` pattern, e.g. `\"train-*.u16\"`. Empty: `auto` = `*.bin`, "
+                         "`*.npy`, `*.txt`; `txt` = `*.txt`; `npy` = `*.npy`; `u8`/`u16`/`u32` = `*.bin`.")
     verify: str = _f("quick", "shard directory: 'quick' = check sizes, and block checksums of shards whose "
                      "mtime changed; 'full' = every checksum at every start", choices=("quick", "full"))
     task: str = _f(
         "", "synthetic task instead of token files: '' (none) | selective_copying | induction_heads",
         choices=("", "selective_copying", "induction_heads"),
+        details="Then `data.train` and `data.val` stay empty. See [data](data.md#synthetic-tasks).",
     )
     task_tokens: int = _f(8, "selective_copying: data tokens to copy M (L_noise = train.seq_len - 2M)", ge=1)
     task_vocab: int = _f(16, "task alphabet: selective_copying A (0 noise, 1..A-2 data, A-1 marker); "
-                         "induction_heads V (0..V-2 content, V-1 the special token)", ge=3)
+                         "induction_heads V (0..V-2 content, V-1 the special token)", ge=3,
+                         details="`model.vocab_size = 0` takes this value.")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """[eval]: validation on a fixed set of windows."""
 
-    val_every: int = _f(200, "validate every N steps; 0 = never", ge=0)
-    eval_batches: int = _f(8, "validation batches (the same windows at every evaluation)", ge=1)
+    val_every: int = _f(200, "validate every N steps; 0 = never", ge=0,
+                        details="A run also validates at its last step.")
+    eval_batches: int = _f(8, "validation batches (the same windows at every evaluation)", ge=1,
+                           details="`eval_batches × train.batch_size` windows spread evenly over the "
+                           "validation tokens.")
     patience: int = _f(0, "stop after this many evaluations without an improvement of more than "
-                       "min_delta; 0 = never stop early", ge=0)
-    min_delta: float = _f(0.0, "smallest decrease of val_loss that counts as an improvement", ge=0)
+                       "min_delta; 0 = never stop early", ge=0,
+                       details="The run then ends with `stop_reason = \"early_stopping\"` and exit 0.")
+    min_delta: float = _f(0.0, "smallest decrease of val_loss that counts as an improvement", ge=0,
+                          details="An evaluation improves when `val_loss < best_val_loss - min_delta`; only "
+                          "then are `best_val_loss` and the `best` checkpoint updated.")
     extra_lengths: tuple = _f((), "also validate at these sequence lengths (metrics val_loss@L, "
-                              "val_acc@L): length extrapolation", ge=1)
+                              "val_acc@L): length extrapolation", ge=1,
+                              details="Each length has its own fixed set of `eval_batches × batch_size` "
+                              "sequences (tasks) or windows (token files). These metrics do not affect "
+                              "`best_val_loss` or early stopping.")
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     """[checkpoint]: how often to save and what to keep."""
 
-    save_every: int = _f(200, "checkpoint every N steps; 0 = only at the end", ge=0)
-    keep_last: int = _f(3, "step checkpoints to keep (the newest N, plus the best one); 0 = keep all", ge=0)
+    save_every: int = _f(200, "checkpoint every N steps; 0 = only at the end", ge=0,
+                         details="A checkpoint is also written at the end, on SIGINT/SIGTERM, at `--stop-at` "
+                         "and at each improving validation (the `best` one).")
+    keep_last: int = _f(3, "step checkpoints to keep (the newest N, plus the best one); 0 = keep all", ge=0,
+                        details="Older ones are deleted after each commit. The newest and the best "
+                        "checkpoint are never deleted.")
 
 
 @dataclass(frozen=True)
 class LogConfig:
     """[log]: metrics.jsonl cadence."""
 
-    log_every: int = _f(20, "write a train line to metrics.jsonl every N steps", ge=1)
+    log_every: int = _f(20, "write a train line to metrics.jsonl every N steps", ge=1,
+                        details="And at the last step; the console prints the same lines. Keys: "
+                        "[metrics](metrics.md).")
 
 
 @dataclass(frozen=True)
@@ -687,7 +790,7 @@ def config_to_toml(cfg: Config) -> str:
 
 
 def describe_keys() -> list[tuple[str, str, Any, str]]:
-    """``(section, key, default, doc)`` for every key, in file order (README and --help)."""
+    """``(section, key, default, doc)`` for every key, in file order (``rtrainer keys``)."""
     rows = []
     for section, cls in SECTIONS.items():
         for f in fields(cls):

@@ -1,4 +1,4 @@
-"""Fault injection for the crash tests (RELIABILITY.md, "Proving it"), driven by one environment
+"""Fault injection for the crash tests (docs/checkpoints.md, crash safety), driven by one environment
 variable so that a parent process can make a real training process fail at an exact moment:
 
     RTRAINER_FAULT=after_step=N:SIG           once step N is complete (its checkpoint, if due, written),

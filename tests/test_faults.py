@@ -1,4 +1,4 @@
-"""The crash suite (RELIABILITY.md, "Proving it"): real training processes killed with real
+"""The crash suite (docs/checkpoints.md, "Crash safety"): real training processes killed with real
 SIGKILLs at random steps, at random moments and at every named point inside the checkpoint commit;
 fabricated crash states and damaged artefacts; a full disk. After each, `--resume auto` must either
 finish the run bitwise equal to an uninterrupted one or stop with a named error, and no valid

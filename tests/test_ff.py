@@ -1,4 +1,4 @@
-"""The Forward-Forward objective on D_skip (reference §3): h+/h- against a loop, the loss against
+"""The Forward-Forward objective on D_skip (docs/staged-training.md): h+/h- against a loop, the loss against
 its definition, and its TRUE gradient (with the normalisation term) against finite differences."""
 import numpy as np
 import pytest

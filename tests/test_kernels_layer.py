@@ -1,6 +1,6 @@
 """Layer kernels (conv, scan) vs the float64 reference, and the reference vs finite differences.
 
-STYLE §5: forward vs reference; backward vs reference with a random cotangent (llm.c "fakeloss"
+The rule for every kernel: forward vs reference; backward vs reference with a random cotangent (llm.c "fakeloss"
 sum(out * dout)); reference gradients vs 4th-order central differences; odd shapes, 1s, T = 1;
 n_threads in {1, 2, 3}; per-tensor tolerances with the max abs diff in the message.
 """
@@ -64,7 +64,7 @@ def fd_grad(f, arr, h=1e-3):
 
 
 # ------------------------------------------------------------------------------------------------
-# inputs with realistic ranges (SPEC §2.3)
+# inputs with realistic ranges (those of the `mamba` initialisation)
 # ------------------------------------------------------------------------------------------------
 
 def conv_inputs(rng, B, T, D, K):

@@ -1,6 +1,6 @@
 """Embedding, final LayerNorm, HPN head and optimizer kernels vs their float64 references.
 
-Per kernel (STYLE §5): float32 kernel vs float64 reference (forward, backward with a random cotangent,
+Per kernel (the rule for every kernel): float32 kernel vs float64 reference (forward, backward with a random cotangent,
 gradients accumulated onto non-zero buffers), the references vs 4th-order central finite differences,
 awkward shapes (1s, odd sizes, repeated ids/targets), n_threads in {1, 2, 3}, error messages, and
 bitwise determinism.

@@ -1,4 +1,4 @@
-"""The whole `mamba` stack (SPEC §2.4) and the non-selective (LTI) ablation of both layer kinds:
+"""The whole `mamba` stack (docs/architecture.md) and the non-selective (LTI) ablation of both layer kinds:
 float32 kernels vs the float64 reference (loss and every gradient), the reference vs finite
 differences, memory that does not grow with N, bitwise determinism, the init."""
 import math

@@ -1,4 +1,4 @@
-"""Cross-framework parity of the `mamba` block and of the LTI ablation (SPEC §7): the float64 NumPy
+"""Cross-framework parity of the `mamba` block and of the LTI ablation: the float64 NumPy
 reference vs PyTorch autograd (rtrainer/testing/parity_torch.py, an independent implementation) to 1e-10
 relative, and the float32 training step (rtrainer's kernels) vs PyTorch in float32: loss to 1e-6
 relative, every gradient to 1e-4 of that tensor's largest gradient entry (measured: loss <= 4e-8,

@@ -2,7 +2,7 @@
 
 The oracle is only worth something if it is itself right, so: autograd gradients vs 4th-order
 central finite differences (float64, a few random coordinates of every tensor), the whole forward
-vs a plain float64 numpy transcription of SPEC §2.1/§2.2 (conv taps, softplus threshold, LayerNorm
+vs a plain float64 numpy transcription of the mamba-lite model (conv taps, softplus threshold, LayerNorm
 eps and biased variance, scan, HPN head), the three scan variants vs each other, the AdamW
 reference vs the closed-form update, and the nn.Module vs the functional oracle.
 """
@@ -58,7 +58,7 @@ def _softplus_np(x):
 
 
 def _model_loss_np(p, ids, targets, *, n_layers, d_state, normalize):
-    """SPEC §2 in float64 numpy with explicit loops (independent of torch's conv1d/layer_norm)."""
+    """The mamba-lite model in float64 numpy with explicit loops (independent of torch's conv1d/layer_norm)."""
     N = d_state
     r = p["embedding"][ids].copy()                                   # (B,T,D)
     Bsz, T_, D = r.shape

@@ -1,4 +1,4 @@
-"""Each gradient-surgery rule against its formula (reference §4) on hand-made vectors: aligned,
+"""Each gradient-surgery rule against its formula (docs/staged-training.md) on hand-made vectors: aligned,
 conflicting, orthogonal and zero; the projecting rules remove the conflict where they should."""
 import math
 

@@ -1,13 +1,13 @@
 """Independent JAX implementation of the rtrainer model: the second cross-framework oracle.
 
-SPEC §2.1/§2.2 (model) and §3 (AdamW step) written with `jax.numpy`, `jax.lax.scan` over time and
+The mamba-lite model and the AdamW step written with `jax.numpy`, `jax.lax.scan` over time and
 `jax.value_and_grad` only: no hand-written backward. It mirrors rtrainer/testing/parity_torch.py (same
 parameter-name contract, same `loss_and_grads` signature) so that rtrainer's Cython kernels can
-be checked against, and benchmarked beside, a second framework (SPEC §7, issue 3).
+be checked against, and benchmarked beside, a second framework.
 jax is an optional dependency (`pip install "jax[cpu]"`; written against jax/jaxlib 0.10.2);
 this module imports it at import time, so callers guard with `pytest.importorskip("jax")`.
 
-Glossary (SPEC notation): B batch, T time, D d_model, N d_state, K d_conv, R dt_rank, V vocab,
+Glossary (notation): B batch, T time, D d_model, N d_state, K d_conv, R dt_rank, V vocab,
 L layers. Parameter names (the contract shared with rtrainer's flat buffer and parity_torch):
 
     embedding            (V, D)
@@ -158,7 +158,7 @@ def param_shapes(*, vocab_size: int, d_model: int, n_layers: int, d_state: int, 
 
 
 def default_decay_names(names) -> list[str]:
-    """rtrainer's default weight-decay set ("matrices", SPEC §3): embedding, conv_w, x_proj_w,
+    """rtrainer's default weight-decay set ("matrices"): embedding, conv_w, x_proj_w,
     dt_proj_w, out_proj_w and (when trained) head.prototypes; not A_log, biases, D_skip."""
     return [n for n in names if n.rsplit(".", 1)[-1] in _DECAY_LEAVES]
 
@@ -218,7 +218,7 @@ def selective_scan(u, delta, A, Bt, Ct, D_skip):
 
 
 def mamba_lite_layer(x, p: Mapping, prefix: str, *, d_state: int):
-    """SPEC §2.1 for x (B,T,D): returns y @ out_proj_w (B,T,D), the residual branch."""
+    """The mamba-lite layer for x (B,T,D): returns y @ out_proj_w (B,T,D), the residual branch."""
     N = d_state
     u = _silu(causal_conv(x, p[prefix + "conv_w"], p[prefix + "conv_b"]))
     xdbl = u @ p[prefix + "x_proj_w"]                           # (B,T,2N+R)
@@ -249,7 +249,7 @@ def hpn_loss(z, P, targets, *, normalize_prototypes: bool = True):
 
 def forward_loss(p: Mapping, ids, targets, *, n_layers: int, d_state: int,
                  normalize_prototypes: bool = True):
-    """Whole model (SPEC §2.2): ids, targets (B,T) int -> scalar loss. p: name -> jax array."""
+    """Whole model: ids, targets (B,T) int -> scalar loss. p: name -> jax array."""
     r = p["embedding"][ids]                                     # (B,T,D)
     for i in range(n_layers):
         r = r + mamba_lite_layer(r, p, f"layers.{i}.", d_state=d_state)
@@ -451,7 +451,7 @@ def build_jax_train_step(params: Mapping[str, np.ndarray], *, n_layers: int, d_s
 
 # ============================================================================ the `mamba` block
 #
-# SPEC §2.4 in jax.numpy (the same contract as rtrainer/testing/parity_torch.py's mamba_* functions):
+# The full Mamba block in jax.numpy (the same contract as rtrainer/testing/parity_torch.py's mamba_* functions):
 #     xn = r / sqrt(mean(r^2) + 1e-5) * norm_w ; [xin | zg] = xn @ in_proj_w (D, 2C), C = E*D
 #     u = silu(conv(xin)) ; y = scan(...) ; r = r + (y * silu(zg)) @ out_proj_w (C, D)
 # selective=False: B_lti, C_lti (N,) replace x_proj_w and dt_proj_w; delta = softplus(dt_proj_b).
@@ -474,7 +474,7 @@ def _ssm(u, p: Mapping, prefix: str, *, d_state: int, selective: bool):
 
 
 def mamba_layer(x, p: Mapping, prefix: str, *, d_state: int, selective: bool = True):
-    """SPEC §2.4 for x (B,T,D): the residual branch (y * silu(zg)) @ out_proj_w."""
+    """The full Mamba block for x (B,T,D): the residual branch (y * silu(zg)) @ out_proj_w."""
     C = p[prefix + "conv_w"].shape[0]
     xn = x / jnp.sqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + RMS_EPS) * p[prefix + "norm_w"]
     xz = xn @ p[prefix + "in_proj_w"]

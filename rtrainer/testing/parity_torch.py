@@ -1,11 +1,11 @@
 """Independent PyTorch implementation of the rtrainer model: the cross-framework parity oracle.
 
-SPEC §2.1/§2.2 written with torch autograd only (no hand-written backward), so that loss and
-gradients from rtrainer's Cython kernels can be checked against a second framework (SPEC §7).
+The mamba-lite model written with torch autograd only (no hand-written backward), so that loss and
+gradients from rtrainer's Cython kernels can be checked against a second framework.
 torch is an optional dependency (`pip install rtrainer[parity]`, torch==2.13.0); this module
 imports it at import time, so callers guard with `pytest.importorskip("torch")`.
 
-Glossary (SPEC notation): B batch, T time, D d_model, N d_state, K d_conv, R dt_rank, V vocab,
+Glossary (notation): B batch, T time, D d_model, N d_state, K d_conv, R dt_rank, V vocab,
 L layers. Parameter names are the contract shared with rtrainer's flat parameter buffer:
 
     embedding            (V, D)
@@ -100,7 +100,7 @@ def param_shapes(*, vocab_size: int, d_model: int, n_layers: int, d_state: int, 
 def init_params(*, vocab_size: int, d_model: int, n_layers: int, d_state: int, d_conv: int,
                 dt_rank: int, seed: int = 0, dtype: str = "float32",
                 out_proj_scale: float = 1.0) -> dict[str, np.ndarray]:
-    """A "mamba"-style initialisation (SPEC §2.3) for tests and benchmarks.
+    """A "mamba"-style initialisation (docs/architecture.md) for tests and benchmarks.
 
     Not bitwise rtrainer's init (that lives in rtrainer/params.py); only the distributions
     matter here: A_log[d, n] = log(n+1), softplus(dt_proj_b) log-uniform in [1e-3, 1e-1],
@@ -218,7 +218,7 @@ def selective_scan(u, delta, A, Bt, Ct, D_skip, *, scan: str = "loop", chunk: in
 
 def mamba_lite_layer(x: torch.Tensor, p: Mapping[str, torch.Tensor], prefix: str, *, d_state: int,
                      scan: str = "loop", chunk: int = 8) -> torch.Tensor:
-    """SPEC §2.1 for x (B,T,D): returns y @ out_proj_w (B,T,D), the residual branch."""
+    """The mamba-lite layer for x (B,T,D): returns y @ out_proj_w (B,T,D), the residual branch."""
     N = d_state
     pre = causal_conv(x, p[prefix + "conv_w"], p[prefix + "conv_b"])
     u = F.silu(pre)
@@ -246,7 +246,7 @@ def hpn_loss(z: torch.Tensor, P: torch.Tensor, targets: torch.Tensor, *,
 def forward_loss(p: Mapping[str, torch.Tensor], ids: torch.Tensor, targets: torch.Tensor, *,
                  n_layers: int, d_state: int, normalize_prototypes: bool = True,
                  scan: str = "loop", chunk: int = 8, return_aux: bool = False):
-    """Whole model (SPEC §2.2): ids, targets (B,T) int64 -> scalar loss (and z, cos if asked)."""
+    """Whole model: ids, targets (B,T) int64 -> scalar loss (and z, cos if asked)."""
     r = p["embedding"][ids]                                                   # (B,T,D)
     for i in range(n_layers):
         r = r + mamba_lite_layer(r, p, f"layers.{i}.", d_state=d_state, scan=scan, chunk=chunk)
@@ -438,7 +438,7 @@ def build_torch_model(*, vocab_size: int, d_model: int, n_layers: int, d_state: 
     """The same math as `loss_and_grads` as an nn.Module with an AdamW optimizer attached.
 
     `params` (numpy, contract names) or, if None, `init_params(seed=seed)`. `decay_names`
-    defaults to the matrices (ndim >= 2, SPEC §3). `compile=True` wraps the loss in
+    defaults to the matrices (ndim >= 2). `compile=True` wraps the loss in
     torch.compile (needs a C++ compiler; compiling the unrolled T-step scan takes a while).
     """
     model = TorchMambaHPN(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
@@ -468,7 +468,7 @@ def build_torch_model(*, vocab_size: int, d_model: int, n_layers: int, d_state: 
 
 # ============================================================================ the `mamba` block
 #
-# SPEC §2.4, written with torch ops and autograd only (F.rms_norm, F.linear-free matmuls, F.silu,
+# The full Mamba block, written with torch ops and autograd only (F.rms_norm, F.linear-free matmuls, F.silu,
 # F.softplus, conv1d), independent of rtrainer's kernels and of rtrainer/testing/reference.py. Names:
 #
 #     layers.{i}.norm_w     (D,)        RMSNorm weight (eps 1e-5)
@@ -548,7 +548,7 @@ def _ssm(u: torch.Tensor, p: Mapping[str, torch.Tensor], prefix: str, *, d_state
 
 def mamba_layer(x: torch.Tensor, p: Mapping[str, torch.Tensor], prefix: str, *, d_state: int,
                 selective: bool = True, scan: str = "loop", chunk: int = 8) -> torch.Tensor:
-    """SPEC §2.4 for x (B,T,D): the residual branch (y * silu(zg)) @ out_proj_w (B,T,D)."""
+    """The full Mamba block for x (B,T,D): the residual branch (y * silu(zg)) @ out_proj_w (B,T,D)."""
     C = p[prefix + "conv_w"].shape[0]
     xn = F.rms_norm(x, (x.shape[-1],), p[prefix + "norm_w"], eps=RMS_EPS)
     xz = xn @ p[prefix + "in_proj_w"]                                         # (B,T,2C)

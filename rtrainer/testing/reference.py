@@ -1,6 +1,6 @@
 """float64 NumPy reference of every kernel and of the whole model: the oracle of the tests.
 
-Glossary (SPEC notation):
+Glossary (notation):
     B  batch size                      T  sequence length (time)
     D  channels (d_model)              N  state size (d_state)
     K  causal conv taps (d_conv)       R  dt rank (x_proj emits 2N+R columns: [Bt | Ct | draw])
@@ -38,7 +38,7 @@ def silu_ref(p):
 
 
 def softplus_ref(x):
-    """softplus(x) = x if x > 20 else log1p(exp(x))  (SPEC §2.1)."""
+    """softplus(x) = x if x > 20 else log1p(exp(x))."""
     x = np.asarray(x, dtype=np.float64)
     return np.where(x > SOFTPLUS_THRESHOLD, x, np.log1p(np.exp(np.minimum(x, SOFTPLUS_THRESHOLD))))
 
@@ -185,7 +185,7 @@ def scan_backward_ref(du, ddt, ddt_bias, dA_log, dxdbl, dD_skip, dy, u, dt, dt_b
 
 # ============================================================ embedding, LayerNorm, HPN head, AdamW
 
-NORM_EPS = 1e-8  # floor of ‖z‖ and ‖P‖ in the HPN head (SPEC §2.2)
+NORM_EPS = 1e-8  # floor of ‖z‖ and ‖P‖ in the HPN head
 IGNORE = -1      # targets equal to IGNORE are not scored (synthetic tasks score only their answers)
 
 
@@ -486,7 +486,7 @@ def gate_backward_ref(dy, dz, out, dout, y, z, n_threads):
     out[...] = y * z * s
 
 
-# ============================================================ the whole `mamba` model (SPEC §2.4)
+# ============================================================ the whole `mamba` model (the full Mamba block)
 
 RMS_EPS = 1e-5
 
