@@ -12,7 +12,12 @@ def openmp_max_threads():
     return omp_max_threads()
 
 
-from _common cimport rt_expf
+from _common cimport LANES, rt_expf, rt_softplusf
+
+
+def vector_lanes():
+    """Floats per vector register of the build target (the kernels' channel-block width)."""
+    return LANES
 
 
 def vexp(float[::1] out, const float[::1] x):
@@ -23,3 +28,13 @@ def vexp(float[::1] out, const float[::1] x):
     with nogil:
         for i in range(x.shape[0]):
             out[i] = rt_expf(x[i])
+
+
+def vsoftplus(float[::1] out, const float[::1] x):
+    """out = softplus(x) with the kernels' vectorised float32 softplus (for its accuracy tests)."""
+    if out.shape[0] != x.shape[0]:
+        raise ValueError(f"vsoftplus: out has {out.shape[0]} elements, x has {x.shape[0]}")
+    cdef Py_ssize_t i
+    with nogil:
+        for i in range(x.shape[0]):
+            out[i] = rt_softplusf(x[i])

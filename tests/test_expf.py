@@ -52,3 +52,49 @@ def test_monotone_on_a_fine_grid():
     x = np.linspace(-30, 10, 1_000_001, dtype=np.float32)
     y = vexp(x)
     assert np.all(np.diff(y) >= 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# softplus (kernels/_common.pxd rt_softplusf): the scan's delta = softplus(dt + dt_bias)
+
+def vsoftplus(x):
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    info.vsoftplus(out, x)
+    return out
+
+
+def softplus64(x):
+    x = np.asarray(x, dtype=np.float64)
+    return np.where(x > 20, x, np.logaddexp(0.0, x))      # the model's threshold: x above 20
+
+
+def test_softplus_relative_error_bound():
+    rng = np.random.default_rng(1)
+    x = np.concatenate([
+        np.linspace(-100, 25, 4_000_001, dtype=np.float32),
+        rng.uniform(-10, 10, 2_000_000).astype(np.float32),          # where dt + dt_bias lives
+        (rng.standard_normal(500_000) * 1e-3).astype(np.float32),
+        np.float32([19.999, 20.0, 20.001, 0.34657, -0.34657, 0.8814, -0.8814]),  # u = 1+e near sqrt 2
+    ])
+    y = vsoftplus(x).astype(np.float64)
+    t = softplus64(x)
+    normal = t >= TINY
+    rel = np.abs(y[normal] / t[normal] - 1.0)
+    worst = int(rel.argmax())
+    assert rel.max() <= 4e-7, f"max relative error {rel.max():.3e} at x = {x[normal][worst]!r}"
+    assert np.abs(y[~normal] - t[~normal]).max() <= 1.5e-45
+
+
+def test_softplus_threshold_and_special_values():
+    x = np.array([20.0, 20.5, 1000.0, np.inf, -np.inf, np.nan, 0.0, -0.0, -1000.0], np.float32)
+    y = vsoftplus(x)
+    assert y[0] == np.float32(np.log1p(np.exp(20.0)))     # 20 itself is below the threshold
+    assert y[1] == np.float32(20.5) and y[2] == np.float32(1000.0) and y[3] == np.inf
+    assert y[4] == 0.0 and np.isnan(y[5]) and y[8] == 0.0
+    np.testing.assert_allclose(y[6:8], np.log(2.0), rtol=1e-7)
+
+
+def test_softplus_monotone_on_a_fine_grid():
+    x = np.linspace(-30, 30, 1_000_001, dtype=np.float32)
+    assert np.all(np.diff(vsoftplus(x)) >= 0)
