@@ -65,7 +65,7 @@ All arrays are float32 and C-contiguous; shapes are checked once in the `def` wr
 """
 from cython.parallel cimport prange
 from libc.math cimport expf, fmaf
-from _common cimport LANES, prefetch, rcf, rf, rt_expf, rt_softplusf
+from _common cimport LANES, prefetch, rcf, rf, rt_expf_fast, rt_softplusf
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
 
@@ -95,7 +95,7 @@ cdef inline float _ssm_update(float h_prev, float delta, float A, float delta_u,
     """h_t = exp(delta*A) * h_{t-1} + delta*u*Bt for one (channel, state) element. Forward and the
     backward's recompute both go through it (or _ssm_step, which inlines the same two
     operations), so they produce the same bits."""
-    return fmaf(rt_expf(delta * A), h_prev, delta_u * Bn)
+    return fmaf(rt_expf_fast(delta * A), h_prev, delta_u * Bn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,7 +403,7 @@ cdef inline void _rec_lanes(Py_ssize_t nl, rf h, rcf hprev, rf Ek, rcf A, rcf dl
     """The forward's update (_ssm_update) for one state index and nl channels, keeping E."""
     cdef Py_ssize_t j
     for j in range(nl):
-        Ek[j] = rt_expf(dl[j] * A[j])
+        Ek[j] = rt_expf_fast(dl[j] * A[j])
         h[j] = fmaf(Ek[j], hprev[j], dlu[j] * Bn)
 
 

@@ -1,6 +1,8 @@
 """The kernels' vectorised float32 exp (kernels/_common.pxd rt_expf): relative error <= 2e-7
 against float64 exp wherever the result is a normal float, and the right special values.
-(The reference trainer's 0.2.0 'fast' exp was wrong by 2.5x near -2: this is the guard.)"""
+(The reference trainer's 0.2.0 'fast' exp was wrong by 2.5x near -2: this is the guard.)
+Also the scan's shorter exp (rt_expf_fast, same bound on [-87, 88], no denormals) and the
+branch-free softplus (rt_softplusf, <= 4e-7)."""
 import numpy as np
 
 from rtrainer._kernels import info
@@ -98,3 +100,42 @@ def test_softplus_threshold_and_special_values():
 def test_softplus_monotone_on_a_fine_grid():
     x = np.linspace(-30, 30, 1_000_001, dtype=np.float32)
     assert np.all(np.diff(vsoftplus(x)) >= 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the scan's shorter exp (kernels/_common.pxd rt_expf_fast): no denormal results
+
+def vexp_fast(x):
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    info.vexp_fast(out, x)
+    return out
+
+
+def test_fast_exp_relative_error_bound():
+    rng = np.random.default_rng(2)
+    x = np.concatenate([
+        np.linspace(-87, 88, 4_000_001, dtype=np.float32),
+        rng.uniform(-20, 0, 2_000_000).astype(np.float32),            # delta*A <= 0 in the scan
+        (rng.standard_normal(500_000) * 1e-3).astype(np.float32),
+        np.float32(np.log(2)) * np.arange(-125, 127, dtype=np.float32),
+    ])
+    x = x[(x >= -87) & (x <= 88)]
+    rel = np.abs(vexp_fast(x).astype(np.float64) / np.exp(x.astype(np.float64)) - 1.0)
+    worst = int(rel.argmax())
+    assert rel.max() <= 2e-7, f"max relative error {rel.max():.3e} at x = {x[worst]!r}"
+
+
+def test_fast_exp_special_values_and_flush():
+    x = np.array([np.nan, -np.inf, np.inf, 0.0, -0.0, -87.0, -87.01, -104.0, 88.01, 1000.0], np.float32)
+    y = vexp_fast(x)
+    assert np.isnan(y[0]) and y[1] == 0.0 and y[2] == np.inf
+    assert y[3] == 1.0 and y[4] == 1.0
+    assert y[5] >= TINY                      # exp(-87) is still a normal float
+    assert y[6] == 0.0 and y[7] == 0.0       # below -87: flushed to 0 (never a denormal)
+    assert y[8] == np.inf and y[9] == np.inf
+
+
+def test_fast_exp_monotone_on_a_fine_grid():
+    x = np.linspace(-30, 10, 1_000_001, dtype=np.float32)
+    assert np.all(np.diff(vexp_fast(x)) >= 0)
