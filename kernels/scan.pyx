@@ -279,6 +279,37 @@ cdef inline void _bwd_lanes(Py_ssize_t nl, rf g, rf pB, rf pC, rf sB, rf sA, dou
         g[j] = gl * Ek[j]
 
 
+cdef inline void _bwd_step_full(Py_ssize_t N, rf g, rf pB, rf pC, double* dA, rcf Hk1, rcf Hk,
+                                rcf Ek, rcf A, rcf dyv, rcf dl, rcf dlu, rcf Bt, rf sBo,
+                                rf sAo) noexcept nogil:
+    """Every state index of one backward step for a full block (DB_MAX channels): the
+    operations of _bwd_lanes in the same order, with the running sums over n in local arrays
+    (registers) instead of memory shared with the other pointers."""
+    cdef float sB[DB_MAX]
+    cdef float sA[DB_MAX]
+    cdef Py_ssize_t n, j, o
+    cdef float gl, ql, Bn, Cn
+    for j in range(DB_MAX):
+        sB[j] = 0
+        sA[j] = 0
+    for n in range(N):
+        Bn = Bt[n]
+        Cn = Bt[N + n]
+        o = n * DB_MAX
+        for j in range(DB_MAX):
+            gl = fmaf(dyv[j], Cn, g[o + j])
+            pC[o + j] = fmaf(dyv[j], Hk1[o + j], pC[o + j])
+            pB[o + j] = fmaf(gl, dlu[j], pB[o + j])
+            ql = gl * Ek[o + j] * Hk[o + j]
+            dA[o + j] += <double>(dl[j] * ql)
+            sB[j] = fmaf(gl, Bn, sB[j])
+            sA[j] = fmaf(A[o + j], ql, sA[j])
+            g[o + j] = gl * Ek[o + j]
+    for j in range(DB_MAX):
+        sBo[j] = sB[j]
+        sAo[j] = sA[j]
+
+
 cdef inline void _bwd_chan(Py_ssize_t nl, rf du, rf ddt, double* dbias, double* dDs, rcf dyv,
                            rcf uu, rcf dl, rcf x, rcf sB, rcf sA, rcf D_skip) noexcept nogil:
     """The per-channel tail of one backward step: du = dy*D_skip + delta*gB;
@@ -357,16 +388,14 @@ cdef inline void _scan_bwd_item(float* du, float* ddt, const float* dy, const fl
             prefetch(ddt + row * D + d1, DB)
         Bt = xdbl + row * m.W
         pk = part + k * 2 * N * DB
-        for j in range(nb):
-            sB[j] = 0
-            sA[j] = 0
         if nb == DB_MAX:
-            for n in range(N):
-                _bwd_lanes(DB_MAX, g + n * DB, pk + n * DB, pk + (N + n) * DB, sB, sA,
-                           dA_acc + n * DB, H + ((k + 1) * N + n) * DB, H + (k * N + n) * DB,
-                           E + (k * N + n) * DB, A + n * DB, dyv + k * DB, dl + k * DB, dlu + k * DB,
-                           Bt[N + n], Bt[n])
+            _bwd_step_full(N, g, pk, pk + N * DB, dA_acc, H + (k + 1) * N * DB, H + k * N * DB,
+                           E + k * N * DB, A, dyv + k * DB, dl + k * DB, dlu + k * DB, Bt,
+                           sB, sA)
         else:
+            for j in range(nb):
+                sB[j] = 0
+                sA[j] = 0
             for n in range(N):
                 _bwd_lanes(nb, g + n * DB, pk + n * DB, pk + (N + n) * DB, sB, sA,
                            dA_acc + n * DB, H + ((k + 1) * N + n) * DB, H + (k * N + n) * DB,
