@@ -148,6 +148,11 @@ cdef inline Py_ssize_t col_block_width(Py_ssize_t D, int n_threads) noexcept nog
     return ((width + COL_ALIGN - 1) // COL_ALIGN) * COL_ALIGN
 
 
+cdef inline tuple shape_of(object a):
+    """Shape tuple of a memoryview or array (error messages only)."""
+    return tuple(a.shape)
+
+
 cdef inline check_threads(int n_threads):
     if n_threads < 1:
         raise ValueError(f"n_threads must be >= 1, got {n_threads}")

@@ -14,12 +14,8 @@ Backward accumulates (+=) into dx.
 """
 from libc.math cimport sqrt
 from cython.parallel cimport prange
-from _common cimport check_threads
+from _common cimport check_threads, shape_of
 
-
-cdef tuple _shape(object a):
-    """Shape tuple of a memoryview (error messages only)."""
-    return tuple(a.shape)
 
 
 # ----------------------------------------------------------------------------------------- forward
@@ -59,11 +55,11 @@ def layernorm_forward(float[:, ::1] z, float[::1] rstd, const float[:, ::1] x, d
     """z (n,D) OUT, rstd (n) OUT = LayerNorm of x (n,D) IN without affine."""
     check_threads(n_threads)
     if z.shape[0] != x.shape[0] or z.shape[1] != x.shape[1]:
-        raise ValueError(f"layernorm_forward: z has shape {_shape(z)}, "
-                         f"expected x's shape {_shape(x)}")
+        raise ValueError(f"layernorm_forward: z has shape {shape_of(z)}, "
+                         f"expected x's shape {shape_of(x)}")
     if rstd.shape[0] != x.shape[0]:
         raise ValueError(f"layernorm_forward: rstd has shape ({rstd.shape[0]},), "
-                         f"expected ({x.shape[0]},) from x {_shape(x)}")
+                         f"expected ({x.shape[0]},) from x {shape_of(x)}")
     if not eps > 0.0:
         raise ValueError(f"layernorm_forward: eps must be > 0, got {eps}")
     with nogil:
@@ -103,10 +99,10 @@ def layernorm_backward(float[:, ::1] dx, const float[:, ::1] dz, const float[:, 
                        const float[::1] rstd, int n_threads):
     """dx (n,D) OUT += LayerNorm input gradient from dz (n,D), z (n,D), rstd (n), all IN."""
     check_threads(n_threads)
-    shape = _shape(z)
+    shape = shape_of(z)
     for name, arr in (("dx", dx), ("dz", dz)):
-        if _shape(arr) != shape:
-            raise ValueError(f"layernorm_backward: {name} has shape {_shape(arr)}, "
+        if shape_of(arr) != shape:
+            raise ValueError(f"layernorm_backward: {name} has shape {shape_of(arr)}, "
                              f"expected z's shape {shape}")
     if rstd.shape[0] != z.shape[0]:
         raise ValueError(f"layernorm_backward: rstd has shape ({rstd.shape[0]},), "
