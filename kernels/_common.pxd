@@ -121,6 +121,33 @@ cdef extern from *:
     enum: LANES "RTRAINER_LANES"
     void prefetch "rtrainer_prefetch" (const float* p, Py_ssize_t nl) noexcept nogil
 
+# Row sums in float64 with 8 independent partial sums (lane l takes the elements j = l mod 8;
+# the lanes are then added in a fixed tree): the same result for any thread count and vector
+# width, and no serial chain of dependent additions (a plain running sum waits one add latency
+# per element). sum_f64: sum a; sumsq_f64: sum a^2; dot_f64: sum a*b; sqdev_f64: sum (a - m)^2.
+cdef extern from *:
+    """
+    #define RTRAINER_SUM8(EXPR)                                                        \
+        double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                      \
+        Py_ssize_t j = 0;                                                              \
+        for (; j + 8 <= n; j += 8)                                                     \
+            for (int l = 0; l < 8; l++) { Py_ssize_t i = j + l; acc[l] += (EXPR); }    \
+        for (int l = 0; j + l < n; l++) { Py_ssize_t i = j + l; acc[l] += (EXPR); }    \
+        return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    static inline double rtrainer_sum_f64(const float* a, Py_ssize_t n) {
+        RTRAINER_SUM8((double)a[i]) }
+    static inline double rtrainer_sumsq_f64(const float* a, Py_ssize_t n) {
+        RTRAINER_SUM8((double)a[i] * a[i]) }
+    static inline double rtrainer_dot_f64(const float* a, const float* b, Py_ssize_t n) {
+        RTRAINER_SUM8((double)a[i] * b[i]) }
+    static inline double rtrainer_sqdev_f64(const float* a, double m, Py_ssize_t n) {
+        RTRAINER_SUM8(((double)a[i] - m) * ((double)a[i] - m)) }
+    """
+    double sum_f64 "rtrainer_sum_f64" (const float* a, Py_ssize_t n) noexcept nogil
+    double sumsq_f64 "rtrainer_sumsq_f64" (const float* a, Py_ssize_t n) noexcept nogil
+    double dot_f64 "rtrainer_dot_f64" (const float* a, const float* b, Py_ssize_t n) noexcept nogil
+    double sqdev_f64 "rtrainer_sqdev_f64" (const float* a, double m, Py_ssize_t n) noexcept nogil
+
 # restrict-qualified pointers: for the arguments of small inner-loop helpers, so that gcc knows
 # their buffers do not overlap and vectorises loops that touch many of them (it gives up on
 # run-time alias checks beyond ~10 pointers)

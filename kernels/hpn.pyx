@@ -36,7 +36,7 @@ from libc.stdlib cimport malloc, free
 from libc.math cimport sqrt
 from cython.parallel cimport prange
 
-from _common cimport check_threads, col_block_width, shape_of
+from _common cimport check_threads, col_block_width, dot_f64, shape_of, sumsq_f64
 from _targets cimport IGNORE, check_targets as _check_targets, n_scored as _n_scored
 
 cdef double _NORM_EPS = 1e-8
@@ -52,19 +52,11 @@ cdef _check_zP(str fn, const float[:, ::1] z, const float[:, ::1] P):
 
 
 cdef inline double _sumsq(const float* a, Py_ssize_t D) noexcept nogil:
-    cdef Py_ssize_t j
-    cdef double s = 0.0
-    for j in range(D):
-        s += <double>a[j] * a[j]
-    return s
+    return sumsq_f64(a, D)        # in double, 8 fixed partial sums (_common.pxd)
 
 
 cdef inline double _dot(const float* a, const float* b, Py_ssize_t D) noexcept nogil:
-    cdef Py_ssize_t j
-    cdef double s = 0.0
-    for j in range(D):
-        s += <double>a[j] * b[j]
-    return s
+    return dot_f64(a, b, D)
 
 
 cdef inline double _floor_norm(double nrm) noexcept nogil:

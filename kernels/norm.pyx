@@ -1,7 +1,8 @@
 """Final LayerNorm without affine parameters (SPEC §2.2: z = LayerNorm(r), eps 1e-5).
 
     forward   mean_i = (1/D) Σ_j x[i,j]
-              var_i  = (1/D) Σ_j (x[i,j] - mean_i)²          (biased, two-pass, in double)
+              var_i  = (1/D) Σ_j (x[i,j] - mean_i)²          (biased, two-pass, in double; row sums in 8
+                                                              fixed partial sums, _common.pxd)
               rstd_i = 1 / sqrt(var_i + eps)
               z[i,j] = (x[i,j] - mean_i) · rstd_i
     backward  dx[i,:] += rstd_i · (dz[i,:] - mean_j(dz[i,:]) - z[i,:] · mean_j(dz[i,:] · z[i,:]))
@@ -14,7 +15,7 @@ Backward accumulates (+=) into dx.
 """
 from libc.math cimport sqrt
 from cython.parallel cimport prange
-from _common cimport check_threads, shape_of
+from _common cimport check_threads, dot_f64, shape_of, sqdev_f64, sum_f64
 
 
 
@@ -24,14 +25,9 @@ cdef inline void _ln_row(float* z, float* rstd, const float* x, Py_ssize_t D,
                          double eps) noexcept nogil:
     """One row: z (D) OUT, rstd (1) OUT, x (D) IN."""
     cdef Py_ssize_t j
-    cdef double mean = 0.0, var = 0.0, d, r
-    for j in range(D):
-        mean += x[j]
-    mean /= D
-    for j in range(D):
-        d = x[j] - mean
-        var += d * d
-    var /= D
+    cdef double mean, var, r
+    mean = sum_f64(x, D) / D
+    var = sqdev_f64(x, mean, D) / D
     r = 1.0 / sqrt(var + eps)
     rstd[0] = <float>r
     for j in range(D):
@@ -72,12 +68,8 @@ cdef inline void _ln_row_backward(float* dx, const float* dz, const float* z, do
                                   Py_ssize_t D) noexcept nogil:
     """One row: dx (D) OUT +=, dz (D) IN, z (D) IN."""
     cdef Py_ssize_t j
-    cdef double a = 0.0, b = 0.0
-    for j in range(D):
-        a += dz[j]
-        b += <double>dz[j] * z[j]
-    a /= D
-    b /= D
+    cdef double a = sum_f64(dz, D) / D
+    cdef double b = dot_f64(dz, z, D) / D
     for j in range(D):
         dx[j] += <float>(rstd * (dz[j] - a - z[j] * b))
 
