@@ -17,15 +17,18 @@ backward pass stops below the last trainable layer when the embedding is frozen 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from . import checkpoint as ckpt
+from . import runstate
 from .errors import CheckpointError, ConfigError
 from .grammar import frozen_layers
 from .heads import HPNHead, SoftmaxHead
 from .model import MambaLiteStack, MambaStack, resolve_dt_rank
+from .optim import AdamW
 from .params import FlatParams
 
 
@@ -84,18 +87,57 @@ class Net:
         # the frozen tensors' flat ranges: some kernels (scan, conv) accumulate into them anyway
         self.frozen_ranges = [self.flat.offsets[n] for n in self.flat.params if self.is_frozen(n)]
         self._dz = None
+        self.n_threads = 1
+        self.state = {}     # the state stored with the checkpoint this Net was loaded from
+        self.source = None
 
     @classmethod
-    def build(cls, cfg, vocab_size: int, *, n_threads: int = 1, freeze: Freeze | None = None, model=None,
-              head=None) -> "Net":
-        """From a Config: model.* and head.* give the pieces, train.freeze / train.freeze_embedding
-        the frozen tensors (unless `freeze` is given). `model` / `head` replace the built-in ones
-        (Trainer.build_model / build_head of a subclass)."""
+    def build(cls, cfg, vocab_size: int | None = None, *, n_threads: int = 1, freeze: Freeze | None = None,
+              model=None, head=None) -> "Net":
+        """From a Config, or a dict {section: {key: value}} validated like a run file (data keys
+        not required): model.* and head.* give the pieces, train.freeze / train.freeze_embedding
+        the frozen tensors (unless `freeze` is given). vocab_size defaults to model.vocab_size.
+        `model` / `head` replace the built-in ones (Trainer.build_model / build_head of a subclass)."""
+        if isinstance(cfg, Mapping):
+            from . import config as config_mod
+
+            cfg = config_mod.config_from_dict(cfg, source="<dict>", require_data=False)
+        if vocab_size is None:
+            vocab_size = int(cfg.model.vocab_size)
+            if vocab_size <= 0:
+                raise ConfigError("model.vocab_size: give a vocabulary size (> 0) to build a Net without data")
         if freeze is None:
             freeze = Freeze.from_config(cfg)
         model = build_model(cfg.model, vocab_size, n_threads) if model is None else model
         head = build_head(cfg, vocab_size, n_threads) if head is None else head
-        return cls(model, head, freeze, cfg)
+        net = cls(model, head, freeze, cfg)
+        net.n_threads = n_threads
+        return net
+
+    def build_optimizer(self, n_threads: int | None = None) -> AdamW:
+        """The AdamW of the config's [optim] section over this Net's trainable tensors (the moments
+        live in the Net's flat buffer). For a Net from Net.load it continues the checkpoint's update
+        count, so the bias correction goes on where it stopped."""
+        o = self.cfg.optim
+        opt = AdamW(self.flat, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                    weight_decay_scope=o.weight_decay_scope, grad_clip=o.grad_clip,
+                    n_threads=self.n_threads if n_threads is None else n_threads)
+        opt.load_state({"updates": int(self.state.get("optimizer_updates", 0))})
+        return opt
+
+    def save(self, path, optimizer=None, *, step: int = 0) -> str:
+        """Write this Net (parameters, AdamW moments, and the configuration that rebuilds it) as one
+        checkpoint file, atomically; Net.load(path) reads it back. `optimizer` records its update
+        count. Returns the path."""
+        from . import config as config_mod
+
+        d = config_mod.config_to_dict(self.cfg)
+        d["model"]["vocab_size"] = int(self.model.V)
+        state = {"schema": runstate.SCHEMA_VERSION, "step": int(step),
+                 "optimizer_updates": int(optimizer.state()["updates"]) if optimizer is not None else 0,
+                 "config": d}
+        ckpt.save_checkpoint(str(path), self.tensors(), state)
+        return str(path)
 
     @classmethod
     def load(cls, path, *, n_threads: int = 1) -> "Net":
@@ -118,6 +160,7 @@ class Net:
         net = cls.build(cfg, V, n_threads=n_threads)
         net.load_tensors(tensors, source=str(path))
         net.source = str(path)
+        net.state = state
         return net
 
     # ------------------------------------------------------------------ parameters
@@ -192,29 +235,21 @@ class Net:
         return {"loss": loss_sum / max(n_tok, 1), "acc": correct / max(n_tok, 1)}
 
 
-def newest_checkpoint_dir(path: Path) -> Path:
-    """A run directory (or its checkpoints/ directory) -> the directory that holds its step checkpoints."""
-    sub = path / "checkpoints"
-    return sub if sub.is_dir() else path
-
-
 def _load_checkpoint(path: Path):
     """(path, tensors, state) of a step directory / checkpoint file, or of the newest step checkpoint
     of a run directory that verifies."""
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint, step directory or run directory")
-    if path.is_dir() and not (path / ckpt.MANIFEST_FILE).exists():
-        d = newest_checkpoint_dir(path)
-        found = ckpt.find_checkpoints(d)
-        if not found:
-            raise CheckpointError(f"{path}: no step checkpoint in {d}")
-        problems = []
-        for _, p in found:
-            try:
-                tensors, state = ckpt.load_checkpoint(p)
-                return Path(p), tensors, state
-            except CheckpointError as e:
-                problems.append(str(e))
-        raise CheckpointError(f"no valid checkpoint in {d}: " + "; ".join(problems))
-    tensors, state = ckpt.load_checkpoint(str(path))
-    return path, tensors, state
+    found = runstate.newest_valid(path)
+    if found is None:
+        raise CheckpointError(f"{path}: no step checkpoint in {runstate.checkpoints_dir(path)}")
+    p, tensors, state = found
+    return Path(p), tensors, state
+
+
+def save(net: Net, path, optimizer=None, *, step: int = 0) -> str:
+    """rtrainer.save(net, path, optimizer): Net.save; read it back with rtrainer.load(path)."""
+    return net.save(path, optimizer, step=step)
+
+
+def load(path, *, n_threads: int = 1) -> Net:
+    """rtrainer.load(path): Net.load (a checkpoint file, a step directory or a run directory)."""
+    return Net.load(path, n_threads=n_threads)

@@ -39,6 +39,13 @@ class AdamW:
         self.n_threads = n_threads
         self.t = 0  # optimizer updates applied so far (bias correction)
 
+    def state(self) -> dict:
+        """What a checkpoint stores besides the moments (those are tensors of the FlatParams)."""
+        return {"updates": self.t}
+
+    def load_state(self, st: dict) -> None:
+        self.t = int(st["updates"])
+
     def grad_norm(self) -> float:
         """Global L2 norm of the trainable gradients (deterministic for any thread count).
         Non-finite when any gradient element is."""

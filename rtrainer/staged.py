@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 
 from . import ff as ff_mod
+from . import runstate
 from . import surgery as surgery_mod
 from .errors import CheckpointError, ConfigError
 from .grammar import expansion_layout, frozen_layers
@@ -76,20 +78,6 @@ def expand_state(flat: FlatParams, base: dict, layout: list, new_layer_init, rng
                     view[...] = 0.0
 
 
-def checkpoint_in(path: str) -> str:
-    """model.init_from: a checkpoint (file or step directory) as it is; a run directory or its
-    checkpoints/ directory: the newest step checkpoint in it."""
-    from . import checkpoint as ckpt
-
-    d = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-    if os.path.isdir(d) and not os.path.exists(os.path.join(d, ckpt.MANIFEST_FILE)):
-        found = ckpt.find_checkpoints(d)
-        if not found:
-            raise ConfigError(f"model.init_from = {path!r}: no step checkpoint in {d}")
-        return found[0][1]
-    return path
-
-
 def peek(stream):
     """A function that returns one batch's ids of `stream` without moving the stream."""
     def batch():
@@ -137,8 +125,6 @@ class Staged:
         """Fresh run: the base model (from init_from, or freshly initialised as a base_layers model
         would be) expanded to the net's layers. peek_batch() -> ids: one training batch read
         without moving the stream (the calibration of new layers)."""
-        from . import checkpoint as ckpt
-
         if not init_from and not self.expanding:
             net.init(seed, init)
             return
@@ -152,7 +138,11 @@ class Staged:
                 raise ConfigError(f"model.init_from = {init_from!r}: no such checkpoint, step directory or run "
                                   "directory")
             source = f"model.init_from = {init_from!r}"
-            base, _state = ckpt.load_checkpoint(checkpoint_in(init_from))
+            found = runstate.newest_valid(init_from)
+            if found is None:
+                raise ConfigError(f"model.init_from = {init_from!r}: no step checkpoint in "
+                                  f"{runstate.checkpoints_dir(Path(init_from))}")
+            base = found[1]
             n = count_layers([k.split("/", 1)[1] for k in base if k.startswith("param/")])
             if n != self.base_layers:
                 raise ConfigError(f"{source} holds a {n}-layer model but model.base_layers = {self.base_layers}")

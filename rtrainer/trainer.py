@@ -28,6 +28,7 @@ import psutil
 from threadpoolctl import threadpool_limits
 
 from . import checkpoint as ckpt
+from . import runstate
 from . import config as config_mod
 from . import console as console_mod
 from . import faults
@@ -36,18 +37,17 @@ from . import resume as resume_mod
 from . import staged as staged_mod
 from . import shards as shards_mod
 from . import stream as stream_mod
-from .errors import CheckpointError, ConfigError, NonFiniteError, RtrainerError, RunIOError, RunLockedError
+from .errors import CheckpointError, ConfigError, NonFiniteError, RtrainerError, RunIOError
 from .metrics import MetricsWriter
 from .model import resolve_dt_rank
 from .net import Net, build_head, build_model
 from .optim import AdamW, lr_at
+from .runstate import RunState
 from .params import FlatParams
 from .step import train_step
 from .threads import resolve_threads
 
-SCHEMA_VERSION = 1
-# config sections that define the function being trained: a resume must not change them
-_FROZEN_SECTIONS = ("model", "head")
+SCHEMA_VERSION = runstate.SCHEMA_VERSION
 
 
 class Interrupted(RtrainerError):
@@ -99,7 +99,7 @@ class Trainer:
         self.n_threads = resolve_threads(config.run.threads)
         # what a run holds once set up (fit); the cleanup relies on these starting as None
         self.data = None
-        self._lock = None
+        self.run_dir = None   # the checkpoint manager (runstate.RunDir)
         self.last_val = None
         self.metrics = None
         self.events = console_mod.Events()   # warnings and integrity events: stderr, metrics, summary
@@ -261,9 +261,8 @@ class Trainer:
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
-            if self._lock is not None:
-                self._lock.close()
-                self._lock = None
+            if self.run_dir is not None:
+                self.run_dir.unlock()
             if self.data is not None:
                 self.data.close()   # stop the prefetch workers, unmap the shards
 
@@ -305,23 +304,17 @@ class Trainer:
             "run_state": str(out_dir / "run_state.json"),
             "summary": str(out_dir / "summary.json"),
         }
-        # one writer per run directory: the lock dies with its holder (flock), so a killed run
-        # never leaves the directory locked
         plan_mod.check_outputs(out_dir)   # a file where out_dir belongs, read-only checkpoints/, ...
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock_run_dir(out_dir)
-        swept = ckpt.sweep(self.ckpt_dir)   # what a killed writer left: .tmp-* and .trash-*
-        if swept:
-            self.events.emit("leftovers_removed", f"removed {len(swept)} leftover temporary checkpoint file(s) in "
-                             f"{self.ckpt_dir}: " + ", ".join(swept), paths=list(swept))
+        self.run_dir = runstate.RunDir(out_dir, c.checkpoint.keep_last, self.events.emit)
+        self.run_dir.lock()    # one writer per run directory (flock: dies with its holder)
+        self.run_dir.sweep()   # what a killed writer left: .tmp-* and .trash-*
         state = self._load_resume_state()
-        existing = ckpt.find_checkpoints(self.ckpt_dir)
+        existing = self.run_dir.existing()
         if state is None and existing:
             if not self.overwrite:
                 raise ConfigError(f"{out_dir} already holds a run ({existing[0][1]}): continue it with "
                                   "--resume auto, start it over with --overwrite, or set another run.out_dir")
-            for _, path in existing:   # --overwrite: the old run's checkpoints must not be resumed later
-                ckpt.retire(path)
+            self.run_dir.retire_all(existing)
         if state is None:
             # init_params, or the base model (model.init_from) expanded
             self.staged.initialise(self.net, c.run.seed, c.model.init, c.model.init_from,
@@ -330,26 +323,22 @@ class Trainer:
             self.bad_evals, self.best_step = 0, None
             metrics_offset = metrics_sha256 = None
         else:
-            self.step = int(state["step"])
-            self.optimizer.t = int(state["optimizer_updates"])
-            self.skipped = int(state["skipped"])
-            self.best_val_loss = _from_json_float(state["best_val_loss"])
-            self.bad_evals = int(state.get("bad_evals", 0))
-            self.best_step = state.get("best_step")
-            self.data.train.set_state(state["data"]["train"])
-            self.staged.load_state(state.get("staged"), self._resume_path)
-            self.rng.bit_generator.state = state["rng"]
-            elapsed0 = float(state["elapsed_s"])
+            self.step, self.skipped = state.step, state.skipped
+            self.best_val_loss, self.bad_evals, self.best_step = state.best_val_loss, state.bad_evals, state.best_step
+            self.optimizer.load_state({"updates": state.optimizer_updates})
+            self.data.train.set_state(state.data["train"])
+            self.staged.load_state(state.staged, self._resume_path)
+            self.rng.bit_generator.state = state.rng
+            elapsed0 = state.elapsed_s
             # continuing this run: cut metrics.jsonl back to the checkpoint; a checkpoint from
             # another run directory starts this directory's metrics afresh
-            same_run = self.ckpt_dir.resolve() in Path(self._resume_path).resolve().parents
-            metrics_offset = int(state["metrics_offset"]) if same_run else None
-            metrics_sha256 = state.get("metrics_sha256") if same_run else None   # absent: an older checkpoint
+            same_run = self.run_dir.owns(self._resume_path)
+            metrics_offset = state.metrics_offset if same_run else None
+            metrics_sha256 = state.metrics_sha256 if same_run else None   # None: an older checkpoint
             if same_run:
-                self._set_aside_newer(existing)
+                self.run_dir.set_aside_newer(self.step, existing)
                 self.paths["latest"] = self._resume_path
-                best_dir = self.ckpt_dir / ckpt.step_dir_name(self.best_step) if self.best_step is not None else None
-                self.paths["best"] = str(best_dir) if best_dir is not None and best_dir.is_dir() else None
+                self.paths["best"] = self.run_dir.best_path(self.best_step)
 
         # the run directory
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -484,108 +473,48 @@ class Trainer:
         retention. `latest`/`best` say why it is written (a due save, an improving validation)."""
         if best:
             self.best_step = self.step
-        state = {
-            "schema": SCHEMA_VERSION,
-            "step": self.step,
-            "optimizer_updates": self.optimizer.t,
-            "skipped": self.skipped,
-            "best_val_loss": _json_float(self.best_val_loss),
-            "bad_evals": self.bad_evals,
-            "best_step": self.best_step,
-            "data": {"train": self.data.train.state()},
-            "rng": self.rng.bit_generator.state,
-            "metrics_offset": self.metrics.offset(),
-            "metrics_sha256": self.metrics.sha256(),   # of those bytes: the log is checked on resume
-            "elapsed_s": elapsed,
-            "n_threads": self.n_threads,
-            "config": config_mod.config_to_dict(self.resolved),
-            "staged": self.staged.state(),
-        }
-        path = ckpt.write_step_checkpoint(self.ckpt_dir, self.step, self.flat.state_tensors(), state,
-                                          extra={"n_threads": self.n_threads})
+        state = RunState(
+            step=self.step, optimizer_updates=self.optimizer.state()["updates"], skipped=self.skipped,
+            best_val_loss=self.best_val_loss, bad_evals=self.bad_evals, best_step=self.best_step,
+            data={"train": self.data.train.state()}, rng=self.rng.bit_generator.state,
+            metrics_offset=self.metrics.offset(), elapsed_s=elapsed, n_threads=self.n_threads,
+            config=config_mod.config_to_dict(self.resolved), staged=self.staged.state(),
+            metrics_sha256=self.metrics.sha256())   # of those bytes: the log is checked on resume
+        path = self.run_dir.save(self.flat.state_tensors(), state, best=best, extra={"n_threads": self.n_threads})
         self.paths["latest"] = path
-        ckpt.write_json_atomic(self.paths["run_state"], {
-            "step": self.step, "checkpoint": path, "data": state["data"],
-            "best_val_loss": state["best_val_loss"], "best_step": self.best_step, "bad_evals": self.bad_evals})
         if best:
             self.paths["best"] = path
-            ckpt.write_json_atomic(self.ckpt_dir / "best.json", {
-                "step": self.step, "checkpoint": path, "val_loss": state["best_val_loss"]})
-        faults.point("ckpt.after_run_state", path)
-        self._apply_retention()
 
-    def _apply_retention(self) -> None:
-        """Keep the newest `checkpoint.keep_last` step checkpoints and the best one; delete the rest
-        (each renamed to .trash-* before removal, so a crash mid-delete leaves nothing that looks valid)."""
-        keep_last = self.cfg.checkpoint.keep_last
-        if keep_last == 0:
-            return
-        for i, (step, path) in enumerate(ckpt.find_checkpoints(self.ckpt_dir)):
-            if i >= keep_last and step != self.best_step:
-                ckpt.retire(path)
-
-    def _set_aside_newer(self, existing) -> None:
-        """Resuming at step S of this run: step directories newer than S belong to a timeline that
-        is being replaced (corrupt ones skipped by --resume auto, or later ones when an older
-        checkpoint was named explicitly). They are renamed to `superseded-step-N-<time>` (kept for
-        inspection, never resumed by `auto`, never deleted by retention)."""
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        for step, path in existing:
-            if step > self.step:
-                new = self.ckpt_dir / f"superseded-{Path(path).name}-{stamp}"
-                os.rename(path, new)
-                ckpt.fsync_dir(str(self.ckpt_dir))
-                self.events.emit("checkpoint_set_aside", f"{path} is newer than the checkpoint this run resumes "
-                                 f"from; moved to {new}", path=str(path), moved_to=str(new))
-
-    def _load_newest_valid(self, ckpt_dir: Path):
-        """--resume auto: the newest step checkpoint that verifies; corrupt or partial ones are
-        skipped with a warning naming them. (None, None) if there is none at all."""
-        found = ckpt.find_checkpoints(ckpt_dir)
-        problems = []
-        for _, path in found:
-            try:
-                return path, ckpt.load_checkpoint(path)
-            except CheckpointError as e:
-                problems.append(str(e))
-                self.events.emit("checkpoint_skipped", f"skipping {path}: {e}", path=str(path), reason=str(e))
-        if found:
-            raise CheckpointError(f"no valid checkpoint in {ckpt_dir}: " + "; ".join(problems))
-        return None, None
-
-    def _load_resume_state(self) -> dict | None:
+    def _load_resume_state(self) -> RunState | None:
         r = self.resume
         if not r:
             return None
         if r == "auto":
-            path, loaded = self._load_newest_valid(self.ckpt_dir)
-        elif Path(r).is_dir() and not (Path(r) / ckpt.MANIFEST_FILE).exists() and not Path(r).name.startswith("step-"):
-            run_ckpts = Path(r) / "checkpoints"     # a run directory: its newest valid checkpoint
-            path, loaded = self._load_newest_valid(run_ckpts if run_ckpts.is_dir() else Path(r))
-            if path is None:
+            found = self.run_dir.newest_valid()
+            if found is None:
+                self.events.emit("resume_found_nothing", f"--resume {r}: no checkpoint yet in {self.ckpt_dir}, "
+                                 "starting fresh", out_dir=str(self.paths["out_dir"]))
+                return None
+        else:   # a step directory, a checkpoint file, or a run directory (its newest valid checkpoint)
+            found = runstate.newest_valid(r, self.run_dir.skipped)
+            if found is None:
                 raise CheckpointError(f"no checkpoint found in {r}")
-        else:
-            path, loaded = r, ckpt.load_checkpoint(r)
-        if path is None:
-            self.events.emit("resume_found_nothing", f"--resume {r}: no checkpoint yet in {self.ckpt_dir}, starting "
-                             "fresh", out_dir=str(self.paths["out_dir"]))
-            return None
-        self._resume_path = path = str(path)
-        tensors, state = loaded
-        if state.get("schema") != SCHEMA_VERSION:
-            raise CheckpointError(f"{path}: checkpoint schema {state.get('schema')} is not {SCHEMA_VERSION}")
-        saved = state.get("config", {})
+        self._resume_path, tensors, raw = found
+        path = self._resume_path
+        runstate.check_schema(path, raw)
+        saved = raw.get("config", {})
         now = config_mod.config_to_dict(self.resolved)
         defaults = config_mod.config_to_dict(config_mod.Config())
         # [model] and [head] must not change (a key added after the checkpoint stands at its default there)
         resume_mod.check_frozen(path, saved, now, defaults, self.cfg.model.vocab_size)
+        state = RunState.from_json(raw, source=path)
         self.flat.load_state_tensors(tensors, source=path)
-        if int(state.get("n_threads", self.n_threads)) != self.n_threads:
-            self.events.emit("threads_changed", f"the checkpoint was written with {state['n_threads']} threads, this "
+        if state.n_threads is not None and int(state.n_threads) != self.n_threads:
+            self.events.emit("threads_changed", f"the checkpoint was written with {state.n_threads} threads, this "
                              f"run uses {self.n_threads}: results will not be bitwise identical to an uninterrupted "
-                             "run", old=int(state["n_threads"]), new=self.n_threads)
+                             "run", old=int(state.n_threads), new=self.n_threads)
         # what may change is applied from the resume step on, with a warning naming old -> new
-        for event, message, fields in resume_mod.changed_settings(saved, now, defaults, int(state["step"])):
+        for event, message, fields in resume_mod.changed_settings(saved, now, defaults, state.step):
             self.events.emit(event, message, **fields)
         return state
 
@@ -610,29 +539,6 @@ class Trainer:
             console_mod.say(msg, sys.stderr if msg.startswith("rtrainer:") else sys.stdout)
 
 
-def _lock_run_dir(out_dir: Path):
-    """Take an exclusive flock on out_dir/.lock (kept open for the run); the file records the
-    holder so that a second run can name it."""
-    import fcntl
-    import socket
-
-    path = out_dir / ".lock"
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise RunLockedError(f"run directory {out_dir} is in use by {holder} (lock {path}); wait for it, "
-                             "stop it, or set another run.out_dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
-    return f
-
-
 def _fault_point(step: int, flat: FlatParams) -> None:
     """The step faults of rtrainer.faults (RTRAINER_FAULT), once step N is complete and its
     checkpoint, if due, written: after_step=N:SIGNAL sends a real signal to this process,
@@ -653,6 +559,3 @@ def _abspath(p: str) -> str:
 def _json_float(x: float):
     return x if math.isfinite(x) else None
 
-
-def _from_json_float(x) -> float:
-    return math.inf if x is None else float(x)
