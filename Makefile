@@ -31,7 +31,9 @@ parity-deps: $(STAMP)
 run: install
 	$(BIN)/rtrainer run examples/quickstart.toml --overwrite
 
+# lint-imports checks the layer contracts of pyproject.toml [tool.importlinter] first
 test: install parity-deps
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
 
 # The same kernels built without OpenMP (prange runs serially), tested from a copy in build/no-openmp
