@@ -2,6 +2,14 @@
 
     from rtrainer import Trainer
     Trainer.from_file("examples/quickstart.toml").fit()
+
+As a library (examples/library.py, docs/extending.md):
+
+    import rtrainer
+    net = rtrainer.Net.build({"model": {"vocab_size": 64, "d_model": 32}}, n_threads=1)
+    opt = net.build_optimizer()
+    r = rtrainer.train_step(net, opt, ids, targets, lr=1e-3)
+    rtrainer.save(net, "model.safetensors", opt); net2 = rtrainer.load("model.safetensors")
 """
 
 from __future__ import annotations
@@ -47,6 +55,18 @@ def __getattr__(name):  # lazy: `import rtrainer` stays cheap and works before t
         from . import errors
 
         return getattr(errors, name)
+    if name in ("Net", "save", "load"):
+        from . import net
+
+        return getattr(net, name)
+    if name in ("train_step", "StepResult"):
+        from . import step
+
+        return getattr(step, name)
+    if name in ("load_config", "config_from_dict"):
+        from . import config
+
+        return getattr(config, name)
     if name in ("load_config",):
         from .config import load_config
 
