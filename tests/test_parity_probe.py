@@ -24,6 +24,8 @@ def test_parity_detects_a_resume_that_forgets_the_data_cursor(tmp_path, monkeypa
 
 
 def test_parity_detects_a_resume_that_restarts_adam_bias_correction(tmp_path, monkeypatch):
+    import dataclasses
+
     from rtrainer import trainer as trainer_mod
 
     cfg = config_for_probe(str(tiny_config(tmp_path, steps=16)), [])
@@ -32,7 +34,7 @@ def test_parity_detects_a_resume_that_restarts_adam_bias_correction(tmp_path, mo
     def forgetful(self):
         state = real(self)
         if state is not None:
-            state = dict(state, optimizer_updates=0)
+            state = dataclasses.replace(state, optimizer_updates=0)   # a runstate.RunState
         return state
 
     monkeypatch.setattr(trainer_mod.Trainer, "_load_resume_state", forgetful)
