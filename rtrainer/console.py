@@ -73,7 +73,8 @@ class Events:
     * listed in summary.json under ``"events"`` (the same records without ``"kind"``).
     """
 
-    def __init__(self):
+    def __init__(self, printed: bool = True):
+        self.printed = printed   # False on the ranks of a multi-process job other than 0 (rank 0 speaks)
         self.items: list[dict] = []
         self._writer = None
         self._pending: list[dict] = []
@@ -81,7 +82,8 @@ class Events:
     def emit(self, event: str, message: str, step: int | None = None, **fields) -> dict:
         rec = {"kind": "event", "step": step, "event": event, "message": message, **fields}
         self.items.append({k: v for k, v in rec.items() if k != "kind"})
-        say(f"rtrainer: warning: {message}", sys.stderr)
+        if self.printed:
+            say(f"rtrainer: warning: {message}", sys.stderr)
         if self._writer is not None and not self._writer.closed:
             self._writer.write(rec)
         else:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 
 from ._kernels import optim as _optim
 from .params import FlatParams

@@ -86,8 +86,9 @@ class FlatParams:
     def n_trainable(self) -> int:
         return sum(s.size for s in self.specs if s.trainable)
 
-    def zero_grad(self) -> None:
-        """Zero the gradients of the trainable tensors (fixed ones are never written)."""
+    def trainable_ranges(self) -> list[tuple[int, int]]:
+        """The [a, b) ranges of the flat buffers that hold trainable tensors, neighbours separated
+        only by alignment padding merged (computed once: which tensors train is fixed at build)."""
         if not hasattr(self, "_trainable_ranges"):
             ranges = []
             for s in self.specs:
@@ -97,8 +98,12 @@ class FlatParams:
                         ranges[-1][1] = b
                     else:
                         ranges.append([a, b])
-            self._trainable_ranges = ranges
-        for a, b in self._trainable_ranges:
+            self._trainable_ranges = [(a, b) for a, b in ranges]
+        return self._trainable_ranges
+
+    def zero_grad(self) -> None:
+        """Zero the gradients of the trainable tensors (fixed ones are never written)."""
+        for a, b in self.trainable_ranges():
             self.grad_buf[a:b] = 0.0
 
     def state_tensors(self) -> dict[str, np.ndarray]:

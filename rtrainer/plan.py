@@ -402,7 +402,6 @@ def check_outputs(out_dir, probe: bool = True) -> None:
     ``probe`` creates and removes one empty file in each existing directory (the only check that
     holds for every file system and user); without it, only access(2) is asked."""
     import os
-    import tempfile
     from pathlib import Path
 
     from .errors import RunIOError

@@ -58,6 +58,7 @@ class RunState:
     staged: dict | None = None             # the staged policy's counters
     schema: int = SCHEMA_VERSION
     metrics_sha256: str | None = None      # of the first metrics_offset bytes (None: an older checkpoint)
+    world_size: int | None = None          # processes of the run that wrote it (None: one, an older checkpoint)
 
     # the order in which the fields are written (the order checkpoints have always had)
     _ORDER = ("schema", "step", "optimizer_updates", "skipped", "best_val_loss", "bad_evals", "best_step",

@@ -7,6 +7,8 @@ In order:
   1. gradients: zero, forward, head loss, backward (Net.forward_backward); frozen ranges are zeroed.
      Accumulation seam: more micro-batches would add into the same flat gradient buffer here
      (forward_backward zeroes it, so the first micro-batch calls it and later ones add).
+     forward_backward(ids, targets) -> loss replaces net.forward_backward: gradient accumulation over
+     micro-batches and the per-rank weighting of a data-parallel run (rtrainer.distributed).
   2. loss_hook(loss, n_scored) -> loss: the seam where a data-parallel run reduces the loss over
      workers (weighted by the scored-token count); None = the local loss.
   3. policy.after_backward(...): what a training policy adds to the gradient (rtrainer.staged:
@@ -76,14 +78,14 @@ class NoFaults:
 
 
 def train_step(net, optimizer, ids: np.ndarray, targets: np.ndarray, lr: float, policy=None, *, step: int = 0,
-               faults=None, grad_hook=None, loss_hook=None) -> StepResult:
+               faults=None, grad_hook=None, loss_hook=None, forward_backward=None) -> StepResult:
     """One optimisation step on the batch (ids, targets) at learning rate lr; `step` is the 0-based
     index of this step in the run (the policy's cadence and the faults are keyed to it). faults=None
     reads RTRAINER_FAULT (a no-op when it is unset); pass NoFaults() to ignore it."""
     faults = EnvFaults() if faults is None else faults
     if policy is not None and not policy.backprop(step):
         return _local_step(net, ids, step, policy, faults, grad_hook)
-    loss = net.forward_backward(ids, targets)
+    loss = (forward_backward or net.forward_backward)(ids, targets)
     if loss_hook is not None:
         loss = loss_hook(loss, int(np.count_nonzero(np.asarray(targets) != -1)))
     extra, aux_finite = policy.after_backward(net, step) if policy is not None else ({}, True)

@@ -31,6 +31,7 @@ from . import checkpoint as ckpt
 from . import runstate
 from . import config as config_mod
 from . import console as console_mod
+from . import distributed as dist_mod
 from . import faults
 from . import plan as plan_mod
 from . import resume as resume_mod
@@ -45,7 +46,6 @@ from .optim import AdamW, lr_at
 from .runstate import RunState
 from .params import FlatParams
 from .step import train_step
-from .threads import resolve_threads
 
 SCHEMA_VERSION = runstate.SCHEMA_VERSION
 
@@ -56,6 +56,8 @@ class Interrupted(RtrainerError):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+    agreed = True   # every rank of a multi-process run stops after the same step
 
 
 @dataclasses.dataclass
@@ -95,14 +97,19 @@ class Trainer:
         self.resume = resume
         self.overwrite = overwrite
         self.stop_at = stop_at     # pause after this step with a checkpoint (stop_reason "paused")
-        self.console = console
-        self.n_threads = resolve_threads(config.run.threads)
+        # data parallel: a launcher started several processes (rtrainer.distributed); one process
+        # without micro-batches leaves every step exactly as it is
+        self.comm = dist_mod.get_comm()
+        self.dp = dist_mod.DataParallel(self.comm, config.train.batch_size, config.train.micro_batch_size)
+        self.console = console and self.comm.is_root   # rank 0 speaks and writes; the others only compute
+        self.n_threads = dist_mod.threads_per_rank(config.run.threads, self.comm.launcher)
         # what a run holds once set up (fit); the cleanup relies on these starting as None
         self.data = None
         self.run_dir = None   # the checkpoint manager (runstate.RunDir)
         self.last_val = None
         self.metrics = None
-        self.events = console_mod.Events()   # warnings and integrity events: stderr, metrics, summary
+        # warnings and integrity events: stderr (rank 0), metrics, summary
+        self.events = console_mod.Events(printed=self.comm.is_root)
 
     @classmethod
     def from_file(cls, path: str, overrides=(), **kw):
@@ -171,11 +178,34 @@ class Trainer:
         only (targets = -1 are ignored); plus val_loss@L, val_acc@L for each eval.extra_lengths L."""
         r = {}
         for L, source in [(None, self.data.val)] + sorted(self.data.extra_val.items()):
-            e = self.net.evaluate(source.batches())
+            e = self.net.evaluate(source.batches()) if not self.dp.active else self._evaluate_shared(source)
             sfx = "" if L is None else f"@{L}"
             r["val_loss" + sfx] = e["loss"]
             r["val_acc" + sfx] = e["acc"]
         return r
+
+    def _evaluate_shared(self, source) -> dict:
+        """Net.evaluate over this rank's micro-batches of every window, the sums reduced over the ranks.
+        The loss is summed per micro-batch slot, then over the slots in order: one process with M
+        micro-batches adds the same numbers in the same order as M ranks with one each."""
+        n_tok, correct, slots = 0, 0, {}
+        batches = source.slotted_batches() if hasattr(source, "slotted_batches") else \
+            ((0, i, t) for i, t in source.batches())
+        for j, ids, targets in batches:
+            z = self.model.forward(ids)
+            loss = self.head.forward(z, targets)
+            pred = self.head.predict(z)
+            t = targets.reshape(-1)
+            n = int(np.count_nonzero(t != -1))
+            slots[j] = slots.get(j, 0.0) + float(loss) * n
+            correct += int(np.count_nonzero(pred == t))    # pred is never -1
+            n_tok += n
+        loss_sum = 0.0
+        for j in sorted(slots):
+            loss_sum += slots[j]
+        if self.comm.distributed:
+            loss_sum, correct, n_tok = self.comm.sum([loss_sum, correct, n_tok])
+        return {"loss": loss_sum / max(n_tok, 1), "acc": correct / max(n_tok, 1)}
 
     # ================================================================ the run
     def fit(self) -> dict:
@@ -188,11 +218,17 @@ class Trainer:
             meter = _Meter(t_start, self.step, elapsed0)
             elapsed = lambda: elapsed0 + time.perf_counter() - t_start  # noqa: E731
             consecutive_skips = 0
+            fb = lambda ids, targets: self.dp.forward_backward(self.net, ids, targets)  # noqa: E731
             while self.step < total:
                 # the step
                 ids, targets = self.data.train.next_batch()
                 lr = lr_at(self.step, c.optim.lr, c.schedule.warmup_steps, total, c.schedule.min_lr_scale)
-                r = train_step(self.net, self.optimizer, ids, targets, lr, self.policy, step=self.step)
+                if self.dp.active:   # this rank's share in micro-batches, one Allreduce (rtrainer/distributed.py)
+                    self.dp.begin_step(self.data.train)
+                    r = train_step(self.net, self.optimizer, ids, targets, lr, self.policy, step=self.step,
+                                   forward_backward=fb, loss_hook=self.dp.loss_hook, grad_hook=self.dp.grad_hook)
+                else:
+                    r = train_step(self.net, self.optimizer, ids, targets, lr, self.policy, step=self.step)
                 if r.finite:
                     consecutive_skips = 0
                 else:  # non-finite loss or gradient: no parameter or moment changes
@@ -229,13 +265,17 @@ class Trainer:
                     self._say(f"rtrainer: paused after step {self.step} (--stop-at); continue with --resume auto")
                     self._closing_validation(validated)
                     return self._finish("paused")
+                if self.comm.distributed:   # every rank stops after the same step
+                    self._stop_signal = self.dp.agree_stop(self._stop_signal)
                 if self._stop_signal is not None and not last:
                     if not saved:
                         self._save(elapsed())
                     name = signal.Signals(self._stop_signal).name
                     self._closing_validation(validated)
                     self._finish("interrupted")
-                    raise Interrupted(self._stop_signal, f"interrupted by {name} after step {self.step}; checkpoint "
+                    # SIGUSR1 is a warning ahead of a SIGTERM: the run ends as if it had been terminated
+                    code = signal.SIGTERM if self._stop_signal == signal.SIGUSR1 else self._stop_signal
+                    raise Interrupted(code, f"interrupted by {name} after step {self.step}; checkpoint "
                                       f"{self.paths['latest']} written; continue with --resume auto")
             return self._finish("completed")
 
@@ -246,7 +286,8 @@ class Trainer:
         self._stop_signal = None
         handlers = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            # SIGUSR1: what mpirun forwards to every rank and Slurm sends ahead of a kill (--signal)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
                 handlers[sig] = signal.signal(sig, self._on_signal)
         try:
             with threadpool_limits(limits=self.n_threads, user_api="blas"):
@@ -291,6 +332,14 @@ class Trainer:
         self.policy = self.staged if self.staged.active else None
         self.optimizer = self.build_optimizer(self.flat)
         self.rng = np.random.default_rng([c.run.seed, 2])   # for subclasses (sampling, dropout, ...)
+        if self.dp.active:
+            if self.policy is not None and self.staged.ff:   # (freezing alone is Net's, no policy step)
+                raise ConfigError("train.ff / train.bp_cadence (a staged-training policy) work on one process "
+                                  "without micro-batches (train.micro_batch_size)")
+            self.dp.bind(self.flat)
+            self.data.train = self.dp.wrap_train(self.data.train)
+            self.data.val = self.dp.wrap_eval(self.data.val)
+            self.data.extra_val = {L: self.dp.wrap_eval(v) for L, v in self.data.extra_val.items()}
         self.resolved = self._resolved_config(V)
         out_dir = Path(self.resolved.run.out_dir)
         self.ckpt_dir = out_dir / "checkpoints"
@@ -304,6 +353,52 @@ class Trainer:
             "run_state": str(out_dir / "run_state.json"),
             "summary": str(out_dir / "summary.json"),
         }
+        state, metrics_offset, metrics_sha256, elapsed0 = None, None, None, 0.0
+        if self.comm.is_root:
+            state, metrics_offset, metrics_sha256, elapsed0 = self._setup_run_dir(out_dir)
+        if self.comm.distributed:   # rank 0 read the checkpoint (or initialised): the others take its state
+            if self.comm.is_root:
+                shared = (state, elapsed0)
+            else:
+                self.staged.initialise(self.net, c.run.seed, c.model.init, c.model.init_from,
+                                       staged_mod.peek(self.data.train))
+                shared = None
+            state, elapsed0 = self.comm.bcast(shared)
+            for buf in (self.flat.param_buf, self.flat.m, self.flat.v):
+                self.comm.bcast_array_(buf)
+            if not self.comm.is_root:
+                self._restore_scalars(state)
+        if self.comm.is_root:
+            self._open_metrics(metrics_offset, metrics_sha256)
+        else:
+            self.metrics = _NoMetrics()
+        self.events.attach(self.metrics, self.step)
+        was = 1 if state is None or state.world_size is None else int(state.world_size)
+        if state is not None and was != self.comm.size:
+            self.events.emit("world_size_changed", f"the checkpoint was written by {was} process(es), this run has "
+                             f"{self.comm.size}: the global batch and the data are the same, but sums are rounded "
+                             "in another order, so results are not bitwise those of an uninterrupted run",
+                             step=self.step, old=was, new=self.comm.size)
+        import rtrainer
+
+        hint = rtrainer.threading_warning() if self.n_threads > 1 else None
+        if hint:
+            self.events.emit("blas_spin_wait", hint, step=self.step)
+        for event, message, fields in plan_mod.surprises(c, self.n_threads):
+            self.events.emit(event, message, step=self.step, **fields)
+        world = f", processes={self.comm.size}" if self.comm.distributed else ""
+        accum = f", micro-batches={self.dp.accum}" if self.dp.accum > 1 else ""
+        self._say(f"rtrainer: {'resuming at step ' + str(self.step) if state else 'starting'}: "
+                  f"{self.flat.n_trainable:,} trainable parameters, V={V}, threads={self.n_threads}{world}{accum}, "
+                  f"out_dir={out_dir}; plan: memory about {plan_mod._human(self.plan['memory']['total'])}, "
+                  f"{self.plan['flops_per_step']['total'] / 1e9:.3f} GFLOP/step")
+        return elapsed0
+
+    def _setup_run_dir(self, out_dir: Path):
+        """Rank 0 (or the only process): lock the run directory, clean it, read the checkpoint to
+        resume or initialise, write the resolved config. Returns (state, metrics offset, metrics
+        sha256, elapsed)."""
+        c = self.cfg
         plan_mod.check_outputs(out_dir)   # a file where out_dir belongs, read-only checkpoints/, ...
         self.run_dir = runstate.RunDir(out_dir, c.checkpoint.keep_last, self.events.emit)
         self.run_dir.lock()    # one writer per run directory (flock: dies with its holder)
@@ -319,16 +414,11 @@ class Trainer:
             # init_params, or the base model (model.init_from) expanded
             self.staged.initialise(self.net, c.run.seed, c.model.init, c.model.init_from,
                                    staged_mod.peek(self.data.train))
-            self.step, self.skipped, self.best_val_loss, elapsed0 = 0, 0, math.inf, 0.0
-            self.bad_evals, self.best_step = 0, None
+            self._restore_scalars(None)
             metrics_offset = metrics_sha256 = None
+            elapsed0 = 0.0
         else:
-            self.step, self.skipped = state.step, state.skipped
-            self.best_val_loss, self.bad_evals, self.best_step = state.best_val_loss, state.bad_evals, state.best_step
-            self.optimizer.load_state({"updates": state.optimizer_updates})
-            self.data.train.set_state(state.data["train"])
-            self.staged.load_state(state.staged, self._resume_path)
-            self.rng.bit_generator.state = state.rng
+            self._restore_scalars(state)
             elapsed0 = state.elapsed_s
             # continuing this run: cut metrics.jsonl back to the checkpoint; a checkpoint from
             # another run directory starts this directory's metrics afresh
@@ -343,6 +433,10 @@ class Trainer:
         # the run directory
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_text_atomic(self.paths["config"], config_mod.config_to_toml(self.resolved))
+        return state, metrics_offset, metrics_sha256, elapsed0
+
+    def _open_metrics(self, metrics_offset, metrics_sha256) -> None:
+        """Rank 0: metrics.jsonl continued from the checkpoint (checked against its sha256) or new."""
         try:   # the summary of an earlier segment must not pass for this one's (written again at the end)
             os.unlink(self.paths["summary"])
         except FileNotFoundError:
@@ -354,19 +448,20 @@ class Trainer:
             self.events.emit("metrics_set_aside", f"{self.paths['metrics']} does not match the checkpoint ({why}): "
                              f"it is damaged; kept as {moved}, a new metrics file starts at step {self.step}",
                              path=self.paths["metrics"], moved_to=moved, reason=why)
-        self.events.attach(self.metrics, self.step)
-        import rtrainer
 
-        hint = rtrainer.threading_warning() if self.n_threads > 1 else None
-        if hint:
-            self.events.emit("blas_spin_wait", hint, step=self.step)
-        for event, message, fields in plan_mod.surprises(c, self.n_threads):
-            self.events.emit(event, message, step=self.step, **fields)
-        self._say(f"rtrainer: {'resuming at step ' + str(self.step) if state else 'starting'}: "
-                  f"{self.flat.n_trainable:,} trainable parameters, V={V}, threads={self.n_threads}, "
-                  f"out_dir={out_dir}; plan: memory about {plan_mod._human(self.plan['memory']['total'])}, "
-                  f"{self.plan['flops_per_step']['total'] / 1e9:.3f} GFLOP/step")
-        return elapsed0
+    def _restore_scalars(self, state: RunState | None) -> None:
+        """Everything but the tensors of a checkpoint's state (the step, counters, data cursor, RNG);
+        None: a new run."""
+        if state is None:
+            self.step, self.skipped, self.best_val_loss = 0, 0, math.inf
+            self.bad_evals, self.best_step = 0, None
+            return
+        self.step, self.skipped = state.step, state.skipped
+        self.best_val_loss, self.bad_evals, self.best_step = state.best_val_loss, state.bad_evals, state.best_step
+        self.optimizer.load_state({"updates": state.optimizer_updates})
+        self.data.train.set_state(state.data["train"])
+        self.staged.load_state(state.staged, getattr(self, "_resume_path", None))
+        self.rng.bit_generator.state = state.rng
 
     def _log(self, r, lr: float, meter: "_Meter", tokens_per_step: int) -> None:
         now = time.perf_counter()
@@ -397,15 +492,17 @@ class Trainer:
             "events": self.events.items,
         }
         self.metrics.close()
-        ckpt.write_json_atomic(self.paths["summary"], summary)
+        if self.comm.is_root:
+            ckpt.write_json_atomic(self.paths["summary"], summary)
+        self.comm.barrier()   # no rank leaves (and so ends the job) before rank 0 has written
         return summary
 
     # ================================================================ internals
     def _failure_summary(self, err: Exception) -> None:
         """An I/O error stopped the run: summary.json says so (stop_reason "io_error", the message
         in "error"), best effort: the directory may be what failed."""
-        if getattr(self, "metrics", None) is None:
-            return   # stopped before the run directory was set up: nothing of this run to summarise
+        if getattr(self, "metrics", None) is None or not self.comm.is_root:
+            return   # stopped before the run directory was set up (or not rank 0): nothing to summarise
         try:
             self.metrics.close()
         except RtrainerError:
@@ -426,6 +523,9 @@ class Trainer:
         loss = r.extra["ff_loss"] if r.extra.get("bp_applied") is False else r.loss
         gnorm = r.grad_norm
         path = Path(self.paths["out_dir"]) / "checkpoints" / f"non-finite-step-{self.step + 1}.safetensors"
+        if not self.comm.is_root:   # rank 0 keeps the diagnosis; the others stop with it
+            self._finish("non_finite")
+            raise NonFiniteError(f"step {self.step + 1}: non-finite loss or gradient (see rank 0)")
         tensors = dict(self.flat.state_tensors())
         for name, g in self.flat.grads.items():
             tensors[f"grad/{name}"] = g
@@ -473,17 +573,25 @@ class Trainer:
         retention. `latest`/`best` say why it is written (a due save, an improving validation)."""
         if best:
             self.best_step = self.step
+        self.dp.check_same_params(self.flat.param_buf, self.step)
+        if not self.comm.is_root:   # rank 0 writes; the others wait for it
+            if latest:
+                self.paths["latest"] = str(self.ckpt_dir / ckpt.step_dir_name(self.step))
+            self.comm.barrier()
+            return
         state = RunState(
             step=self.step, optimizer_updates=self.optimizer.state()["updates"], skipped=self.skipped,
             best_val_loss=self.best_val_loss, bad_evals=self.bad_evals, best_step=self.best_step,
             data={"train": self.data.train.state()}, rng=self.rng.bit_generator.state,
             metrics_offset=self.metrics.offset(), elapsed_s=elapsed, n_threads=self.n_threads,
             config=config_mod.config_to_dict(self.resolved), staged=self.staged.state(),
-            metrics_sha256=self.metrics.sha256())   # of those bytes: the log is checked on resume
+            metrics_sha256=self.metrics.sha256(),   # of those bytes: the log is checked on resume
+            world_size=self.comm.size)
         path = self.run_dir.save(self.flat.state_tensors(), state, best=best, extra={"n_threads": self.n_threads})
         self.paths["latest"] = path
         if best:
             self.paths["best"] = path
+        self.comm.barrier()
 
     def _load_resume_state(self) -> RunState | None:
         r = self.resume
@@ -539,12 +647,33 @@ class Trainer:
             console_mod.say(msg, sys.stderr if msg.startswith("rtrainer:") else sys.stdout)
 
 
+class _NoMetrics:
+    """The metrics of a rank other than 0: nothing is written."""
+
+    closed = False
+
+    def write(self, record):
+        pass
+
+    def offset(self):
+        return 0
+
+    def sha256(self):
+        return None
+
+    def close(self):
+        pass
+
+
 def _fault_point(step: int, flat: FlatParams) -> None:
     """The step faults of rtrainer.faults (RTRAINER_FAULT), once step N is complete and its
     checkpoint, if due, written: after_step=N:SIGNAL sends a real signal to this process,
     nan_param_after_step=N:TENSOR fills a parameter with NaN."""
     kind, n, arg = faults.parse()
     if not n.isdigit() or int(n) != step:
+        return
+    only = os.environ.get("RTRAINER_FAULT_RANK", "").strip()   # multi-process runs: on this rank only
+    if only and only != str(dist_mod.detect_launcher().rank):
         return
     if kind == "after_step":
         os.kill(os.getpid(), getattr(signal, "SIG" + (arg or "KILL").upper()))

@@ -66,6 +66,25 @@ def run_cli(*args, env_extra=None, cwd=None, check=False):
     return p
 
 
+def records_close(got, want, rel=1e-5):
+    """The records of `want` (written by another build: a fixture made on another kind of CPU) and
+    `got` are the same training up to float32 rounding: the same keys, kinds and steps, every float
+    within `rel` except the lr (the schedule is exact), everything else equal. Returns the first
+    pair that is not, or None."""
+    if len(got) != len(want):
+        return (len(got), len(want))
+    for g, w in zip(got, want):
+        if set(g) != set(w):
+            return (g, w)
+        for k, v in w.items():
+            if isinstance(v, float) and k != "lr":
+                if g[k] != pytest.approx(v, rel=rel, abs=rel * 1e-2):
+                    return (g, w)
+            elif g[k] != v:
+                return (g, w)
+    return None
+
+
 def read_metrics(path):
     import orjson
 
