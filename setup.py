@@ -11,7 +11,7 @@ import sys
 from setuptools import Extension, setup
 from Cython.Build import cythonize
 
-KERNELS = ["info", "embed", "conv", "scan", "norm", "hpn", "optim", "rmsnorm", "gate"]
+KERNELS = ["info", "embed", "conv", "scan", "norm", "hpn", "optim", "rmsnorm", "gate", "step"]
 
 use_openmp = os.environ.get("RTRAINER_NO_OPENMP", "") not in ("1", "true", "yes")
 portable = os.environ.get("RTRAINER_PORTABLE", "") in ("1", "true", "yes")

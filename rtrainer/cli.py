@@ -1,7 +1,8 @@
 """Command line: `rtrainer run CONFIG [--set section.key=value ...] [--resume PATH|auto] [--headless]`,
 `rtrainer parity CONFIG [--steps N]`, `rtrainer prepare DIR` (index a shard directory),
 `rtrainer launch -n K CONFIG [run flags]` (K data-parallel processes via mpirun), `rtrainer info`,
-`rtrainer keys [--markdown]`.
+`rtrainer keys [--markdown]`; for trained models `rtrainer generate MODEL`, `rtrainer eval MODEL --data PATH`,
+`rtrainer export MODEL OUT_DIR`, `rtrainer inspect PATH`.
 
 Every error is one line on stderr starting `rtrainer: error:` and a non-zero exit code:
 2 configuration or usage, 3 data or checkpoint integrity, 4 non-finite stop, 5 I/O error (disk full, permission),
@@ -38,6 +39,10 @@ examples:
   rtrainer prepare data/shards                             # index (and check) a shard directory once
   rtrainer launch -n 2 examples/quickstart.toml            # 2 data-parallel processes (mpirun)
   mpirun -n 2 rtrainer run examples/quickstart.toml        # the same, by hand (or srun on Slurm)
+  rtrainer generate runs/quickstart --prompt 'ROMEO:' --max-new-tokens 200 --top-k 20
+  rtrainer eval runs/quickstart --data examples/data/shakespeare.txt
+  rtrainer export runs/quickstart exports/quickstart       # weights + config + tokenizer + model card
+  rtrainer inspect runs/quickstart                         # checkpoints, their status, tensors
 """
 
 
@@ -99,11 +104,63 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("config", metavar="CONFIG", help="the TOML run file")
     la.add_argument("run_args", nargs=argparse.REMAINDER, metavar="...",
                     help="flags of `rtrainer run` (--set, --resume, --overwrite, --headless, --stop-at)")
+    _model_commands(sub)
     sub.add_parser("info", help="build and machine information (OpenMP, threads, BLAS)")
     k = sub.add_parser("keys", help="list every run-file key with its default and meaning")
     k.add_argument("--markdown", action="store_true",
                    help="print the run-file reference in Markdown instead (what docs/run-file.md holds)")
     return p
+
+
+MODEL_HELP = ("a step checkpoint (RUN/checkpoints/step-N), a run directory (its best checkpoint, or the newest "
+              "with --checkpoint latest) or an export directory")
+
+
+def _model_args(q, threads: bool = True) -> None:
+    q.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    q.add_argument("--checkpoint", choices=("best", "latest"), default="best",
+                   help="which checkpoint of a run directory: best validation (default; the newest if the run "
+                        "never validated) or the newest that verifies")
+    q.add_argument("--tokenizer", default=None, metavar="FILE",
+                   help="a tokenizer.json to use instead of the model's own (its vocabulary must match the model)")
+    if threads:
+        q.add_argument("--threads", type=int, default=0, help="threads (0 = every core this process may use)")
+
+
+def _model_commands(sub) -> None:
+    g = sub.add_parser("generate", help="sample text from a trained model (recurrent: constant cost per token)",
+                       description="Sample text from a trained model, streamed as it is generated. The HPN head "
+                       "samples from softmax(cos/tau) over its prototypes, the softmax head from its logits; then "
+                       "--temperature, --top-k and --top-p as in nanoGPT/litgpt. Deterministic for a --seed.")
+    _model_args(g)
+    g.add_argument("--prompt", default=None, help="the prompt text (default: a newline)")
+    g.add_argument("--prompt-file", default=None, metavar="FILE", help="read the prompt from a UTF-8 file")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (arg max); default 0.8")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens only")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus: the smallest set with probability >= P")
+    g.add_argument("--num-samples", type=int, default=1, help="samples, decoded together as one batch")
+    g.add_argument("--seed", type=int, default=1234, help="sample i draws from a generator seeded (seed, i)")
+    g.add_argument("--tau", type=float, default=None,
+                   help="HPN head: the cosine temperature, p ~ exp(cos/tau) (default 0.1)")
+    e = sub.add_parser("eval", help="loss, accuracy (and bits per token/byte) of a trained model on any data")
+    _model_args(e)
+    e.add_argument("--data", required=True, metavar="PATH",
+                   help="a token file (.bin/.npy), a shard directory, or UTF-8 text (through the model's tokenizer)")
+    e.add_argument("--format", default="auto", choices=("auto", "text", "u8", "u16", "u32", "npy", "txt"),
+                   help="how to read PATH; auto = shard directory, .bin/.npy token file, anything else text")
+    e.add_argument("--seq-len", type=int, default=0, help="window length (default: the training seq_len)")
+    e.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    e.add_argument("--max-batches", type=int, default=0, help="score at most this many batches (0 = all the data)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    x = sub.add_parser("export", help="weights (safetensors, no optimizer state), config.json, tokenizer and a "
+                       "model card, into a new directory")
+    _model_args(x, threads=False)
+    x.add_argument("out_dir", metavar="OUT_DIR", help="the export directory (must be empty or absent)")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    i = sub.add_parser("inspect", help="what a checkpoint, run directory or export holds, and whether it verifies")
+    i.add_argument("path", metavar="PATH", help="a step checkpoint, a run directory or an export directory")
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def _check_flags(args) -> None:
@@ -224,6 +281,20 @@ def _run(argv=None) -> int:
             _out("parity: OK")
         elif args.command == "prepare":
             _prepare(args)
+        elif args.command == "generate":
+            from .generate import run_generate
+
+            run_generate(args)
+        elif args.command == "eval":
+            _eval(args)
+        elif args.command == "export":
+            from .export import export_model
+
+            info = export_model(args.model, args.out_dir, which=args.checkpoint, overwrite=args.overwrite,
+                                tokenizer=args.tokenizer)
+            _out(f"exported step {info['step']} ({info['parameters']['total']:,} parameters) to {args.out_dir}")
+        elif args.command == "inspect":
+            _inspect(args)
         elif args.command == "info":
             _info()
         elif args.command == "keys" and args.markdown:
@@ -299,6 +370,32 @@ def _print_error(e) -> None:
         _err(f"rtrainer: error: rank {launcher.rank}: {e}")
         return
     _err(f"rtrainer: error: {e}")
+
+
+def _json(r) -> str:
+    """Strict JSON (a non-finite float is null)."""
+    import json
+
+    from .checkpoint import _nonfinite_to_none
+
+    return json.dumps(_nonfinite_to_none(r), indent=2, default=str)
+
+
+def _eval(args) -> None:
+    from .evaluate import evaluate_model, format_report
+    from .generate import open_model
+
+    net, tok = open_model(args.model, args.checkpoint, args.threads, args.tokenizer)
+    r = evaluate_model(net, tok, args.data, fmt=args.format, seq_len=args.seq_len, batch_size=args.batch_size,
+                       max_batches=args.max_batches)
+    _out(_json(r) if args.json else format_report(r))
+
+
+def _inspect(args) -> None:
+    from .inspect import format_report, inspect_path
+
+    r = inspect_path(args.path)
+    _out(_json(r) if args.json else format_report(r))
 
 
 def _prepare(args) -> None:

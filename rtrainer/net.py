@@ -8,6 +8,7 @@
     r = net.evaluate(batches)                         # {"loss": ..., "acc": ...}, no gradients
 
     net = Net.load("runs/x/checkpoints/step-200")     # or a run directory: its newest valid checkpoint
+    net = Net.load("runs/x", which="best")            # or its best one; or an export (rtrainer export)
 
 The training step itself is rtrainer.step.train_step(net, optimizer, ...). Frozen tensors (train.freeze,
 train.freeze_embedding) are non-trainable ranges of the flat buffer: no update, no decay, no moment
@@ -30,6 +31,8 @@ from .heads import HPNHead, SoftmaxHead
 from .model import MambaLiteStack, MambaStack, resolve_dt_rank
 from .optim import AdamW
 from .params import FlatParams
+
+EXPORT_KIND = "export"     # the "kind" in the state of an export's model.safetensors (rtrainer export)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,26 +143,31 @@ class Net:
         return str(path)
 
     @classmethod
-    def load(cls, path, *, n_threads: int = 1) -> "Net":
+    def load(cls, path, *, n_threads: int = 1, which: str = "latest") -> "Net":
         """A Net with the parameters (and AdamW moments) of a checkpoint: a step directory
-        `checkpoints/step-N`, a checkpoint file, or a run directory (its newest checkpoint that
-        verifies). The architecture comes from the config stored in the checkpoint."""
+        `checkpoints/step-N`, a checkpoint file, a run directory (its newest checkpoint that
+        verifies, or with which="best" its best one), or an export directory (`rtrainer export`:
+        the parameters only, the moments stay zero). The architecture comes from the config stored
+        with the tensors."""
         from . import config as config_mod
 
-        path, tensors, state = _load_checkpoint(Path(path))
+        p, tensors, state = runstate.find_model(Path(path), which)
         saved = state.get("config")
         if not isinstance(saved, dict) or "model" not in saved:
-            raise CheckpointError(f"{path}: the checkpoint holds no run configuration, so the model cannot be built")
+            raise CheckpointError(f"{p}: the checkpoint holds no run configuration, so the model cannot be built")
         try:
-            cfg = config_mod.config_from_dict(saved, source=str(path), require_data=False)
+            cfg = config_mod.config_from_dict(saved, source=str(p), require_data=False)
         except ConfigError as e:
-            raise CheckpointError(f"{path}: the stored configuration is not valid: {e}") from None
+            raise CheckpointError(f"{p}: the stored configuration is not valid: {e}") from None
         V = int(cfg.model.vocab_size)
         if V <= 0:
-            raise CheckpointError(f"{path}: the stored configuration has no vocabulary size")
+            raise CheckpointError(f"{p}: the stored configuration has no vocabulary size")
         net = cls.build(cfg, V, n_threads=n_threads)
-        net.load_tensors(tensors, source=str(path))
-        net.source = str(path)
+        if state.get("kind") == EXPORT_KIND:
+            net.flat.load_state_tensors({f"param/{k}": v for k, v in tensors.items()}, source=str(p), moments=False)
+        else:
+            net.load_tensors(tensors, source=str(p))
+        net.source = p
         net.state = state
         return net
 
@@ -235,21 +243,11 @@ class Net:
         return {"loss": loss_sum / max(n_tok, 1), "acc": correct / max(n_tok, 1)}
 
 
-def _load_checkpoint(path: Path):
-    """(path, tensors, state) of a step directory / checkpoint file, or of the newest step checkpoint
-    of a run directory that verifies."""
-    found = runstate.newest_valid(path)
-    if found is None:
-        raise CheckpointError(f"{path}: no step checkpoint in {runstate.checkpoints_dir(path)}")
-    p, tensors, state = found
-    return Path(p), tensors, state
-
-
 def save(net: Net, path, optimizer=None, *, step: int = 0) -> str:
     """rtrainer.save(net, path, optimizer): Net.save; read it back with rtrainer.load(path)."""
     return net.save(path, optimizer, step=step)
 
 
-def load(path, *, n_threads: int = 1) -> Net:
-    """rtrainer.load(path): Net.load (a checkpoint file, a step directory or a run directory)."""
-    return Net.load(path, n_threads=n_threads)
+def load(path, *, n_threads: int = 1, which: str = "latest") -> Net:
+    """rtrainer.load(path): Net.load (a checkpoint file, a step directory, a run directory or an export)."""
+    return Net.load(path, n_threads=n_threads, which=which)

@@ -114,11 +114,14 @@ class FlatParams:
                 out[f"{prefix}/{name}"] = view
         return out
 
-    def load_state_tensors(self, tensors: dict[str, np.ndarray], source: str = "checkpoint") -> None:
-        """Inverse of state_tensors; every tensor must be present with the right shape."""
+    def load_state_tensors(self, tensors: dict[str, np.ndarray], source: str = "checkpoint",
+                           moments: bool = True) -> None:
+        """Inverse of state_tensors; every tensor must be present with the right shape (the
+        parameters only with moments=False: the moments are left as they are)."""
         from .errors import CheckpointError
 
-        for prefix, buf in (("param", self.param_buf), ("adam_m", self.m), ("adam_v", self.v)):
+        bufs = (("param", self.param_buf), ("adam_m", self.m), ("adam_v", self.v))
+        for prefix, buf in bufs if moments else bufs[:1]:
             for name, view in self.views(buf).items():
                 key = f"{prefix}/{name}"
                 if key not in tensors:

@@ -7,6 +7,8 @@ module decides which checkpoints a run writes, keeps and resumes:
   same definition.
 - `newest_valid(path)`: a run directory, its checkpoints/ directory, a step directory or a checkpoint
   file -> the newest checkpoint that verifies (Trainer resume, `Net.load` and `model.init_from`).
+- `find_model(path, which)`: the same, and also an export directory (`rtrainer export`) or a run's
+  best checkpoint (what `rtrainer generate | eval | export` read).
 - `RunDir`: one run directory's checkpoints: the lock, the sweep of what a killed writer left, save
   (commit + run_state.json + best.json), retention, and the set-aside of a replaced timeline.
 - `check_schema`: a checkpoint of another state schema is refused. What a resumed run may change
@@ -59,6 +61,7 @@ class RunState:
     schema: int = SCHEMA_VERSION
     metrics_sha256: str | None = None      # of the first metrics_offset bytes (None: an older checkpoint)
     world_size: int | None = None          # processes of the run that wrote it (None: one, an older checkpoint)
+    tokenizer: dict | None = None          # data.tokenizer's record: path, sha256, vocab_size, eod_id (None: bytes or ids, or an older checkpoint)
 
     # the order in which the fields are written (the order checkpoints have always had)
     _ORDER = ("schema", "step", "optimizer_updates", "skipped", "best_val_loss", "bad_evals", "best_step",
@@ -124,6 +127,52 @@ def newest_valid(path, on_skip: Callable[[str, CheckpointError], None] | None = 
     if found:
         raise CheckpointError(f"no valid checkpoint in {d}: " + "; ".join(problems))
     return None
+
+
+EXPORT_CONFIG = "config.json"    # an export directory: config.json + model.safetensors, and no manifest
+
+
+def is_export_dir(path) -> bool:
+    """A directory written by `rtrainer export` (weights only, no manifest)."""
+    path = Path(path)
+    return ((path / EXPORT_CONFIG).is_file() and (path / ckpt.TENSOR_FILE).is_file()
+            and not (path / ckpt.MANIFEST_FILE).exists())
+
+
+def best_step(run_dir) -> int | None:
+    """The best validation step of a run directory, from run_state.json (rewritten at every
+    checkpoint of the current run; None when the run never validated or has no run_state.json)."""
+    try:
+        s = ckpt.read_json(Path(run_dir) / "run_state.json").get("best_step")
+    except (CheckpointError, AttributeError):
+        return None
+    return s if isinstance(s, int) and not isinstance(s, bool) else None
+
+
+def find_model(path, which: str = "latest", on_skip: Callable[[str, CheckpointError], None] | None = None):
+    """(path, tensors, state dict) of a model to use: an export directory, a step directory or a
+    checkpoint file as it is; a run directory's newest checkpoint that verifies (which="latest"), or
+    its best one (which="best": the step of run_state.json's best_step, which must verify; the newest
+    valid one when the run never validated). CheckpointError when there is none."""
+    from .errors import ConfigError
+
+    if which not in ("best", "latest"):
+        raise ConfigError(f"the checkpoint to read must be 'best' or 'latest', got {which!r}")
+    path = Path(path)
+    if is_export_dir(path):
+        tensors, state = ckpt.load_checkpoint(str(path / ckpt.TENSOR_FILE))
+        return str(path), tensors, state
+    if which == "best" and is_search_dir(path):
+        step = best_step(path)
+        best = checkpoints_dir(path) / ckpt.step_dir_name(step) if step is not None else None
+        if best is not None and best.is_dir():
+            tensors, state = ckpt.load_checkpoint(str(best))
+            return str(best), tensors, state
+    found = newest_valid(path, on_skip)
+    if found is None:
+        raise CheckpointError(f"{path}: not an rtrainer model (no step checkpoint in {checkpoints_dir(path)}, "
+                              f"and not an export directory with {EXPORT_CONFIG} and {ckpt.TENSOR_FILE})")
+    return found
 
 
 def check_schema(path: str, state: dict) -> None:

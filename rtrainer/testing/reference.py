@@ -598,3 +598,50 @@ def mamba_model_loss_and_grads_ref(params, ids, targets, *, n_layers, d_state,
     if not learnable_prototypes:
         del g["head.prototypes"]
     return float(loss), g
+
+
+# ============================================================ single-token steps (recurrent inference)
+
+def conv_step_ref(pre, u, state, x, conv_w, conv_b, n_threads):
+    """One token of the causal conv + SiLU; advances state.
+
+    pre, u (B,C)     OUT  pre = conv_b + sum_{k<K-1} conv_w[:,k]*state[:,k] + conv_w[:,K-1]*x ; u = silu(pre)
+    state  (B,K-1,C) IN/OUT  the last K-1 conv inputs, oldest first (zeros before the start);
+                     afterwards state[:, k] = old state[:, k+1], state[:, K-2] = x
+    x      (B,C)     IN
+    conv_w (C,K), conv_b (C,) IN
+    """
+    K = conv_w.shape[1]
+    w = np.asarray(conv_w, np.float64)
+    acc = np.asarray(conv_b, np.float64) + w[:, K - 1] * np.asarray(x, np.float64)
+    for k in range(K - 1):
+        acc = acc + w[:, k] * np.asarray(state[:, k], np.float64)
+    pre[...] = acc
+    u[...] = silu_ref(acc)
+    if K > 1:
+        state[:, :-1] = state[:, 1:].copy()
+        state[:, -1] = x
+
+
+def neg_exp_t_ref(negA, A_log, n_threads):
+    """negA (N,C) OUT = -exp(A_log).T;  A_log (C,N) IN."""
+    negA[...] = -np.exp(np.asarray(A_log, np.float64)).T
+
+
+def scan_step_ref(y, h, u, dt, dt_bias, negA, xdbl, D_skip, n_threads):
+    """One token of the selective scan; advances h.
+
+    y      (B,C)   OUT  y = sum_n h[:,n,:]*Ct[:,n] + D_skip*u
+    h      (B,N,C) IN/OUT  h[:,n,d] = exp(delta*negA[n,d]) * h[:,n,d] + delta*u*Bt[:,n]
+    u, dt  (B,C)   IN   delta = softplus(dt + dt_bias)
+    dt_bias, D_skip (C,) IN;  negA (N,C) IN = -exp(A_log).T;  xdbl (B,>=2N) IN [Bt | Ct | ...]
+    """
+    N = negA.shape[0]
+    u = np.asarray(u, np.float64)
+    Bt = np.asarray(xdbl[:, :N], np.float64)
+    Ct = np.asarray(xdbl[:, N:2 * N], np.float64)
+    delta = softplus_ref(np.asarray(dt, np.float64) + dt_bias)                 # (B,C)
+    hn = np.exp(delta[:, None, :] * np.asarray(negA, np.float64)) * np.asarray(h, np.float64) \
+        + (delta * u)[:, None, :] * Bt[:, :, None]
+    h[...] = hn
+    y[...] = np.einsum("bnc,bn->bc", hn, Ct) + np.asarray(D_skip, np.float64) * u
