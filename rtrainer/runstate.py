@@ -59,6 +59,7 @@ class RunState:
     schema: int = SCHEMA_VERSION
     metrics_sha256: str | None = None      # of the first metrics_offset bytes (None: an older checkpoint)
     world_size: int | None = None          # processes of the run that wrote it (None: one, an older checkpoint)
+    tokenizer: dict | None = None          # data.tokenizer's record: path, sha256, vocab_size, eod_id (None: bytes or ids, or an older checkpoint)
 
     # the order in which the fields are written (the order checkpoints have always had)
     _ORDER = ("schema", "step", "optimizer_updates", "skipped", "best_val_loss", "bad_evals", "best_step",
