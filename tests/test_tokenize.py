@@ -154,6 +154,30 @@ def test_invalid_utf8_names_file_and_offset_and_writes_nothing(tmp_path):
         assert sorted(x.name for x in tmp_path.iterdir()) == ["bad.txt", "good.txt"]
 
 
+def test_a_failed_write_is_an_io_error_and_leaves_nothing(tmp_path, corpus):
+    """A file size limit (RLIMIT_FSIZE: writes past it fail with EFBIG, as on a full disk) stops
+    the shard writer: exit 5, one error line, no temporary or half-written output, and the parent
+    directories --out made for itself are gone again."""
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    d, _ = corpus
+    out = tmp_path / "new" / "deeper" / "out"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    p = subprocess.run([sys.executable, "-m", "rtrainer", "tokenize", str(d), "--out", str(out), "--bytes"],
+                       capture_output=True, text=True, cwd=REPO, preexec_fn=limit, timeout=300)
+    assert p.returncode == 5, p.stderr
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()], p.stderr
+    assert p.stderr.startswith("rtrainer: error: cannot write ") and "File too large" in p.stderr, p.stderr
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["corpus"]
+
+
 def test_non_empty_out_refused_unless_overwrite(tmp_path, corpus):
     d, _ = corpus
     out = tmp_path / "out"
@@ -243,8 +267,10 @@ def test_the_run_knows_its_tokenizer(tmp_path, corpus):
     out = tmp_path / "tok"
     p = run_cli("tokenize", d, "--out", out, "--vocab-size", "300", "--doc-separator", r"\n\n", check=True)
     cfg = _run_file(tmp_path, p.stdout)
-    r = run_cli("run", cfg, check=True)
     tok = load_tokenizer(out / "tokenizer.json")
+    dry = run_cli("run", cfg, "--dry-run", check=True)
+    assert f"V {tok.vocab_size} (from data.tokenizer)" in dry.stdout, dry.stdout
+    r = run_cli("run", cfg, check=True)
     assert f"V={tok.vocab_size}," in r.stderr
     from rtrainer.checkpoint import load_checkpoint
     from rtrainer.tokenizer import tokenizer_for_state
