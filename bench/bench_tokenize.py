@@ -5,7 +5,7 @@
 
 The corpus: ``--files`` UTF-8 files of Zipf-distributed synthetic words (a 30,000-word lexicon, some
 words with accented letters), lines of 5-25 words, documents of 5-60 lines separated by a blank
-line. Three runs of the command, each its own process (peak RSS = that process's ru_maxrss):
+line. Three runs of the command, each its own process (peak RSS = that process's VmHWM at exit):
 
 1. ``--vocab-size N``: train a byte-level BPE on the corpus, then encode it (two passes);
 2. ``--tokenizer``: encode with the tokenizer of run 1 (a check pass and an encode pass);
@@ -67,21 +67,40 @@ def make_corpus(d: str, mib: int, files: int, seed: int = 0) -> int:
     return total
 
 
+# The child reports its own peak RSS (VmHWM of its address space) as it exits. Not ru_maxrss: Linux
+# keeps the larger of the pre-exec and the new image's peak in it, so a child forked from this
+# process (which holds the generated corpus) would report this process's size.
+_CHILD = """
+import atexit, sys
+def _hwm():
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    sys.stderr.write(f"\\nVmHWM {kb}\\n")
+atexit.register(_hwm)
+from rtrainer.cli import entry
+sys.argv = ["rtrainer", *sys.argv[1:]]
+entry()
+"""
+
+
 def run_tokenize(args: list[str]) -> dict:
-    """One `rtrainer tokenize` process: wall time, peak RSS (MiB), and its meta.json."""
+    """One `rtrainer tokenize` process: wall time, CPU time, peak RSS (MiB), and its meta.json."""
     out = args[args.index("--out") + 1]
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "rtrainer", "tokenize", *args, "--quiet"], cwd=REPO,
+    p = subprocess.Popen([sys.executable, "-c", _CHILD, "tokenize", *args, "--quiet"], cwd=REPO,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = p.stderr.read().decode()   # (until the child exits: its stderr is small)
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
-    err = p.stderr.read().decode()
     p.stderr.close()
-    if status != 0:
+    p.returncode = status
+    hwm = [line for line in err.splitlines() if line.startswith("VmHWM ")]
+    if status != 0 or not hwm:
         raise RuntimeError(f"tokenize failed ({status}): {err}")
     with open(os.path.join(out, "meta.json")) as f:
         meta = json.load(f)
-    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "rss_mib": ru.ru_maxrss / 1024, "meta": meta}
+    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "rss_mib": int(hwm[-1].split()[1]) / 1024,
+            "meta": meta}
 
 
 def report(name: str, r: dict) -> None:
