@@ -1,8 +1,9 @@
 """Command line: `rtrainer run CONFIG [--set section.key=value ...] [--resume PATH|auto] [--headless]`,
 `rtrainer parity CONFIG [--steps N]`, `rtrainer prepare DIR` (index a shard directory),
-`rtrainer launch -n K CONFIG [run flags]` (K data-parallel processes via mpirun), `rtrainer info`,
-`rtrainer keys [--markdown]`; for trained models `rtrainer generate MODEL`, `rtrainer eval MODEL --data PATH`,
-`rtrainer export MODEL OUT_DIR`, `rtrainer inspect PATH`.
+`rtrainer launch -n K CONFIG [run flags]` (K data-parallel processes via mpirun),
+`rtrainer tokenize INPUT... --out DIR` (text -> tokenizer + shards), `rtrainer plot RUN_DIR...`,
+`rtrainer info`, `rtrainer keys [--markdown]`; for trained models `rtrainer generate MODEL`,
+`rtrainer eval MODEL --data PATH`, `rtrainer export MODEL OUT_DIR`, `rtrainer inspect PATH`.
 
 Every error is one line on stderr starting `rtrainer: error:` and a non-zero exit code:
 2 configuration or usage, 3 data or checkpoint integrity, 4 non-finite stop, 5 I/O error (disk full, permission),
@@ -37,6 +38,8 @@ examples:
   rtrainer keys                                            # every run-file key with its default
   rtrainer keys --markdown                                 # the same as docs/run-file.md
   rtrainer prepare data/shards                             # index (and check) a shard directory once
+  rtrainer tokenize corpus/ --out data/tok --vocab-size 4096   # train a BPE, write train/val shards
+  rtrainer plot runs/a runs/b -o curves.png                # loss, accuracy, lr, tokens/s of runs
   rtrainer launch -n 2 examples/quickstart.toml            # 2 data-parallel processes (mpirun)
   mpirun -n 2 rtrainer run examples/quickstart.toml        # the same, by hand (or srun on Slurm)
   rtrainer generate runs/quickstart --prompt 'ROMEO:' --max-new-tokens 200 --top-k 20
@@ -104,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("config", metavar="CONFIG", help="the TOML run file")
     la.add_argument("run_args", nargs=argparse.REMAINDER, metavar="...",
                     help="flags of `rtrainer run` (--set, --resume, --overwrite, --headless, --stop-at)")
+    _add_tokenize(sub)
+    pl = sub.add_parser("plot", help="plot train/validation loss, validation accuracy, lr and tokens/s of runs",
+                        description="Render the metrics.jsonl of one or more run directories (overlaid) into one "
+                        "image: train and validation loss, validation accuracy, learning rate and tokens/s "
+                        "against the step.")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (each with a metrics.jsonl)")
+    pl.add_argument("-o", "--output", default=None, metavar="FILE.png",
+                    help="the image (.png, .svg or .pdf; default: RUN_DIR/plot.png for one run, plot.png for "
+                         "several)")
     _model_commands(sub)
     sub.add_parser("info", help="build and machine information (OpenMP, threads, BLAS)")
     k = sub.add_parser("keys", help="list every run-file key with its default and meaning")
@@ -295,6 +307,12 @@ def _run(argv=None) -> int:
             _out(f"exported step {info['step']} ({info['parameters']['total']:,} parameters) to {args.out_dir}")
         elif args.command == "inspect":
             _inspect(args)
+        elif args.command == "tokenize":
+            _tokenize(args)
+        elif args.command == "plot":
+            from .plot import plot_runs
+
+            _out(plot_runs(args.runs, args.output))
         elif args.command == "info":
             _info()
         elif args.command == "keys" and args.markdown:
@@ -405,6 +423,67 @@ def _prepare(args) -> None:
     n = sum(e["tokens"] for e in m["shards"])
     top = max(e["max_id"] for e in m["shards"])
     _out(f"{args.dir}: {len(m['shards'])} shards, {n:,} tokens, max token id {top}; manifest verified")
+
+
+def _add_tokenize(sub) -> None:
+    from .tokenize import DEFAULT_SHARD_TOKENS, DEFAULT_VOCAB
+    from .tokenizer import EOD_TOKEN
+
+    t = sub.add_parser(
+        "tokenize", help="text files -> a tokenizer (BPE, existing, or bytes) and train/val shard directories",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Tokenize UTF-8 text into DIR/train and DIR/val shard directories (u16 ids when V <= 65536, "
+        "else u32, each with its data manifest), DIR/tokenizer.json and DIR/meta.json, and print the run-file "
+        "lines that train on them. Each file is a document (or several, with --doc-separator); an "
+        "end-of-document token follows every document; the validation split holds out whole documents.",
+        epilog="examples:\n"
+        "  rtrainer tokenize examples/data/shakespeare.txt --out data/shakespeare-bpe --vocab-size 2048 "
+        "--doc-separator '\\n\\n'\n"
+        "  rtrainer tokenize 'corpus/**/*.txt' --out data/tok --tokenizer data/shakespeare-bpe/tokenizer.json\n"
+        "  rtrainer tokenize notes/ --out data/bytes --bytes --val-ratio 0.1")
+    t.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, directories (recursive) or glob patterns")
+    t.add_argument("--out", required=True, metavar="DIR", help="the output directory (must be new or empty)")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--vocab-size", type=int, default=None, metavar="N",
+                   help=f"train a byte-level BPE with N tokens, special tokens included (the default, N = "
+                        f"{DEFAULT_VOCAB})")
+    g.add_argument("--tokenizer", default=None, metavar="FILE", help="encode with this tokenizer.json instead")
+    g.add_argument("--bytes", dest="use_bytes", action="store_true",
+                   help="the identity byte tokenizer: id = byte value (0-255), special tokens from 256")
+    t.add_argument("--min-frequency", type=int, default=2, metavar="N",
+                   help="BPE: a merge must occur at least N times (default 2)")
+    t.add_argument("--special-token", dest="special_tokens", action="append", default=[], metavar="TOKEN",
+                   help="an extra special token (repeatable)")
+    e = t.add_mutually_exclusive_group()
+    e.add_argument("--eod", default=EOD_TOKEN, metavar="TOKEN",
+                   help=f"the end-of-document token put after every document (default {EOD_TOKEN})")
+    e.add_argument("--no-eod", action="store_true", help="no end-of-document token")
+    t.add_argument("--doc-separator", default=None, metavar="SEP",
+                   help="split files into documents at SEP (backslash escapes: '\\n\\n' = a blank line); "
+                        "default: each file is one document")
+    t.add_argument("--val-ratio", type=float, default=0.05, metavar="R",
+                   help="fraction of the documents held out for validation (default 0.05; 0 = none)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the choice of validation documents (default 0)")
+    t.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N",
+                   help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})")
+    t.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (only once all is written)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar and no summary (only the run-file lines)")
+
+
+def _tokenize(args) -> None:
+    from .tokenize import parse_separator, run_file_lines, tokenize
+
+    say = (lambda m: None) if args.quiet else _err
+    meta = tokenize(args.inputs, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+                    use_bytes=args.use_bytes, min_frequency=args.min_frequency, special_tokens=args.special_tokens,
+                    eod=None if args.no_eod else args.eod, doc_separator=parse_separator(args.doc_separator),
+                    val_ratio=args.val_ratio, seed=args.seed, shard_tokens=args.shard_tokens,
+                    overwrite=args.overwrite, progress=False if args.quiet else None, say=say)
+    say(f"rtrainer: {args.out}: V={meta['vocab_size']} ({meta['format']}), {meta['documents']['train']:,} train / "
+        f"{meta['documents']['val']:,} val documents, {meta['tokens']['train']:,} / {meta['tokens']['val']:,} tokens "
+        f"from {len(meta['inputs'])} file(s), {meta['input_bytes']:,} bytes")
+    say("rtrainer: run-file lines for this data:")
+    _out(run_file_lines(meta, args.out))
 
 
 def _info() -> None:

@@ -20,8 +20,8 @@ the key as ``section.key`` and where the value came from (the file, or the ``--s
   ``train.bp_cadence > 1`` without ``train.ff``, a placement that does not fit the layer counts);
 * TOML syntax errors (with tomllib's line and column), a missing or unreadable file.
 
-Paths (``run.out_dir``, ``data.train``, ``data.val``) are stored as given; the caller resolves them
-against the current directory.
+Paths (``run.out_dir``, ``data.train``, ``data.val``, ``data.tokenizer``) are stored as given; the caller
+resolves them against the current directory.
 
 The dataclasses are frozen: derive a changed copy with :func:`dataclasses.replace`, e.g.
 ``replace(cfg, model=replace(cfg.model, vocab_size=V))``, then :func:`validate_config` it.
@@ -344,6 +344,11 @@ class DataConfig:
                          "`*.npy`, `*.txt`; `txt` = `*.txt`; `npy` = `*.npy`; `u8`/`u16`/`u32` = `*.bin`.")
     verify: str = _f("quick", "shard directory: 'quick' = check sizes, and block checksums of shards whose "
                      "mtime changed; 'full' = every checksum at every start", choices=("quick", "full"))
+    tokenizer: str = _f("", "tokenizer.json of the token data (written by `rtrainer tokenize`); empty = none "
+                        "(byte or id data)",
+                        details="`model.vocab_size = 0` takes V from it (any other value must equal it), and "
+                        "every checkpoint records its SHA-256: a resume with a different file is refused. "
+                        "See [tokenize](tokenize.md).")
     task: str = _f(
         "", "synthetic task instead of token files: '' (none) | selective_copying | induction_heads",
         choices=("", "selective_copying", "induction_heads"),
@@ -582,6 +587,9 @@ def _cross_checks(
         if d.train or d.val:
             raise ConfigError(f"data.task = {d.task!r} generates its own data: leave data.train and data.val empty"
                               + _where(origins, "data", "task"))
+        if d.tokenizer:
+            raise ConfigError(f"data.task = {d.task!r} generates token ids, not text: leave data.tokenizer empty"
+                              + _where(origins, "data", "tokenizer"))
         try:
             grammar.check_task(d.task, cfg.train.seq_len, d.task_tokens, d.task_vocab)
         except ValueError as e:

@@ -8,7 +8,7 @@
     OUT_DIR/tokenizer.json      the model's tokenizer (the byte tokenizer for byte-level runs; none
                                 for runs on token ids without one)
     OUT_DIR/README.md           a model card: architecture, parameters, data and steps, validation,
-                                the loss curve (loss_curve.png, when matplotlib is installed), how
+                                the loss curve (loss_curve.png), how
                                 to load and generate
 
 The directory is written next to OUT_DIR under a temporary name and renamed into place, so OUT_DIR
@@ -27,6 +27,7 @@ from . import checkpoint as ckpt
 from .errors import ConfigError, RunIOError
 from .generate import TOKENIZER_FILE, open_model
 from .net import EXPORT_KIND
+from .plot import loss_curve
 from .runstate import EXPORT_CONFIG
 
 EXPORT_FORMAT = "rtrainer-export"
@@ -75,32 +76,6 @@ def param_counts(net) -> dict:
 
 def _fmt(x) -> str:
     return "n/a" if x is None else (f"{x:.5f}" if isinstance(x, float) else str(x))
-
-
-def _loss_curve(metrics: list[dict], path: str) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    tr = [(r["step"], r["loss"]) for r in metrics if r.get("kind") == "train" and r.get("loss") is not None]
-    va = [(r["step"], r["val_loss"]) for r in metrics if r.get("kind") == "val" and r.get("val_loss") is not None]
-    if not tr and not va:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    if tr:
-        ax.plot(*zip(*tr), label="train loss")
-    if va:
-        ax.plot(*zip(*va), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
 
 
 def _model_card(info: dict, has_curve: bool, name: str) -> str:
@@ -213,7 +188,7 @@ def export_model(model: str, out_dir: str, *, which: str = "best", overwrite: bo
                               "best_step": info["best_step"], "best_val_loss": info["best_val_loss"],
                               "tokenizer": record})
         ckpt.write_json_atomic(tmp / EXPORT_CONFIG, info)
-        has_curve = _loss_curve(metrics, str(tmp / "loss_curve.png"))
+        has_curve = loss_curve(metrics, str(tmp / "loss_curve.png"))
         ckpt.write_text_atomic(tmp / "README.md", _model_card(info, has_curve, out.name))
         ckpt.fsync_dir(str(tmp))
         if out.exists():

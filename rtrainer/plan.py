@@ -376,7 +376,8 @@ def dry_run(trainer, out=None) -> dict:
         tpe = None
         if hasattr(data.train, "tokens_per_epoch"):
             tpe = int(data.train.tokens_per_epoch())
-        src = "from the data" if cfg.model.vocab_size == 0 and not cfg.data.task else ""
+        src = "" if cfg.model.vocab_size or cfg.data.task else \
+            "from data.tokenizer" if cfg.data.tokenizer else "from the data"
         plan = make_plan(cfg, V, tokens_per_epoch=tpe, vocab_source=src)
         require_fits(plan, cfg, avail)
         timing = timed_step(trainer, V)

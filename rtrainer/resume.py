@@ -6,6 +6,9 @@ A checkpoint records the resolved configuration of the run that wrote it. On res
   any difference is refused (ConfigError, exit 2) naming the key, its value in the checkpoint
   and in this run. When the difference is the vocabulary inferred from the data
   (``model.vocab_size = 0``), the message says that the data changed, which is the cause.
+* the tokenizer (``data.tokenizer``) must be the checkpoint's, by SHA-256
+  (:func:`rtrainer.tokenizer.check_resume`, which the Trainer calls before the sections are
+  compared: another tokenizer usually changes the vocabulary too, and is the better message);
 * every other setting may change; each change is applied from the resume step on and reported as
   a warning (``setting_changed`` event: key, old -> new). The data settings are checked by the
   data stream itself (a different batch shape or data set cannot continue the saved cursor).

@@ -230,28 +230,40 @@ def run_record(tok: Tokenizer | None) -> dict | None:
     return {"path": tok.path, "sha256": tok.sha256, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id}
 
 
-def check_resume(state: dict, tok: Tokenizer | None, source: str) -> None:
+def _record(state) -> dict | None:
+    """The tokenizer record of a checkpoint state: the raw state dict, or a RunState."""
+    rec = state.get("tokenizer") if isinstance(state, dict) else getattr(state, "tokenizer", None)
+    return rec if isinstance(rec, dict) and rec else None
+
+
+def check_resume(state, tok: Tokenizer | None, source: str) -> None:
     """A resumed run must use the tokenizer its checkpoint was trained with (same SHA-256);
-    ConfigError otherwise. A checkpoint without a record (older, or bytes/ids data) passes."""
-    rec = state.get("tokenizer")
-    if not rec or tok is None:
+    ConfigError otherwise, naming both files. ``state`` is the checkpoint's state dict or RunState.
+    A checkpoint without a record (older, or bytes/ids data) passes; a checkpoint with one needs
+    ``data.tokenizer`` set."""
+    rec = _record(state)
+    if rec is None:
         return
+    was = f"tokenizer {rec.get('path')} (sha256 {str(rec.get('sha256'))[:12]}...)"
+    if tok is None:
+        raise ConfigError(f"cannot resume from {source}: it was trained with {was} but this run has no "
+                          f"data.tokenizer; set data.tokenizer = {json.dumps(str(rec.get('path')))}")
     if rec.get("sha256") != tok.sha256:
-        raise ConfigError(f"cannot resume from {source}: it was trained with tokenizer {rec.get('path')} "
-                          f"(sha256 {str(rec.get('sha256'))[:12]}...) but data.tokenizer {tok.path} has sha256 "
-                          f"{tok.sha256[:12]}...")
+        raise ConfigError(f"cannot resume from {source}: it was trained with {was} but data.tokenizer {tok.path} "
+                          f"has sha256 {tok.sha256[:12]}... (another tokenizer: the token ids would mean other text)")
 
 
-def tokenizer_for_state(state: dict, source: str = "the checkpoint", path: str | None = None) -> Tokenizer | None:
-    """The tokenizer a checkpoint (its state dict) was trained with, verified by its SHA-256, or
-    None if it records none. ``path`` loads another copy of the same file instead (an export's own
-    ``tokenizer.json``). CheckpointError when the file is gone or differs."""
-    rec = state.get("tokenizer") if isinstance(state, dict) else None
+def tokenizer_for_state(state, source: str = "the checkpoint", path: str | None = None) -> Tokenizer | None:
+    """The tokenizer a checkpoint (its state dict, or a RunState) was trained with, verified by its
+    SHA-256, or None if it records none. ``path`` loads another copy of the same file instead (an
+    export's own ``tokenizer.json``). CheckpointError when the file is gone or differs."""
+    rec = _record(state)
     if not rec:
         return None
     p = path or rec.get("path")
     if not p or not os.path.exists(p):
-        raise CheckpointError(f"{source} was trained with tokenizer {rec.get('path')}, which no longer exists")
+        gone = "which no longer exists" if not path else f"and its copy {path} does not exist"
+        raise CheckpointError(f"{source} was trained with tokenizer {rec.get('path')}, {gone}")
     tok = load_tokenizer(p)
     if rec.get("sha256") and tok.sha256 != rec["sha256"]:
         raise CheckpointError(f"{source} was trained with tokenizer sha256 {rec['sha256'][:12]}... but {p} has "

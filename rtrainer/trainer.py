@@ -38,6 +38,8 @@ from . import resume as resume_mod
 from . import staged as staged_mod
 from . import shards as shards_mod
 from . import stream as stream_mod
+from . import tokenizer as tokenizer_mod
+from . import progress as progress_mod
 from .errors import CheckpointError, ConfigError, NonFiniteError, RtrainerError, RunIOError
 from .metrics import MetricsWriter
 from .model import resolve_dt_rank
@@ -108,6 +110,8 @@ class Trainer:
         self.run_dir = None   # the checkpoint manager (runstate.RunDir)
         self.last_val = None
         self.metrics = None
+        self.tokenizer = None   # data.tokenizer, loaded by build_data
+        self.progress = None    # the live progress bar (rank 0 on a terminal), once the loop starts
         # warnings and integrity events: stderr (rank 0), metrics, summary
         self.events = console_mod.Events(printed=self.comm.is_root)
 
@@ -123,7 +127,8 @@ class Trainer:
         train_path = _abspath(d.train)
         shards = shards_mod.open_source(train_path, d.format, d.shard_glob, d.verify)
         val_shards = shards_mod.open_source(_abspath(d.val), d.format, d.shard_glob, d.verify) if d.val else None
-        V = c.model.vocab_size
+        self.tokenizer = tokenizer_mod.for_run(d.tokenizer, c.model.vocab_size)   # V comes from it
+        V = c.model.vocab_size or (self.tokenizer.vocab_size if self.tokenizer is not None else 0)
         if V == 0:  # whole shards: the manifest knows their largest id (bounded: rtrainer/plan.py)
             V = plan_mod.infer_vocab(shards + (val_shards or []))
         if not d.val and d.val_ratio > 0:
@@ -216,6 +221,7 @@ class Trainer:
             elapsed0 = self._setup()
             t_start = time.perf_counter()
             meter = _Meter(t_start, self.step, elapsed0)
+            self.progress = progress_mod.Progress(total, self.step, self.console and progress_mod.on_terminal(), B * T)
             elapsed = lambda: elapsed0 + time.perf_counter() - t_start  # noqa: E731
             consecutive_skips = 0
             fb = lambda ids, targets: self.dp.forward_backward(self.net, ids, targets)  # noqa: E731
@@ -237,6 +243,7 @@ class Trainer:
                     consecutive_skips += 1
                 self.step += 1
                 last = self.step == total
+                self.progress.update(self.step, r.loss)
                 # log, evaluate, checkpoint
                 if self.step % c.log.log_every == 0 or last:
                     self._log(r, lr, meter, B * T)
@@ -300,6 +307,8 @@ class Trainer:
             self._failure_summary(e)
             raise
         finally:
+            if self.progress is not None:   # before an error line: no half-drawn bar above it
+                self.progress.close()
             for sig, h in handlers.items():
                 signal.signal(sig, h)
             if self.run_dir is not None:
@@ -494,6 +503,9 @@ class Trainer:
         self.metrics.close()
         if self.comm.is_root:
             ckpt.write_json_atomic(self.paths["summary"], summary)
+        if self.progress is not None:
+            self.progress.close()
+        self._say(progress_mod.closing_message(summary, self.paths, total=self.cfg.train.steps))
         self.comm.barrier()   # no rank leaves (and so ends the job) before rank 0 has written
         return summary
 
@@ -549,6 +561,7 @@ class Trainer:
         rec = {"kind": "val", "step": self.step, **r, "best_val_loss": self.best_val_loss}
         self.last_val = {k: _json_float(v) for k, v in rec.items() if k != "kind"}
         self.metrics.write(rec)
+        self.progress.validation(r["val_loss"], r["val_acc"])
         self._say(f"step {self.step:>6}  val_loss {r['val_loss']:.5f}  val_acc {r['val_acc']:.4f}"
                   f"  best {self.best_val_loss:.5f}")
         return improved
@@ -586,7 +599,7 @@ class Trainer:
             metrics_offset=self.metrics.offset(), elapsed_s=elapsed, n_threads=self.n_threads,
             config=config_mod.config_to_dict(self.resolved), staged=self.staged.state(),
             metrics_sha256=self.metrics.sha256(),   # of those bytes: the log is checked on resume
-            world_size=self.comm.size)
+            world_size=self.comm.size, tokenizer=tokenizer_mod.run_record(self.tokenizer))
         path = self.run_dir.save(self.flat.state_tensors(), state, best=best, extra={"n_threads": self.n_threads})
         self.paths["latest"] = path
         if best:
@@ -613,6 +626,8 @@ class Trainer:
         saved = raw.get("config", {})
         now = config_mod.config_to_dict(self.resolved)
         defaults = config_mod.config_to_dict(config_mod.Config())
+        # the same tokenizer (first: another one also changes the vocabulary [model] would name)
+        tokenizer_mod.check_resume(raw, self.tokenizer, path)
         # [model] and [head] must not change (a key added after the checkpoint stands at its default there)
         resume_mod.check_frozen(path, saved, now, defaults, self.cfg.model.vocab_size)
         state = RunState.from_json(raw, source=path)
@@ -635,7 +650,7 @@ class Trainer:
         if d["model"]["init_from"]:
             d["model"]["init_from"] = _abspath(d["model"]["init_from"])
         d["model"]["dt_rank"] = resolve_dt_rank(d["model"]["layer"], d["model"]["d_model"], d["model"]["dt_rank"])
-        for k in ("train", "val"):
+        for k in ("train", "val", "tokenizer"):
             if d["data"][k]:
                 d["data"][k] = _abspath(d["data"][k])
         return config_mod.config_from_dict(d)
@@ -644,7 +659,11 @@ class Trainer:
         """Console output, best effort (rtrainer/console.py): a closed or broken console never
         stops the run."""
         if self.console:
-            console_mod.say(msg, sys.stderr if msg.startswith("rtrainer:") else sys.stdout)
+            stream = sys.stderr if msg.startswith("rtrainer:") else sys.stdout
+            if self.progress is not None:
+                self.progress.write(msg, stream)   # above a live bar
+            else:
+                console_mod.say(msg, stream)
 
 
 class _NoMetrics:

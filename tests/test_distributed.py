@@ -293,6 +293,8 @@ def test_two_ranks_with_accumulation_equal_one_process_with_more_accumulation(re
     p = train(cfg, 2, a, "--set", "train.micro_batch_size=1", headless=False)
     assert "processes=2, micro-batches=2" in p.stderr
     assert p.stdout.count(f"step {STEPS:>6}/{STEPS}") == 1   # one console: rank 0's
+    assert p.stderr.count(f"rtrainer: run finished at step {STEPS}/{STEPS}") == 1   # and one closing message
+    assert p.stderr.count("rtrainer: model: ") == 1 and "%|" not in p.stderr   # no bar: stderr is not a terminal
     train(cfg, 1, b, "--set", "train.micro_batch_size=1")
     assert_close_runs(a, b)
     assert_close_runs(a, reference["k1"])   # and accumulation changes nothing but rounding
