@@ -46,12 +46,13 @@ Layout and vectorisation
 Parallel dimension (T is sequential)
     forward   prange over (b, channel block): each item owns y[b,:,block] and hs[b,:,block,:].
     backward  for each b and each chunk (reversed), a prange over channel blocks. A block owns its
-              du/ddt columns and its rows of dA_log, dD_skip, ddt_bias (summed over b and t in
-              float64 accumulators that persist between the passes), and its carry g. dBt/dCt sum
+              du/ddt columns and its rows of dA_log, dD_skip, ddt_bias (float64 accumulators that
+              persist between the passes; dA is summed over a chunk's steps in float32 first, in
+              reverse time order, then added), and its carry g. dBt/dCt sum
               over d: each thread adds into its own (chunk, 2N, DB) lane partials; after each pass
               a prange over the chunk's rows reduces them, threads in order 0..nt-1, then the DB
               lanes by halving (fixed order, no atomics), and zeroes them.
-    Scratch per thread: backward ((2*L+1)*N + 7*L + 2)*DB floats plus L*2N*DB floats of lane
+    Scratch per thread: backward ((2*L+2)*N + 7*L + 2)*DB floats plus L*2N*DB floats of lane
     partials (L = min(chunk,T)), per block 2*N*DB floats and (N+2)*DB doubles; forward
     (2*N + 4*32)*DB floats. Nothing of size B*T*D*N is ever allocated.
 
@@ -259,7 +260,7 @@ def scan_forward(float[:, :, ::1] y not None,             # OUT (B,T,D)
 # backward
 # ----------------------------------------------------------------------------------------------
 
-cdef inline void _bwd_lanes(Py_ssize_t nl, rf g, rf pB, rf pC, rf sB, rf sA, double* dA,
+cdef inline void _bwd_lanes(Py_ssize_t nl, rf g, rf pB, rf pC, rf sB, rf sA, rf dA,
                             rcf hcur, rcf hprev, rcf Ek, rcf A, rcf dyv, rcf dl, rcf dlu,
                             float Cn, float Bn) noexcept nogil:
     """One state index n of one backward step for the nl channels of a block (lane j = channel
@@ -273,13 +274,13 @@ cdef inline void _bwd_lanes(Py_ssize_t nl, rf g, rf pB, rf pC, rf sB, rf sA, dou
         pC[j] = fmaf(dyv[j], hcur[j], pC[j])
         pB[j] = fmaf(gl, dlu[j], pB[j])
         ql = gl * Ek[j] * hprev[j]
-        dA[j] += <double>(dl[j] * ql)
+        dA[j] = fmaf(dl[j], ql, dA[j])
         sB[j] = fmaf(gl, Bn, sB[j])
         sA[j] = fmaf(A[j], ql, sA[j])
         g[j] = gl * Ek[j]
 
 
-cdef inline void _bwd_step_full(Py_ssize_t N, rf g, rf pB, rf pC, double* dA, rcf Hk1, rcf Hk,
+cdef inline void _bwd_step_full(Py_ssize_t N, rf g, rf pB, rf pC, rf dA, rcf Hk1, rcf Hk,
                                 rcf Ek, rcf A, rcf dyv, rcf dl, rcf dlu, rcf Bt, rf sBo,
                                 rf sAo) noexcept nogil:
     """Every state index of one backward step for a full block (DB_MAX channels): the
@@ -301,7 +302,7 @@ cdef inline void _bwd_step_full(Py_ssize_t N, rf g, rf pB, rf pC, double* dA, rc
             pC[o + j] = fmaf(dyv[j], Hk1[o + j], pC[o + j])
             pB[o + j] = fmaf(gl, dlu[j], pB[o + j])
             ql = gl * Ek[o + j] * Hk[o + j]
-            dA[o + j] += <double>(dl[j] * ql)
+            dA[o + j] = fmaf(dl[j], ql, dA[o + j])
             sB[j] = fmaf(gl, Bn, sB[j])
             sA[j] = fmaf(A[o + j], ql, sA[j])
             g[o + j] = gl * Ek[o + j]
@@ -335,7 +336,7 @@ cdef inline void _scan_bwd_item(float* du, float* ddt, const float* dy, const fl
     du, ddt, dy, u, dt: (B*T*D); xdbl: (B*T*W); hs: (B*n_chunks*D*N).
     part: this thread's (L, 2N, DB) lane partials of dxdbl[rows of the chunk, :2N].
     scr (thread-private): H (L+1,N,DB) | E (L,N,DB) | delta, delta*u, dt+dt_bias, dy, u,
-    du and ddt contributions (L,DB) | sB, sA (DB)."""
+    du and ddt contributions (L,DB) | sB, sA (DB) | the chunk's dA (N,DB)."""
     cdef Py_ssize_t N = m.N, D = m.D, T = m.T, DB = m.db, nb = d1 - d0
     cdef Py_ssize_t t0 = c * m.chunk
     cdef Py_ssize_t L = m.chunk if t0 + m.chunk <= T else T - t0
@@ -350,6 +351,7 @@ cdef inline void _scan_bwd_item(float* du, float* ddt, const float* dy, const fl
     cdef float* ddts = dus + m.L * DB
     cdef float* sB = ddts + m.L * DB
     cdef float* sA = sB + DB
+    cdef float* dAc = sA + DB                      # this chunk's dA, summed over its steps
     cdef Py_ssize_t j, k, n, row
     cdef const float* Bt
     cdef const float* hs_c
@@ -377,6 +379,7 @@ cdef inline void _scan_bwd_item(float* du, float* ddt, const float* dy, const fl
                 _rec_lanes(nb, H + ((k + 1) * N + n) * DB, H + (k * N + n) * DB,
                            E + (k * N + n) * DB, A + n * DB, dl + k * DB, dlu + k * DB, Bt[n])
     # backwards through the chunk, carry g = dL/dh_t
+    memset(dAc, 0, N * DB * sizeof(float))
     for k in range(L - 1, -1, -1):
         row = b * T + t0 + k
         if d1 < D:
@@ -389,7 +392,7 @@ cdef inline void _scan_bwd_item(float* du, float* ddt, const float* dy, const fl
         Bt = xdbl + row * m.W
         pk = part + k * 2 * N * DB
         if nb == DB_MAX:
-            _bwd_step_full(N, g, pk, pk + N * DB, dA_acc, H + (k + 1) * N * DB, H + k * N * DB,
+            _bwd_step_full(N, g, pk, pk + N * DB, dAc, H + (k + 1) * N * DB, H + k * N * DB,
                            E + k * N * DB, A, dyv + k * DB, dl + k * DB, dlu + k * DB, Bt,
                            sB, sA)
         else:
@@ -398,11 +401,13 @@ cdef inline void _scan_bwd_item(float* du, float* ddt, const float* dy, const fl
                 sA[j] = 0
             for n in range(N):
                 _bwd_lanes(nb, g + n * DB, pk + n * DB, pk + (N + n) * DB, sB, sA,
-                           dA_acc + n * DB, H + ((k + 1) * N + n) * DB, H + (k * N + n) * DB,
+                           dAc + n * DB, H + ((k + 1) * N + n) * DB, H + (k * N + n) * DB,
                            E + (k * N + n) * DB, A + n * DB, dyv + k * DB, dl + k * DB, dlu + k * DB,
                            Bt[N + n], Bt[n])
         _bwd_chan(nb, dus + k * DB, ddts + k * DB, dbias_acc, dD_acc, dyv + k * DB,
                   uu + k * DB, dl + k * DB, xs + k * DB, sB, sA, D_skip + d0)
+    for n in range(N * DB):
+        dA_acc[n] += <double>dAc[n]
     for k in range(L):
         row = b * T + t0 + k
         _add_lanes(nb, du + row * D + d0, dus + k * DB)
@@ -557,7 +562,7 @@ def scan_backward(float[:, :, ::1] du not None,            # OUT += (B,T,D)
     m.L = m.chunk if m.chunk < m.T else m.T
     cdef Py_ssize_t n_blocks = (m.D + m.db - 1) // m.db
     cdef int nt = n_threads if n_threads < n_blocks else <int>n_blocks
-    cdef Py_ssize_t scr_size = ((2 * m.L + 1) * m.N + 7 * m.L + 2) * m.db
+    cdef Py_ssize_t scr_size = ((2 * m.L + 2) * m.N + 7 * m.L + 2) * m.db
     cdef float* scratch = <float*>malloc(nt * scr_size * sizeof(float))
     cdef float* blk = <float*>malloc(n_blocks * 2 * m.N * m.db * sizeof(float))
     cdef double* dblk = <double*>malloc(n_blocks * (m.N + 2) * m.db * sizeof(double))
