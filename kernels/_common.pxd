@@ -51,10 +51,13 @@ cdef extern from *:
        fit of (exp(r) - 1 - r) / r^2 on |r| <= 0.3476, truncation error 1.1e-7).
        Max relative error <= 2e-7 against exp in float64 on [-87, 88] (tests/test_expf.py);
        0 below -87, +inf above 88, NaN -> NaN. */
-    static inline float rtrainer_expf_fast(float x) {
+    /* The same function without the clamp above: for x <= 88 (and NaN) bitwise
+       rtrainer_expf_fast(x); above 88 the result is meaningless. The scan calls it with
+       x = delta*A <= 0 (delta = softplus >= 0, A = -exp(A_log) < 0), where the upper clamp and
+       its select are dead work on every one of the B*T*D*N elements. */
+    static inline float rtrainer_expf_fast_le88(float x) {
         const float magic = 12582912.0f;
-        float xc = x < -87.0f ? -87.0f : x;         /* NaN passes both comparisons unchanged */
-        xc = xc > 88.0f ? 88.0f : xc;
+        float xc = x < -87.0f ? -87.0f : x;         /* NaN passes unchanged */
         float z = fmaf(xc, 1.44269504088896341f, magic);
         float n = z - magic;
         float r = fmaf(n, -0.693145751953125f, xc);
@@ -70,9 +73,11 @@ cdef extern from *:
         float s;
         memcpy(&s, &bits, 4);
         float y = p * s;
-        y = x < -87.0f ? 0.0f : y;
-        y = x > 88.0f ? HUGE_VALF : y;
-        return y;
+        return x < -87.0f ? 0.0f : y;
+    }
+    static inline float rtrainer_expf_fast(float x) {
+        float y = rtrainer_expf_fast_le88(x > 88.0f ? 88.0f : x);   /* NaN passes unchanged */
+        return x > 88.0f ? HUGE_VALF : y;
     }
     /* softplus(x) = log(1 + exp(x)) for float32, branch-free (vectorises like rtrainer_expf):
        x above 20 -> x (the threshold of the model's definition); otherwise
@@ -118,6 +123,7 @@ cdef extern from *:
     float rt_expf "rtrainer_expf" (float x) noexcept nogil
     float rt_softplusf "rtrainer_softplusf" (float x) noexcept nogil
     float rt_expf_fast "rtrainer_expf_fast" (float x) noexcept nogil
+    float rt_expf_fast_le88 "rtrainer_expf_fast_le88" (float x) noexcept nogil
     enum: LANES "RTRAINER_LANES"
     void prefetch "rtrainer_prefetch" (const float* p, Py_ssize_t nl) noexcept nogil
 

@@ -12,7 +12,7 @@ def openmp_max_threads():
     return omp_max_threads()
 
 
-from _common cimport LANES, rt_expf, rt_expf_fast, rt_softplusf
+from _common cimport LANES, rt_expf, rt_expf_fast, rt_expf_fast_le88, rt_softplusf
 
 
 def vector_lanes():
@@ -45,3 +45,8 @@ def vsoftplus(float[::1] out, const float[::1] x):
 def vexp_fast(float[::1] out, const float[::1] x):
     """out = exp(x) with the scan's shorter float32 exp (for its accuracy tests)."""
     _apply("vexp_fast", rt_expf_fast, out, x)
+
+
+def vexp_fast_le88(float[::1] out, const float[::1] x):
+    """out = exp(x) with the scan's exp for x <= 88 (for its tests: bitwise vexp_fast there)."""
+    _apply("vexp_fast_le88", rt_expf_fast_le88, out, x)

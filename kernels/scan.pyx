@@ -66,7 +66,7 @@ All arrays are float32 and C-contiguous; shapes are checked once in the `def` wr
 """
 from cython.parallel cimport prange
 from libc.math cimport expf, fmaf
-from _common cimport LANES, prefetch, rcf, rf, rt_expf_fast, rt_softplusf
+from _common cimport LANES, prefetch, rcf, rf, rt_expf_fast_le88, rt_softplusf
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
 
@@ -96,7 +96,7 @@ cdef inline float _ssm_update(float h_prev, float delta, float A, float delta_u,
     """h_t = exp(delta*A) * h_{t-1} + delta*u*Bt for one (channel, state) element. Forward and the
     backward's recompute both go through it (or _ssm_step, which inlines the same two
     operations), so they produce the same bits."""
-    return fmaf(rt_expf_fast(delta * A), h_prev, delta_u * Bn)
+    return fmaf(rt_expf_fast_le88(delta * A), h_prev, delta_u * Bn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,6 +111,27 @@ cdef inline void _fwd_lanes(Py_ssize_t nb, rf h, rf acc, rcf A, rcf dl, rcf dlu,
     for j in range(nb):
         h[j] = _ssm_update(h[j], dl[j], A[j], dlu[j], Bn)
         acc[j] = fmaf(h[j], Cn, acc[j])
+
+
+cdef inline void _fwd_step_full(Py_ssize_t N, rf h, rcf A, rcf dl, rcf dlu, rcf Bt,
+                                rf acc_out) noexcept nogil:
+    """Every state index of one step for a full block (DB_MAX channels): the operations of
+    _fwd_lanes in the same order (so the same bits), with the readout's running sums in a local
+    array (registers) instead of memory, and delta, delta*u loaded once per step."""
+    cdef float acc[DB_MAX]
+    cdef Py_ssize_t n, j, o
+    cdef float Bn, Cn
+    for j in range(DB_MAX):
+        acc[j] = acc_out[j]
+    for n in range(N):
+        Bn = Bt[n]
+        Cn = Bt[N + n]
+        o = n * DB_MAX
+        for j in range(DB_MAX):
+            h[o + j] = _ssm_update(h[o + j], dl[j], A[o + j], dlu[j], Bn)
+            acc[j] = fmaf(h[o + j], Cn, acc[j])
+    for j in range(DB_MAX):
+        acc_out[j] = acc[j]
 
 
 cdef inline void _fwd_delta(Py_ssize_t nl, rf dl, rf dlu, rf uu, rf acc, rcf dt, rcf dt_bias,
@@ -196,9 +217,7 @@ cdef inline void _scan_fwd_item(float* y, float* hs, const float* u, const float
                         hs_c[j * N + n] = h[n * DB + j]
             # h_t[n] = exp(delta*A[n]) * h_{t-1}[n] + delta*u*Bt[n] ;  acc += h_t[n]*Ct[n]
             if nb == DB_MAX:   # the common case: a constant trip count, one vector register
-                for n in range(N):
-                    _fwd_lanes(DB_MAX, h + n * DB, acc + k * DB, A + n * DB, dl + k * DB,
-                               dlu + k * DB, Bt[n], Ct[n])
+                _fwd_step_full(N, h, A, dl + k * DB, dlu + k * DB, Bt, acc + k * DB)
             else:
                 for n in range(N):
                     _fwd_lanes(nb, h + n * DB, acc + k * DB, A + n * DB, dl + k * DB,
@@ -437,7 +456,7 @@ cdef inline void _rec_lanes(Py_ssize_t nl, rf h, rcf hprev, rf Ek, rcf A, rcf dl
     """The forward's update (_ssm_update) for one state index and nl channels, keeping E."""
     cdef Py_ssize_t j
     for j in range(nl):
-        Ek[j] = rt_expf_fast(dl[j] * A[j])
+        Ek[j] = rt_expf_fast_le88(dl[j] * A[j])
         h[j] = fmaf(Ek[j], hprev[j], dlu[j] * Bn)
 
 

@@ -137,3 +137,15 @@ def test_fast_exp_special_values_and_flush():
 def test_fast_exp_monotone_on_a_fine_grid():
     x = np.linspace(-30, 10, 1_000_001, dtype=np.float32)
     assert np.all(np.diff(vexp_fast(x)) >= 0)
+
+
+def test_fast_exp_without_upper_clamp_is_bitwise_the_same_up_to_88():
+    """rt_expf_fast_le88 (the scan's exp(delta*A), delta*A <= 0) drops only the clamp above 88."""
+    rng = np.random.default_rng(3)
+    x = np.concatenate([
+        np.linspace(-120, 88, 2_000_001, dtype=np.float32),
+        rng.uniform(-20, 0, 1_000_000).astype(np.float32),
+        np.float32([-np.inf, np.nan, -0.0, 0.0, -87.0, -87.00001, 88.0, -1e-45, 1e-45]),
+    ])
+    a, b = vexp_fast(x), _apply(info.vexp_fast_le88, x)
+    assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
