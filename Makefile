@@ -59,9 +59,13 @@ bench-deps: parity-deps
 # subprocess per framework/shape/threads, with FLOP/s, peak RSS and a step breakdown.
 # COMPARE_ARGS='--shapes all' runs the whole shape matrix of the performance issue.
 COMPARE_ARGS ?=
+# The benchmarks run numpy's BLAS as a user's machine gets it: an OPENBLAS_CORETYPE or
+# OPENBLAS_L2_SIZE override in the environment is dropped for these two commands only (the
+# summary and compare.py name the BLAS kernel that ran). Tests never change them.
+BENCH_ENV := env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE
 bench: install bench-deps
-	$(BIN)/python -m pytest -q -p no:cacheprovider bench --benchmark-only $(PYTEST_ARGS)
-	$(BIN)/python bench/compare.py $(COMPARE_ARGS)
+	$(BENCH_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider bench --benchmark-only $(PYTEST_ARGS)
+	$(BENCH_ENV) $(BIN)/python bench/compare.py $(COMPARE_ARGS)
 
 # docs/run-file.md is generated from the field metadata of rtrainer/config.py (tests/test_docs.py
 # fails when it is out of date)

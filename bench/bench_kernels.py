@@ -197,7 +197,7 @@ def _softmax_case(shape, inputs):
 def test_softmax_xent(bench, shape, inputs, n_threads):
     """The softmax head's fused row kernel (loss + dlogits in place) on (B*T, V) logits; the copy of
     the logits into its buffer is per-round setup, not timed."""
-    k = _kernel("hpn")
+    k = _kernel("xent")
     logits, buf, tg = _softmax_case(shape, inputs)
     loss = bench(lambda: k.softmax_xent(buf, tg, 1.0, n_threads),
                  setup=lambda: np.copyto(buf, logits), threads=n_threads)

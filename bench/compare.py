@@ -2,15 +2,16 @@
 """Side-by-side training-step benchmark: rtrainer vs PyTorch (eager / torch.compile) vs JAX.
 
     .venv/bin/python bench/compare.py                       # baseline shape, 1 and 2 threads,
-                                                            # rtrainer + torch eager (+ jax if present)
+                                                            # rtrainer, torch eager, torch.compile, jax
     .venv/bin/python bench/compare.py --shapes all --frameworks rtrainer,torch,torch-compile,jax \
         --threads 1,2 --steps 10 --json runs/compare.json
     .venv/bin/python bench/compare.py --shapes tiny --threads 1 --steps 3    # smoke test, seconds
 
 Options: --layer mamba-lite | mamba (the full block: E 2, R = ceil(D/16)); --shapes baseline | all | tiny |
 "B,T,D,N,L,V;B,T,D,N,L,V" (K 4, R 1 always for mamba-lite);
---threads 1,2; --frameworks rtrainer,torch,torch-compile,jax (torch-compile is opt-in: it compiles
-for minutes); --steps N timed steps (median; a measurement stops early after --max-seconds once
+--threads 1,2; --frameworks rtrainer,torch,torch-compile,jax (default: all four, torch-compile only
+at the baseline and tiny shapes: it compiles for minutes per shape; its compiled graphs are cached
+under --cache-dir, default build/compare-cache, so later runs load them); --steps N timed steps (median; a measurement stops early after --max-seconds once
 3 steps are timed); --warmup N untimed steps after the two parity steps; --timeout S per
 subprocess (torch-compile gets 3x); --no-breakdown; --no-pin; --json PATH.
 
@@ -37,10 +38,9 @@ Method:
 * Machine reference: numpy float32 GEMM 1024x1024x1024 in its own subprocess per thread count
   (median of 15 after 3 warm-up calls): GFLOP/s. Achieved GFLOP/s = bench/flops.py model FLOPs
   of the step / median step time, and its fraction of the GEMM rate.
-* Breakdown of one rtrainer step (in the rtrainer child, after the clean timing): the kernel entry
-  points and np.matmul as rtrainer/model.py, heads.py and optim.py call them are wrapped from the
-  outside (the module attributes rtrainer.model._scan / _conv / _embed / _norm / np,
-  rtrainer.heads._hpn and rtrainer.optim._optim are swapped for timing proxies, restored after);
+* Breakdown of one rtrainer step (in the rtrainer child, after the clean timing): every kernel
+  entry point and numpy.matmul are timed through rtrainer._kernels.timed, the package's public
+  timing hook (restored after);
   data = TokenStream.next_batch over a random in-memory token array; the in-place numpy element-wise ops
   of model.py (residual adds, fills, gradient accumulation) cannot be wrapped, so they are replayed
   on arrays of the same shapes and reported as "numpy elementwise (replayed)"; Python overhead =
@@ -212,57 +212,28 @@ class _Acc:
         return w
 
 
+_CATEGORY = {"scan.scan_forward": "scan_fwd", "scan.scan_backward": "scan_bwd", "conv": "conv",
+             "embed": "embed", "norm": "layernorm", "rmsnorm": "rmsnorm", "gate": "gate",
+             "hpn": "hpn", "xent": "xent", "optim": "optimizer", "numpy.matmul": "matmul"}
+
+
 def instrument_rtrainer(acc: _Acc):
-    """Swap the module attributes rtrainer's model/head/optimizer call through for timing proxies.
-    Returns a restore() callable. Never edits rtrainer's files; the kernel modules themselves are
-    untouched (only the names rtrainer.model._scan etc. are rebound)."""
-    import types
+    """Time every kernel call and numpy.matmul of rtrainer's step through the package's public
+    hook rtrainer._kernels.timed (nothing private of the model, head or optimizer is touched).
+    Returns a restore() callable."""
+    from rtrainer._kernels import timed
 
-    import numpy as np
-    import rtrainer.heads as rh
-    import rtrainer.model as rm
-    import rtrainer.optim as ro
+    t = acc.t
 
-    saved = []
+    def on_call(name, seconds, args):
+        cat = _CATEGORY.get(name) or _CATEGORY.get(name.split(".")[0], name.split(".")[0])
+        t[cat] = t.get(cat, 0.0) + seconds
+        if cat == "matmul" and acc.record_shapes:
+            acc.shapes.append((tuple(args[0].shape), tuple(args[1].shape)))
 
-    def proxy(owner, attr, mapping):
-        mod = getattr(owner, attr)
-        p = types.SimpleNamespace(**{n: getattr(mod, n) for n in dir(mod) if not n.startswith("__")})
-        for name, cat in mapping.items():
-            setattr(p, name, acc.wrap(cat, getattr(mod, name)))
-        saved.append((owner, attr, mod))
-        setattr(owner, attr, p)
-
-    proxy(rm, "_scan", {"scan_forward": "scan_fwd", "scan_backward": "scan_bwd"})
-    proxy(rm, "_conv", {"conv_forward": "conv", "conv_backward": "conv"})
-    proxy(rm, "_embed", {"embed_forward": "embed", "embed_backward": "embed"})
-    proxy(rm, "_norm", {"layernorm_forward": "layernorm", "layernorm_backward": "layernorm"})
-    proxy(rm, "_rmsnorm", {"rmsnorm_forward": "rmsnorm", "rmsnorm_backward": "rmsnorm"})
-    proxy(rm, "_gate", {"gate_forward": "gate", "gate_backward": "gate"})
-    proxy(rh, "_hpn", {"hpn_forward": "hpn", "hpn_backward": "hpn"})
-    proxy(ro, "_optim", {"sumsq": "optimizer", "adamw_step": "optimizer"})
-
-    class _NP(types.ModuleType):
-        def __getattr__(self, name):
-            return getattr(np, name)
-
-    npp = _NP("numpy")
-    raw_mm = np.matmul
-    timed_mm = acc.wrap("matmul", raw_mm)
-
-    def matmul(a, b, *args, **kw):
-        if acc.record_shapes:
-            acc.shapes.append((tuple(a.shape), tuple(b.shape)))
-        return timed_mm(a, b, *args, **kw)
-
-    npp.matmul = matmul
-    saved.append((rm, "np", rm.np))
-    rm.np = npp
-
-    def restore():
-        for owner, attr, mod in reversed(saved):
-            setattr(owner, attr, mod)
-    return restore
+    cm = timed(on_call)
+    cm.__enter__()
+    return lambda: cm.__exit__(None, None, None)
 
 
 def _replay_elementwise(np, shape, reps: int = 5, layer: str = "mamba-lite") -> float:
@@ -393,8 +364,13 @@ def _child_gemm(spec) -> dict:
             np.matmul(a, b, out=c)
             ts.append(time.perf_counter() - t0)
     med = statistics.median(ts)
+    from threadpoolctl import threadpool_info
+
+    blas = [f"{i.get('internal_api')}/{i.get('architecture')}" for i in threadpool_info()
+            if i.get("user_api") == "blas"]
     return dict(status="ok", gflops=2 * n ** 3 / med / 1e9, median_ms=med * 1e3,
-                peak_rss_mb=_peak_rss_mb())
+                peak_rss_mb=_peak_rss_mb(), blas=", ".join(blas) or "none",
+                openblas_coretype=os.environ.get("OPENBLAS_CORETYPE", "(unset)"))
 
 
 def _child_rtrainer(spec) -> dict:
@@ -516,6 +492,9 @@ def child_main(spec: dict) -> None:
 
 # ============================================================================ parent side
 
+CACHE_DIR = ""      # set by main (--cache-dir)
+
+
 def child_env(kind: str, threads: int) -> dict:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -530,6 +509,12 @@ def child_env(kind: str, threads: int) -> dict:
             flags.append("--xla_cpu_multi_thread_eigen=false")
         env["XLA_FLAGS"] = " ".join(f for f in flags if f)
         env.setdefault("JAX_PLATFORMS", "cpu")
+    if kind == "torch-compile" and CACHE_DIR:
+        # Inductor's FX-graph and AOT-autograd caches on disk: a second run at the same shape loads
+        # the compiled graph instead of compiling it again (the first call is then seconds)
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(CACHE_DIR) / "inductor"))
+        env.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+        env.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     pp = env.get("PYTHONPATH", "")
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + pp if pp else "")
     return env
@@ -716,6 +701,10 @@ def format_table(results: list, gemm: dict) -> str:
                      f"{', '.join(note)}")
     g = ", ".join(f"{t} thr {v['gflops']:.1f} GFLOP/s" for t, v in sorted(gemm.items())
                   if v.get("status") == "ok")
+    blas = sorted({f"{v.get('blas')} (OPENBLAS_CORETYPE={v.get('openblas_coretype')})"
+                   for v in gemm.values() if v.get("blas")})
+    if blas:
+        g += f" [BLAS kernel: {'; '.join(blas)}]"
     lines.append(f"numpy float32 GEMM 1024^3: {g or 'not measured'}; GFLOP/s = bench/flops.py model "
                  "FLOPs / median step; speedup = rtrainer tokens/s / fastest peer's")
     loads = [r["loadavg_before"] for r in list(results) + list(gemm.values())
@@ -800,7 +789,11 @@ def main(argv=None) -> int:
     ap.add_argument("--layer", default="mamba-lite", choices=("mamba-lite", "mamba"),
                     help="layer kind of every framework's model (mamba: E 2, dt_rank ceil(D/16))")
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--frameworks", default="rtrainer,torch,jax")
+    ap.add_argument("--frameworks", default="",
+                    help="comma-separated (default: rtrainer,torch,jax everywhere plus torch-compile "
+                         "at the baseline and tiny shapes)")
+    ap.add_argument("--cache-dir", default=str(REPO / "build" / "compare-cache"),
+                    help="torch.compile's graph caches (TORCHINDUCTOR_CACHE_DIR), kept between runs")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--max-seconds", type=float, default=60.0,
@@ -837,7 +830,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"--threads must be comma-separated integers, got {a.threads!r}")
     if not threads or min(threads) < 1:
         raise SystemExit("--threads needs integers >= 1")
-    fws = [f.strip() for f in a.frameworks.split(",") if f.strip()]
+    global CACHE_DIR
+    CACHE_DIR = a.cache_dir
+    auto_fws = not a.frameworks.strip()
+    fws = ([f.strip() for f in a.frameworks.split(",") if f.strip()] if not auto_fws
+           else ["rtrainer", "torch", "torch-compile", "jax"])
     bad = [f for f in fws if f not in FRAMEWORKS]
     if bad:
         raise SystemExit(f"--frameworks: unknown {bad}; choose from {', '.join(FRAMEWORKS)}")
@@ -864,6 +861,8 @@ def main(argv=None) -> int:
             ref = r.get("losses")
         for t in threads:
             for fw in fws:
+                if auto_fws and fw == "torch-compile" and tuple(shape) not in (BASELINE, TINY):
+                    continue   # compiles for minutes per shape: by default only at the baseline
                 why = framework_available(fw)
                 if why:
                     results.append(dict(framework=fw, shape=list(shape), threads=t, status=why, layer=a.layer))

@@ -217,17 +217,56 @@ def bench(benchmark, request, shape) -> Bench:
     return Bench(benchmark, request, shape)
 
 
+def _floor_columns(s, threads_seen):
+    """{(name, threads): floor ms} and {threads: step floor dict}, measured machine rates per thread
+    count (bench/floors.py); empty when the floors cannot be computed."""
+    try:
+        import floors
+    except ImportError:
+        return {}, {}, {}
+    gemm = {r["threads"]: r["median_ms"] / 1e3 for r in _RESULTS if r["name"] == "numpy_gemm_1024"}
+    rates = {t: floors.machine_rates(t, gemm.get(t)) for t in threads_seen}
+    per = {}
+    for r in _RESULTS:
+        fl = floors.kernel_floor_s(r["name"], s, rates[r["threads"]])
+        if fl is not None:
+            per[(r["name"], r["threads"])] = fl * 1e3
+    step = {t: floors.step_floor_s(s, rates[t]) for t in threads_seen}
+    return per, step, rates
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _RESULTS:
         return
     s = getattr(config, "_rtrainer_bench_shape", None)
     tr = terminalreporter
+    per, step, rates = _floor_columns(s, sorted({r["threads"] for r in _RESULTS})) if s else ({}, {}, {})
     tr.write_sep("-", "rtrainer bench summary" + (f"  {s}" if s else ""))
-    tr.write_line(f"{'name':<28} {'thr':>3} {'median ms':>10} {'tokens/s':>12} {'peak MB':>8}  note")
+    tr.write_line(f"{'name':<28} {'thr':>3} {'median ms':>10} {'floor ms':>9} {'x floor':>7} "
+                  f"{'tokens/s':>12} {'peak MB':>8}  note")
     for r in _RESULTS:
         tps = f"{r['tokens_per_s']:12.4g}" if r["tokens_per_s"] == r["tokens_per_s"] else f"{'-':>12}"
-        tr.write_line(f"{r['name']:<28} {r['threads']:>3} {r['median_ms']:10.3f} {tps} "
+        fl = per.get((r["name"], r["threads"]))
+        if fl is None and r["name"] == "train_step" and r["threads"] in step:
+            fl = step[r["threads"]]["total"] * 1e3
+        fcol = f"{fl:9.3f} {r['median_ms'] / fl:7.2f}" if fl else f"{'':>9} {'':>7}"
+        tr.write_line(f"{r['name']:<28} {r['threads']:>3} {r['median_ms']:10.3f} {fcol} {tps} "
                       f"{r['peak_mb']:8.1f}  {r['note']}")
     tr.write_line("accumulating backward kernels: gradient buffers are zeroed in the untimed "
                   "per-round setup; peak MB = process VmHWM during that benchmark "
                   f"(pid {os.getpid()}).")
+    for t, rt in sorted(rates.items()):
+        st = step[t]
+        tr.write_line(f"floors at {t} thread(s) (bench/floors.py): op rate {rt['ops'] / 1e9:.1f} G lane-ops/s "
+                      f"(= GEMM {rt['gemm_flops'] / 1e9:.1f} GFLOP/s / 2), memory {rt['bytes'] / 1e9:.1f} GB/s "
+                      f"(numpy copy); train_step floor = kernels {st['kernels'] * 1e3:.3f} ms + matmuls "
+                      f"{st['matmul'] * 1e3:.3f} ms = {st['total'] * 1e3:.3f} ms")
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = [f"{i.get('internal_api')}/{i.get('architecture')} ({i.get('num_threads')} threads)"
+                for i in threadpool_info() if i.get("user_api") == "blas"]
+        tr.write_line("BLAS: " + (", ".join(blas) or "none found") +
+                      f"; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+    except Exception as exc:  # noqa: BLE001 - the summary must not fail on a report line
+        tr.write_line(f"BLAS: unknown ({exc})")

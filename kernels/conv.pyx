@@ -20,62 +20,71 @@ What backward recomputes
     Backward ACCUMULATES (+=) into dx, dconv_w and dconv_b; the model zeroes them once per step.
 
 Parallel dimension
-    forward   prange over the B*T rows (b,t): a row writes only its own pre/u row.
+    forward   prange over the B*T rows (b,t): a row writes only its own pre/u row (loops over its D
+              channels, conv_w transposed once per call).
     backward  prange over channel blocks [d0, d0+CB) with b and t sequential inside. A block owns its
               dx columns and its rows of dconv_w/dconv_b outright, so there are no atomics and no
               cross-thread partials. The sums over (b,t) for dconv_w/dconv_b run in a fixed order
               (b, then t) in thread-private float64 scratch; per thread (K+1)*CB doubles plus (K+1)*CB
-              floats (the block's conv_w transposed and one dpre row), CB <= 32.
+              floats (the block's conv_w transposed and one dpre row), CB = D/n_threads rounded up
+              to 16 (one contiguous run of each row per thread).
     Every output element is computed by exactly one iteration in an order that does not depend on
     the thread count, so results are bitwise identical for any n_threads, and with OpenMP disabled.
 
 All arrays are float32 and C-contiguous; shapes are checked once in the `def` wrappers.
 """
 from cython.parallel cimport prange
-from libc.math cimport expf
 from libc.stdlib cimport malloc, free
 
 from _omp cimport omp_thread_id
-from _common cimport check_shape1, check_shape3, check_threads, sigmoidf
-
-
-# Channels per backward work item (upper bound; shrunk when D is small so that every thread has
-# work). Does not change any result, only which thread computes which columns.
-cdef enum:
-    CB_MAX = 32
+from _common cimport check_shape1, check_shape3, check_threads, col_block_width, rcf, rf, sigmoidf
 
 
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
 
-cdef inline void _conv_fwd_row(float* pre, float* u, const float* x, const float* conv_w,
+cdef inline void _fwd_init(Py_ssize_t D, rf pre, rcf conv_b) noexcept nogil:
+    cdef Py_ssize_t d
+    for d in range(D):
+        pre[d] = conv_b[d]
+
+
+cdef inline void _fwd_tap(Py_ssize_t D, rf pre, rcf wk, rcf xk) noexcept nogil:
+    cdef Py_ssize_t d
+    for d in range(D):
+        pre[d] = pre[d] + wk[d] * xk[d]
+
+
+cdef inline void _fwd_silu(Py_ssize_t D, rf u, rcf pre) noexcept nogil:
+    cdef Py_ssize_t d
+    for d in range(D):
+        u[d] = pre[d] * sigmoidf(pre[d])
+
+
+cdef inline void _conv_fwd_row(float* pre, float* u, const float* x, const float* wT,
                                const float* conv_b, Py_ssize_t i, Py_ssize_t T, Py_ssize_t D,
                                Py_ssize_t K) noexcept nogil:
-    """One row i = b*T + t.  pre, u, x: (B*T*D) flat; conv_w (D*K) flat; conv_b (D)."""
+    """One row i = b*T + t.  pre, u, x: (B*T*D) flat; wT (K*D) = conv_w transposed; conv_b (D).
+    Per element: pre = conv_b, then + conv_w[d,k]*x for k ascending (taps at negative time are
+    skipped), u = pre*sigmoid(pre); every loop runs over the row's D contiguous channels."""
     cdef Py_ssize_t t = i % T
     cdef Py_ssize_t row = i * D
     # taps k < k0 read x at negative time (zero pad) and are skipped
     cdef Py_ssize_t k0 = K - 1 - t if t < K - 1 else 0
-    cdef Py_ssize_t d, k
-    cdef float acc, s
-    for d in range(D):
-        # pre[b,t,d] = conv_b[d] + sum_k conv_w[d,k] * x[b, t+k-(K-1), d]
-        acc = conv_b[d]
-        for k in range(k0, K):
-            acc = acc + conv_w[d * K + k] * x[row + (k - (K - 1)) * D + d]
-        pre[row + d] = acc
-        # u = silu(pre) = pre * sigmoid(pre)
-        s = sigmoidf(acc)
-        u[row + d] = acc * s
+    cdef Py_ssize_t k
+    _fwd_init(D, pre + row, conv_b)
+    for k in range(k0, K):
+        _fwd_tap(D, pre + row, wT + k * D, x + row + (k - (K - 1)) * D)
+    _fwd_silu(D, u + row, pre + row)
 
 
-cdef void _conv_fwd(float* pre, float* u, const float* x, const float* conv_w,
+cdef void _conv_fwd(float* pre, float* u, const float* x, const float* wT,
                     const float* conv_b, Py_ssize_t B, Py_ssize_t T, Py_ssize_t D, Py_ssize_t K,
                     int n_threads) noexcept nogil:
     cdef Py_ssize_t i
     for i in prange(B * T, schedule='static', num_threads=n_threads):
-        _conv_fwd_row(pre, u, x, conv_w, conv_b, i, T, D, K)
+        _conv_fwd_row(pre, u, x, wT, conv_b, i, T, D, K)
 
 
 def conv_forward(float[:, :, ::1] pre not None,        # OUT (B,T,D)
@@ -98,9 +107,19 @@ def conv_forward(float[:, :, ::1] pre not None,        # OUT (B,T,D)
     check_threads(n_threads)
     if B * T * D == 0:
         return
-    with nogil:
-        _conv_fwd(&pre[0, 0, 0], &u[0, 0, 0], &x[0, 0, 0], &conv_w[0, 0], &conv_b[0],
-                  B, T, D, K, n_threads)
+    cdef float* wT = <float*>malloc(K * D * sizeof(float))
+    cdef Py_ssize_t d, k
+    if wT == NULL:
+        raise MemoryError("conv_forward: scratch")
+    try:
+        with nogil:
+            for d in range(D):
+                for k in range(K):
+                    wT[k * D + d] = conv_w[d, k]
+            _conv_fwd(&pre[0, 0, 0], &u[0, 0, 0], &x[0, 0, 0], wT, &conv_b[0],
+                      B, T, D, K, n_threads)
+    finally:
+        free(wT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,9 +223,9 @@ def conv_backward(float[:, :, ::1] dx not None,         # OUT += (B,T,D)
     if B * T * D == 0:
         return
     # channel block: CB_MAX, halved while there are fewer than 4 blocks per thread
-    cdef Py_ssize_t cb = CB_MAX
-    while cb > 1 and (D + cb - 1) // cb < 4 * n_threads:
-        cb //= 2
+    # one block of contiguous channels per thread: every (b, t) row of a block is one contiguous
+    # run of memory (narrow blocks strided through the rows and stalled on memory)
+    cdef Py_ssize_t cb = col_block_width(D, n_threads)
     cdef Py_ssize_t n_blocks = (D + cb - 1) // cb
     cdef int nt = n_threads if n_threads < n_blocks else <int>n_blocks
     cdef double* scratch = <double*>malloc(nt * cb * (K + 1) * sizeof(double))

@@ -20,7 +20,7 @@ Backward accumulates (+=) into dE; the caller zeroes the gradient buffer once pe
 from libc.stdint cimport int64_t
 from libc.string cimport memcpy
 from cython.parallel cimport prange
-from _common cimport check_threads, col_block_width
+from _common cimport check_threads, col_block_width, shape_of
 
 # Column-block granularity of the backward scatter: one 64-byte cache line of float32.
 
@@ -48,10 +48,6 @@ cdef _check_ids(const int64_t[:, ::1] ids, Py_ssize_t V):
             f"token id {ids[b, t]} at position (b={b}, t={t}) is outside [0, {V})")
 
 
-cdef tuple _shape(object a):
-    """Shape tuple of a memoryview (error messages only)."""
-    return tuple(a.shape)
-
 
 # ----------------------------------------------------------------------------------------- forward
 
@@ -76,9 +72,9 @@ def embed_forward(float[:, :, ::1] out, const int64_t[:, ::1] ids, const float[:
     check_threads(n_threads)
     if out.shape[0] != ids.shape[0] or out.shape[1] != ids.shape[1] or out.shape[2] != E.shape[1]:
         raise ValueError(
-            f"embed_forward: out has shape {_shape(out)}, expected "
-            f"(B, T, D) = {(ids.shape[0], ids.shape[1], E.shape[1])} from ids {_shape(ids)} "
-            f"and E {_shape(E)}")
+            f"embed_forward: out has shape {shape_of(out)}, expected "
+            f"(B, T, D) = {(ids.shape[0], ids.shape[1], E.shape[1])} from ids {shape_of(ids)} "
+            f"and E {shape_of(E)}")
     _check_ids(ids, E.shape[0])
     with nogil:
         _embed_forward(out, ids, E, n_threads)
@@ -126,9 +122,9 @@ def embed_backward(float[:, ::1] dE, const int64_t[:, ::1] ids, const float[:, :
     if (dout.shape[0] != ids.shape[0] or dout.shape[1] != ids.shape[1]
             or dout.shape[2] != dE.shape[1]):
         raise ValueError(
-            f"embed_backward: dout has shape {_shape(dout)}, expected "
-            f"(B, T, D) = {(ids.shape[0], ids.shape[1], dE.shape[1])} from ids {_shape(ids)} "
-            f"and dE {_shape(dE)}")
+            f"embed_backward: dout has shape {shape_of(dout)}, expected "
+            f"(B, T, D) = {(ids.shape[0], ids.shape[1], dE.shape[1])} from ids {shape_of(ids)} "
+            f"and dE {shape_of(dE)}")
     _check_ids(ids, dE.shape[0])
     with nogil:
         _embed_backward(dE, ids, dout, n_threads)

@@ -17,17 +17,14 @@ identical for any n_threads. Backward ACCUMULATES (+=) into dy and dz and overwr
 All arrays are float32, 2-D (n, C) and C-contiguous; shapes are checked in the `def` wrappers.
 """
 from cython.parallel cimport prange
-from _common cimport check_threads, sigmoidf, rf, rcf
+from _common cimport check_threads, sigmoidf, rf, rcf, shape_of
 
-
-cdef tuple _shape(object a):
-    return tuple(a.shape)
 
 
 cdef _check(str fn, dict arrays, tuple shape):
     for name, arr in arrays.items():
-        if _shape(arr) != shape:
-            raise ValueError(f"{fn}: {name} has shape {_shape(arr)}, expected y's shape {shape}")
+        if shape_of(arr) != shape:
+            raise ValueError(f"{fn}: {name} has shape {shape_of(arr)}, expected y's shape {shape}")
 
 
 cdef inline void _gate_row(rf out, rcf y, rcf z, Py_ssize_t C) noexcept nogil:
@@ -46,7 +43,7 @@ def gate_forward(float[:, ::1] out,        # OUT (n,C)
     """out (n,C) = y * silu(z)."""
     check_threads(n_threads)
     cdef Py_ssize_t n = y.shape[0], C = y.shape[1], i
-    _check("gate_forward", {"out": out, "z": z}, _shape(y))
+    _check("gate_forward", {"out": out, "z": z}, shape_of(y))
     if n == 0 or C == 0:
         return
     for i in prange(n, schedule='static', num_threads=n_threads, nogil=True):
@@ -80,7 +77,7 @@ def gate_backward(float[:, ::1] dy,          # OUT += (n,C)
     """Backward of gate_forward: ACCUMULATES into dy, dz; writes out = y * silu(z) again."""
     check_threads(n_threads)
     cdef Py_ssize_t n = y.shape[0], C = y.shape[1], i
-    _check("gate_backward", {"dy": dy, "dz": dz, "out": out, "dout": dout, "z": z}, _shape(y))
+    _check("gate_backward", {"dy": dy, "dz": dz, "out": out, "dout": dout, "z": z}, shape_of(y))
     if n == 0 or C == 0:
         return
     for i in prange(n, schedule='static', num_threads=n_threads, nogil=True):

@@ -36,64 +36,27 @@ from libc.stdlib cimport malloc, free
 from libc.math cimport sqrt
 from cython.parallel cimport prange
 
-from _common cimport check_threads, col_block_width
+from _common cimport check_threads, col_block_width, dot_f64, shape_of, sumsq_f64
+from _targets cimport IGNORE, check_targets as _check_targets, n_scored as _n_scored
 
 cdef double _NORM_EPS = 1e-8
-cdef int64_t IGNORE = -1          # the ignore index of targets
 
-
-cdef tuple _shape(object a):
-    """Shape tuple of a memoryview (error messages only)."""
-    return tuple(a.shape)
-
-
-cdef Py_ssize_t _first_bad_target(const int64_t[::1] targets, int64_t V) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(targets.shape[0]):
-        if (targets[i] < 0 and targets[i] != IGNORE) or targets[i] >= V:
-            return i
-    return -1
-
-
-cdef _check_targets(const int64_t[::1] targets, Py_ssize_t V):
-    cdef Py_ssize_t bad
-    with nogil:
-        bad = _first_bad_target(targets, <int64_t>V)
-    if bad >= 0:
-        raise ValueError(f"target {targets[bad]} at index {bad} is outside [0, {V}) "
-                         f"(and is not the ignore index -1)")
-
-
-cdef Py_ssize_t _n_scored(const int64_t[::1] targets) noexcept nogil:
-    cdef Py_ssize_t i, m = 0
-    for i in range(targets.shape[0]):
-        if targets[i] != IGNORE:
-            m += 1
-    return m
 
 
 cdef _check_zP(str fn, const float[:, ::1] z, const float[:, ::1] P):
     if z.shape[1] != P.shape[1]:
-        raise ValueError(f"{fn}: z has shape {_shape(z)} and P has shape "
-                         f"{_shape(P)}; their last dimensions (D) differ")
+        raise ValueError(f"{fn}: z has shape {shape_of(z)} and P has shape "
+                         f"{shape_of(P)}; their last dimensions (D) differ")
     if P.shape[0] == 0:
-        raise ValueError(f"{fn}: P has shape {_shape(P)}; need at least one prototype")
+        raise ValueError(f"{fn}: P has shape {shape_of(P)}; need at least one prototype")
 
 
 cdef inline double _sumsq(const float* a, Py_ssize_t D) noexcept nogil:
-    cdef Py_ssize_t j
-    cdef double s = 0.0
-    for j in range(D):
-        s += <double>a[j] * a[j]
-    return s
+    return sumsq_f64(a, D)        # in double, 8 fixed partial sums (_common.pxd)
 
 
 cdef inline double _dot(const float* a, const float* b, Py_ssize_t D) noexcept nogil:
-    cdef Py_ssize_t j
-    cdef double s = 0.0
-    for j in range(D):
-        s += <double>a[j] * b[j]
-    return s
+    return dot_f64(a, b, D)
 
 
 cdef inline double _floor_norm(double nrm) noexcept nogil:
@@ -141,13 +104,13 @@ def hpn_forward(float[::1] cos, const float[:, ::1] z, const float[:, ::1] P,
     _check_zP("hpn_forward", z, P)
     cdef Py_ssize_t n = z.shape[0]
     if n == 0:
-        raise ValueError(f"hpn_forward: z has shape {_shape(z)}; need at least one token")
+        raise ValueError(f"hpn_forward: z has shape {shape_of(z)}; need at least one token")
     if targets.shape[0] != n:
         raise ValueError(f"hpn_forward: targets has shape ({targets.shape[0]},), expected ({n},) "
-                         f"from z {_shape(z)}")
+                         f"from z {shape_of(z)}")
     if cos.shape[0] != n:
         raise ValueError(f"hpn_forward: cos has shape ({cos.shape[0]},), expected ({n},) "
-                         f"from z {_shape(z)}")
+                         f"from z {shape_of(z)}")
     _check_targets(targets, P.shape[0])
     cdef double* term = <double*>malloc(n * sizeof(double))
     if term == NULL:
@@ -245,17 +208,17 @@ def hpn_backward(float[:, ::1] dz, float[:, ::1] dP, const float[:, ::1] z, cons
     _check_zP("hpn_backward", z, P)
     cdef Py_ssize_t n = z.shape[0]
     if n == 0:
-        raise ValueError(f"hpn_backward: z has shape {_shape(z)}; need at least one token")
-    if _shape(dz) != _shape(z):
-        raise ValueError(f"hpn_backward: dz has shape {_shape(dz)}, "
-                         f"expected z's shape {_shape(z)}")
-    if learnable and _shape(dP) != _shape(P):
-        raise ValueError(f"hpn_backward: dP has shape {_shape(dP)}, "
-                         f"expected P's shape {_shape(P)} (learnable=True)")
+        raise ValueError(f"hpn_backward: z has shape {shape_of(z)}; need at least one token")
+    if shape_of(dz) != shape_of(z):
+        raise ValueError(f"hpn_backward: dz has shape {shape_of(dz)}, "
+                         f"expected z's shape {shape_of(z)}")
+    if learnable and shape_of(dP) != shape_of(P):
+        raise ValueError(f"hpn_backward: dP has shape {shape_of(dP)}, "
+                         f"expected P's shape {shape_of(P)} (learnable=True)")
     for name, m in (("targets", targets.shape[0]), ("cos", cos.shape[0])):
         if m != n:
             raise ValueError(f"hpn_backward: {name} has shape ({m},), expected ({n},) "
-                             f"from z {_shape(z)}")
+                             f"from z {shape_of(z)}")
     _check_targets(targets, P.shape[0])
     cdef double* a = <double*>malloc(2 * n * sizeof(double))
     if a == NULL:
@@ -266,87 +229,3 @@ def hpn_backward(float[:, ::1] dz, float[:, ::1] dP, const float[:, ::1] z, cons
                           a, a + n, n_threads)
     finally:
         free(a)
-
-
-# ====================================================================================== softmax head
-# Softmax cross-entropy (head.kind = "softmax", rtrainer/heads.py SoftmaxHead). The logits
-# x = z @ W^T (+ b) are a BLAS product in heads.py; this fused row-wise kernel turns them into the loss
-# and, in place, into d(scale·loss)/dx, so the backward is two more BLAS products:
-#     lse_i  = max_j x_ij + log Σ_j exp(x_ij - max_j x_ij)           (stable log-softmax, sum in double)
-#     loss   = (1/m) Σ_{i: y_i ≥ 0} (lse_i - x_i[y_i])                 m = number of scored tokens
-#     dx_ij  = (scale/m) (softmax(x_i)_j - [j = y_i])   for scored rows; 0 for ignored rows (y_i = -1)
-# Parallel over rows (each owns its row and its loss term); terms summed serially in row order:
-# bitwise identical for any n_threads.
-
-from _common cimport rt_expf
-from libc.math cimport log
-
-
-cdef inline double _xent_row(float* row, Py_ssize_t V, int64_t t, double c) noexcept nogil:
-    """One scored row (V) IN: logits, OUT: c·(softmax - onehot(t)). Returns lse - x[t]."""
-    cdef Py_ssize_t j
-    cdef float mx = row[0], xt = row[t], inv
-    cdef double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0, s
-    # mx = max_j x_j
-    for j in range(1, V):
-        mx = row[j] if row[j] > mx else mx
-    # row_j = exp(x_j - mx)   (a loop of its own: gcc vectorises the branch-free exp)
-    for j in range(V):
-        row[j] = rt_expf(row[j] - mx)
-    # s = Σ_j row_j in double, four interleaved partial sums in a fixed order
-    j = 0
-    while j + 4 <= V:
-        s0 += row[j]
-        s1 += row[j + 1]
-        s2 += row[j + 2]
-        s3 += row[j + 3]
-        j += 4
-    while j < V:
-        s0 += row[j]
-        j += 1
-    s = (s0 + s1) + (s2 + s3)
-    # dx_j = c·row_j/s - c·[j = t]
-    inv = <float>(c / s)
-    for j in range(V):
-        row[j] = row[j] * inv
-    row[t] = <float>(row[t] - c)
-    return mx + log(s) - xt
-
-
-cdef void _xent_rows(float[:, ::1] x, const int64_t[::1] targets, double scale, Py_ssize_t m,
-                     double* term, int n_threads) noexcept nogil:
-    cdef Py_ssize_t n = x.shape[0], V = x.shape[1], i, j
-    for i in prange(n, schedule='static', num_threads=n_threads, nogil=True):
-        if targets[i] == IGNORE:
-            for j in range(V):
-                x[i, j] = 0.0
-            term[i] = 0.0
-        else:
-            term[i] = _xent_row(&x[i, 0], V, targets[i], scale / m)
-
-
-def softmax_xent(float[:, ::1] logits, const int64_t[::1] targets, double scale, int n_threads):
-    """logits (n,V) IN, OVERWRITTEN with d(scale·loss)/dlogits; targets (n) int64 in [0,V) or -1
-    (ignored) IN. Returns loss = mean over the scored rows of logsumexp(logits_i) - logits_i[y_i]
-    (0 with no scored row)."""
-    check_threads(n_threads)
-    cdef Py_ssize_t n = logits.shape[0], V = logits.shape[1]
-    if n == 0 or V == 0:
-        raise ValueError(f"softmax_xent: logits has shape {_shape(logits)}; need at least one row and column")
-    if targets.shape[0] != n:
-        raise ValueError(f"softmax_xent: targets has shape ({targets.shape[0]},), expected ({n},) "
-                         f"from logits {_shape(logits)}")
-    _check_targets(targets, V)
-    cdef Py_ssize_t m = _n_scored(targets), i
-    cdef double loss = 0.0
-    cdef double* term = <double*>malloc(n * sizeof(double))
-    if term == NULL:
-        raise MemoryError()
-    try:
-        with nogil:
-            _xent_rows(logits, targets, scale, m, term, n_threads)
-            for i in range(n):
-                loss += term[i]
-    finally:
-        free(term)
-    return loss / m if m > 0 else 0.0

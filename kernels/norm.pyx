@@ -1,7 +1,8 @@
 """Final LayerNorm without affine parameters (z = LayerNorm(r) after the last layer, eps 1e-5).
 
     forward   mean_i = (1/D) Σ_j x[i,j]
-              var_i  = (1/D) Σ_j (x[i,j] - mean_i)²          (biased, two-pass, in double)
+              var_i  = (1/D) Σ_j (x[i,j] - mean_i)²          (biased, two-pass, in double; row sums in 8
+                                                              fixed partial sums, _common.pxd)
               rstd_i = 1 / sqrt(var_i + eps)
               z[i,j] = (x[i,j] - mean_i) · rstd_i
     backward  dx[i,:] += rstd_i · (dz[i,:] - mean_j(dz[i,:]) - z[i,:] · mean_j(dz[i,:] · z[i,:]))
@@ -14,12 +15,8 @@ Backward accumulates (+=) into dx.
 """
 from libc.math cimport sqrt
 from cython.parallel cimport prange
-from _common cimport check_threads
+from _common cimport check_threads, dot_f64, shape_of, sqdev_f64, sum_f64
 
-
-cdef tuple _shape(object a):
-    """Shape tuple of a memoryview (error messages only)."""
-    return tuple(a.shape)
 
 
 # ----------------------------------------------------------------------------------------- forward
@@ -28,14 +25,9 @@ cdef inline void _ln_row(float* z, float* rstd, const float* x, Py_ssize_t D,
                          double eps) noexcept nogil:
     """One row: z (D) OUT, rstd (1) OUT, x (D) IN."""
     cdef Py_ssize_t j
-    cdef double mean = 0.0, var = 0.0, d, r
-    for j in range(D):
-        mean += x[j]
-    mean /= D
-    for j in range(D):
-        d = x[j] - mean
-        var += d * d
-    var /= D
+    cdef double mean, var, r
+    mean = sum_f64(x, D) / D
+    var = sqdev_f64(x, mean, D) / D
     r = 1.0 / sqrt(var + eps)
     rstd[0] = <float>r
     for j in range(D):
@@ -59,11 +51,11 @@ def layernorm_forward(float[:, ::1] z, float[::1] rstd, const float[:, ::1] x, d
     """z (n,D) OUT, rstd (n) OUT = LayerNorm of x (n,D) IN without affine."""
     check_threads(n_threads)
     if z.shape[0] != x.shape[0] or z.shape[1] != x.shape[1]:
-        raise ValueError(f"layernorm_forward: z has shape {_shape(z)}, "
-                         f"expected x's shape {_shape(x)}")
+        raise ValueError(f"layernorm_forward: z has shape {shape_of(z)}, "
+                         f"expected x's shape {shape_of(x)}")
     if rstd.shape[0] != x.shape[0]:
         raise ValueError(f"layernorm_forward: rstd has shape ({rstd.shape[0]},), "
-                         f"expected ({x.shape[0]},) from x {_shape(x)}")
+                         f"expected ({x.shape[0]},) from x {shape_of(x)}")
     if not eps > 0.0:
         raise ValueError(f"layernorm_forward: eps must be > 0, got {eps}")
     with nogil:
@@ -76,12 +68,8 @@ cdef inline void _ln_row_backward(float* dx, const float* dz, const float* z, do
                                   Py_ssize_t D) noexcept nogil:
     """One row: dx (D) OUT +=, dz (D) IN, z (D) IN."""
     cdef Py_ssize_t j
-    cdef double a = 0.0, b = 0.0
-    for j in range(D):
-        a += dz[j]
-        b += <double>dz[j] * z[j]
-    a /= D
-    b /= D
+    cdef double a = sum_f64(dz, D) / D
+    cdef double b = dot_f64(dz, z, D) / D
     for j in range(D):
         dx[j] += <float>(rstd * (dz[j] - a - z[j] * b))
 
@@ -103,10 +91,10 @@ def layernorm_backward(float[:, ::1] dx, const float[:, ::1] dz, const float[:, 
                        const float[::1] rstd, int n_threads):
     """dx (n,D) OUT += LayerNorm input gradient from dz (n,D), z (n,D), rstd (n), all IN."""
     check_threads(n_threads)
-    shape = _shape(z)
+    shape = shape_of(z)
     for name, arr in (("dx", dx), ("dz", dz)):
-        if _shape(arr) != shape:
-            raise ValueError(f"layernorm_backward: {name} has shape {_shape(arr)}, "
+        if shape_of(arr) != shape:
+            raise ValueError(f"layernorm_backward: {name} has shape {shape_of(arr)}, "
                              f"expected z's shape {shape}")
     if rstd.shape[0] != z.shape[0]:
         raise ValueError(f"layernorm_backward: rstd has shape ({rstd.shape[0]},), "

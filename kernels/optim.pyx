@@ -27,22 +27,18 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
 from libc.math cimport sqrt
 from cython.parallel cimport prange
-from _common cimport check_threads
+from _common cimport check_threads, shape_of
 
 cdef enum:
     _BLOCK = 8192
 
-
-cdef tuple _shape(object a):
-    """Shape tuple of a memoryview (error messages only)."""
-    return tuple(a.shape)
 
 
 cdef Py_ssize_t _check_segments(str fn, const int64_t[:, ::1] segments, Py_ssize_t P,
                                 bint disjoint) except -1:
     """Validate 0 <= start <= end <= P (and pairwise disjointness); return the number of blocks."""
     if segments.shape[1] != 3:
-        raise ValueError(f"{fn}: segments has shape {_shape(segments)}, expected (S, 3) "
+        raise ValueError(f"{fn}: segments has shape {shape_of(segments)}, expected (S, 3) "
                          f"rows (start, end, flag)")
     cdef Py_ssize_t s, nblk = 0
     cdef int64_t lo, hi

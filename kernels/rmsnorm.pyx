@@ -21,14 +21,11 @@ All arrays are float32 and C-contiguous; shapes are checked once in the `def` wr
 """
 from libc.math cimport sqrt
 from cython.parallel cimport prange
-from _common cimport check_threads
+from _common cimport check_threads, shape_of
 
 cdef enum:
     CB = 64      # dw columns per work item
 
-
-cdef tuple _shape(object a):
-    return tuple(a.shape)
 
 
 # ----------------------------------------------------------------------------------------- forward
@@ -57,12 +54,12 @@ def rmsnorm_forward(float[:, ::1] out,          # OUT (n,D)
     """out (n,D) = x * rstd * w with rstd = 1/sqrt(mean(x^2) + eps) per row (n)."""
     check_threads(n_threads)
     cdef Py_ssize_t n = x.shape[0], D = x.shape[1], i
-    if _shape(out) != _shape(x):
-        raise ValueError(f"rmsnorm_forward: out has shape {_shape(out)}, expected x's shape {_shape(x)}")
+    if shape_of(out) != shape_of(x):
+        raise ValueError(f"rmsnorm_forward: out has shape {shape_of(out)}, expected x's shape {shape_of(x)}")
     if rstd.shape[0] != n:
-        raise ValueError(f"rmsnorm_forward: rstd has shape ({rstd.shape[0]},), expected ({n},) from x {_shape(x)}")
+        raise ValueError(f"rmsnorm_forward: rstd has shape ({rstd.shape[0]},), expected ({n},) from x {shape_of(x)}")
     if w.shape[0] != D:
-        raise ValueError(f"rmsnorm_forward: w has shape ({w.shape[0]},), expected ({D},) from x {_shape(x)}")
+        raise ValueError(f"rmsnorm_forward: w has shape ({w.shape[0]},), expected ({D},) from x {shape_of(x)}")
     if not eps > 0.0:
         raise ValueError(f"rmsnorm_forward: eps must be > 0, got {eps}")
     if n == 0 or D == 0:
@@ -114,10 +111,10 @@ def rmsnorm_backward(float[:, ::1] dx,             # OUT += (n,D)
     """Backward of rmsnorm_forward; ACCUMULATES into dx (n,D) and dw (D)."""
     check_threads(n_threads)
     cdef Py_ssize_t n = x.shape[0], D = x.shape[1], i, nblk
-    shape = _shape(x)
+    shape = shape_of(x)
     for name, arr in (("dx", dx), ("dout", dout)):
-        if _shape(arr) != shape:
-            raise ValueError(f"rmsnorm_backward: {name} has shape {_shape(arr)}, expected x's shape {shape}")
+        if shape_of(arr) != shape:
+            raise ValueError(f"rmsnorm_backward: {name} has shape {shape_of(arr)}, expected x's shape {shape}")
     if rstd.shape[0] != n:
         raise ValueError(f"rmsnorm_backward: rstd has shape ({rstd.shape[0]},), expected ({n},) from x {shape}")
     for name, arr in (("w", w), ("dw", dw)):

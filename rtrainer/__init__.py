@@ -26,9 +26,14 @@ __version__ = "0.1.0"
 #   kernels run on next: the 2-thread step was slower than the 1-thread one. 2^4 stops that.
 # - OpenMP workers that spin between kernels steal the cores BLAS runs on next: passive waiting
 #   took the step from 69 to 61 ms (matrix products 26 -> 13 ms), and the quickstart from 57 to 51.
+# - but a worker that sleeps at once pays a wake-up at every barrier inside a kernel (the scan
+#   backward has two per batch row and chunk): libgomp's GOMP_SPINCOUNT, which overrides the wait
+#   policy, lets it spin ~20000 rounds (tens of microseconds) first. Scan backward on 2 threads:
+#   0.91x -> 1.6-1.7x its 1-thread speed; baseline step, 2 threads, median 33-35 -> 28-31 ms.
 _LATE = [k for k, lib in (("OPENBLAS_THREAD_TIMEOUT", "numpy"),) if k not in _os.environ and lib in _sys.modules]
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 _os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+_os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 
 
 def threading_warning() -> str | None:

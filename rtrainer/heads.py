@@ -24,6 +24,7 @@ import math
 import numpy as np
 
 from ._kernels import hpn as _hpn
+from ._kernels import xent as _xent
 from .params import ParamSpec
 
 
@@ -159,7 +160,7 @@ class SoftmaxHead(Head):
     loss = mean over the scored tokens of logsumexp(logits_i) - logits_i[y_i] (nats/token);
     prediction = argmax_k logits_ik (first max wins).
     The logits are one BLAS product into a reused (n, V) buffer; the fused row kernel
-    hpn.softmax_xent (stable log-softmax, exact exp, sum in double) returns the loss and turns the
+    xent.softmax_xent (stable log-softmax, exact exp, sum in double) returns the loss and turns the
     buffer into dloss/dlogits in place; backward is two BLAS products (+ a column sum for b).
     """
 
@@ -200,7 +201,7 @@ class SoftmaxHead(Head):
             self._dz = np.empty((n, self.D), np.float32)
             self._dW = np.empty((self.V, self.D), np.float32)
         self._logits(z, self._buf)
-        return _hpn.softmax_xent(self._buf, self.t, 1.0, self.n_threads)
+        return _xent.softmax_xent(self._buf, self.t, 1.0, self.n_threads)
 
     def backward(self, dz):
         dl = self._buf                                              # (n, V) dloss/dlogits

@@ -342,7 +342,10 @@ def test_sigterm_to_rtrainer_launch_checkpoints_and_exits_143(tmp_path):
     proc.send_signal(15)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
-    assert "interrupted by SIGUSR1" in err
+    # how the run ended is in summary.json (rank 0's last stderr line can be lost when mpirun tears
+    # the job down after a rank's non-zero exit, so the test does not depend on it)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stop_reason"] == "interrupted", summary
     state = json.loads((tmp_path / "run" / "run_state.json").read_text())
     assert 3 <= state["step"] < 5000 and Path(state["checkpoint"]).is_dir()
 

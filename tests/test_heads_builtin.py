@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from rtrainer.testing import reference as ref
-from rtrainer._kernels import hpn
+from rtrainer._kernels import hpn, xent
 from rtrainer.heads import HPNHead, SoftmaxHead, max_cosine, simplex_prototypes, spread_prototypes
 from rtrainer.params import FlatParams
 from conftest import REPO
@@ -37,7 +37,7 @@ def test_softmax_xent_vs_reference(n, V, n_threads):
     t[0] = V - 1
     scale = 0.7
     d = x.copy()
-    loss = hpn.softmax_xent(d, t, scale, n_threads)
+    loss = xent.softmax_xent(d, t, scale, n_threads)
     dr = x.astype(np.float64)
     loss_r = ref.softmax_xent_ref(dr, t, scale, 1)
     assert loss == pytest.approx(loss_r, rel=2e-6, abs=1e-6)
@@ -45,7 +45,7 @@ def test_softmax_xent_vs_reference(n, V, n_threads):
     assert np.all(d[t == -1] == 0.0)
     for nt in (1, 2, 3):                                # bitwise for any thread count
         d2 = x.copy()
-        assert hpn.softmax_xent(d2, t, scale, nt) == loss
+        assert xent.softmax_xent(d2, t, scale, nt) == loss
         assert np.array_equal(d2, d)
 
 
@@ -68,16 +68,16 @@ def test_softmax_xent_ref_vs_finite_differences():
 
 def test_softmax_xent_all_ignored_and_bad_targets():
     x = np.ones((3, 4), np.float32)
-    assert hpn.softmax_xent(x, np.full(3, -1, np.int64), 1.0, 2) == 0.0
+    assert xent.softmax_xent(x, np.full(3, -1, np.int64), 1.0, 2) == 0.0
     assert np.all(x == 0.0)
     for bad in (-2, 4):
         t = np.array([0, bad, 1], np.int64)
         with pytest.raises(ValueError, match=rf"target {bad} at index 1 is outside \[0, 4\)"):
-            hpn.softmax_xent(np.ones((3, 4), np.float32), t, 1.0, 1)
+            xent.softmax_xent(np.ones((3, 4), np.float32), t, 1.0, 1)
         with pytest.raises(ValueError, match=rf"target {bad} at index 1 is outside \[0, 4\)"):
             ref.softmax_xent_ref(np.ones((3, 4)), t, 1.0, 1)
     with pytest.raises(ValueError, match="targets has shape"):
-        hpn.softmax_xent(np.ones((3, 4), np.float32), np.zeros(2, np.int64), 1.0, 1)
+        xent.softmax_xent(np.ones((3, 4), np.float32), np.zeros(2, np.int64), 1.0, 1)
 
 
 # ------------------------------------------------------------------------------------ SoftmaxHead

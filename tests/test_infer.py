@@ -93,7 +93,9 @@ def test_scan_step_vs_ref_and_window_forward(B, C, N, R, n_threads):
     np.testing.assert_allclose(y64, wy, rtol=1e-10, atol=1e-10)
     ky, khs = np.empty((B, T, C), np.float32), np.empty((B, nc, C, N), np.float32)
     scan.scan_forward(ky, khs, u, dt, dt_bias, A_log, xdbl, Dsk, chunk, n_threads)
-    np.testing.assert_allclose(y, ky, rtol=1e-6, atol=1e-6)
+    # the window kernel's exp and softplus are polynomial (<= 2e-7 / 4e-7 relative, tests/test_expf.py),
+    # the step kernel's are libm's: a few float32 ulps apart after T steps, both within 2e-5 of float64
+    np.testing.assert_allclose(y, ky, rtol=5e-6, atol=5e-6)
 
 
 def test_step_kernels_check_shapes():

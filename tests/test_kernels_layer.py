@@ -382,15 +382,9 @@ def test_scan_bitwise_deterministic(n_threads):
         np.testing.assert_array_equal(a, b, err_msg=name)
 
 
-def test_scan_thread_count_only_reorders_dxdbl_sums():
-    """Per-channel work runs in a fixed order whatever the split: only dBt/dCt (summed over d
-    through per-thread partials) may differ between thread counts, and only by rounding."""
-    B, T, D, N, R, chunk = 2, 19, 37, 8, 2, 6
-    rng = np.random.default_rng(9)
-    ins = scan_inputs(rng, B, T, D, N, R)
-    dy = f32(rng.standard_normal((B, T, D)))
-    y1, hs1 = run_scan_forward(ins, chunk, 1)
-    g1 = run_scan_backward(ins, dy, hs1, chunk, 1)
+def _assert_other_thread_counts_agree(ins, dy, chunk, y1, hs1, g1):
+    """At 2 and 3 threads: y, hs and the per-channel gradients bitwise those of 1 thread (y1,
+    hs1, g1); dxdbl (summed over channels through per-thread partials) up to rounding."""
     for nt in (2, 3):
         y, hs = run_scan_forward(ins, chunk, nt)
         np.testing.assert_array_equal(y, y1)
@@ -401,6 +395,36 @@ def test_scan_thread_count_only_reorders_dxdbl_sums():
                 assert_close(f"dxdbl n_threads={nt}", b, a, rtol=1e-6, atol=1e-6)
             else:
                 np.testing.assert_array_equal(b, a, err_msg=f"{name} n_threads={nt}")
+
+
+def test_scan_thread_count_only_reorders_dxdbl_sums():
+    """Per-channel work runs in a fixed order whatever the split: only dBt/dCt (summed over d
+    through per-thread partials) may differ between thread counts, and only by rounding."""
+    B, T, D, N, R, chunk = 2, 19, 37, 8, 2, 6
+    rng = np.random.default_rng(9)
+    ins = scan_inputs(rng, B, T, D, N, R)
+    dy = f32(rng.standard_normal((B, T, D)))
+    y1, hs1 = run_scan_forward(ins, chunk, 1)
+    g1 = run_scan_backward(ins, dy, hs1, chunk, 1)
+    _assert_other_thread_counts_agree(ins, dy, chunk, y1, hs1, g1)
+
+
+def test_scan_full_width_blocks_match_narrow_blocks_bitwise():
+    """D = 70: at 1 thread the channel blocks are one full vector register wide (plus a partial
+    last block), at 2 and 3 threads they are narrower. Each channel must come out bitwise the same
+    on either code path (only dBt/dCt may differ, by the order of their sums), and match the
+    float64 reference."""
+    B, T, D, N, R, chunk = 2, 21, 70, 16, 1, 8
+    rng = np.random.default_rng(10)
+    ins = scan_inputs(rng, B, T, D, N, R)
+    dy = f32(rng.standard_normal((B, T, D)))
+    y64, hs64, grads64 = ref_scan(ins, dy, chunk)
+    y1, hs1 = run_scan_forward(ins, chunk, 1)
+    g1 = run_scan_backward(ins, dy, hs1, chunk, 1)
+    assert_close("y", y1, y64)
+    for name, g, g64 in zip(SCAN_GRAD_NAMES, g1, grads64):
+        assert_close(name, g, g64)
+    _assert_other_thread_counts_agree(ins, dy, chunk, y1, hs1, g1)
 
 
 def test_scan_shape_errors():

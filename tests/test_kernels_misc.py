@@ -489,3 +489,33 @@ def test_adamw_matches_torch_if_installed():
     p, m, v = p0.copy(), np.zeros(P, np.float32), np.zeros(P, np.float32)
     run_adamw(optim.adamw_step, p, m, v, raw, seg((0, P, 1)), [scale] * steps, 2)
     assert_close("kernel p vs torch.optim.AdamW", p, w.detach().numpy(), atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# rtrainer._kernels.timed: the public timing hook of the benchmarks' step breakdown
+# ------------------------------------------------------------------------------------------------
+
+def test_timed_hook_sees_every_kernel_call_and_restores():
+    import rtrainer._kernels as K
+    from rtrainer._kernels import embed
+
+    calls = []
+    raw_embed, raw_mm = embed.embed_forward, np.matmul
+    E = np.arange(12, dtype=np.float32).reshape(4, 3)
+    ids = np.array([[0, 3, 1]], np.int64)
+    out = np.empty((1, 3, 3), np.float32)
+    with K.timed(lambda name, sec, args: calls.append((name, sec, len(args)))):
+        assert embed.embed_forward is not raw_embed
+        embed.embed_forward(out, ids, E, 1)
+        np.matmul(E, E.T)
+    assert embed.embed_forward is raw_embed and np.matmul is raw_mm
+    names = [c[0] for c in calls]
+    assert names == ["embed.embed_forward", "numpy.matmul"]
+    assert all(c[1] >= 0.0 for c in calls) and calls[0][2] == 4
+    np.testing.assert_array_equal(out[0], E[[0, 3, 1]])
+    # restored after an exception too
+    with pytest.raises(ValueError):
+        with K.timed(lambda *a: None):
+            embed.embed_forward(out, ids, E, 0)       # n_threads 0: the kernel's own error
+    assert embed.embed_forward is raw_embed and np.matmul is raw_mm
+    assert "xent" in K.kernel_modules() and "info" not in K.kernel_modules()

@@ -19,7 +19,7 @@ def kernel_functions():
 
 
 def test_all_kernel_modules_are_built():
-    assert set(MODULES) == {"conv", "embed", "gate", "hpn", "norm", "optim", "rmsnorm", "scan", "step"}
+    assert set(MODULES) == {"conv", "embed", "gate", "hpn", "norm", "optim", "rmsnorm", "scan", "step", "xent"}
 
 
 def test_every_kernel_has_a_reference_with_the_same_parameters():

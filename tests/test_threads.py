@@ -24,11 +24,12 @@ def _run(code, env):
 
 def test_importing_rtrainer_first_sets_threading_defaults_user_values_win():
     code = ("import os, rtrainer, numpy; print(os.environ['OPENBLAS_THREAD_TIMEOUT'], "
-            "os.environ['OMP_WAIT_POLICY'], rtrainer.threading_warning())")
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY")}
-    assert _run(code, env) == "4 passive None"
-    env.update(OPENBLAS_THREAD_TIMEOUT="10", OMP_WAIT_POLICY="active")
-    assert _run(code, env) == "10 active None"
+            "os.environ['OMP_WAIT_POLICY'], os.environ['GOMP_SPINCOUNT'], rtrainer.threading_warning())")
+    names = ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    assert _run(code, env) == "4 passive 20000 None"
+    env.update(OPENBLAS_THREAD_TIMEOUT="10", OMP_WAIT_POLICY="active", GOMP_SPINCOUNT="0")
+    assert _run(code, env) == "10 active 0 None"
 
 
 def test_numpy_imported_first_is_reported():
